@@ -1,0 +1,222 @@
+// CPU kernels of the flow-matching SDE step and its log-probability (forward and backward).
+// One pass over memory: each element of every input is read once and each output written once;
+// per-sample log-prob sums are reduced from fixed-size chunks in a fixed order, so results do
+// not depend on the number of threads.
+#include <ATen/Parallel.h>
+
+#include <vector>
+
+#include "alphagrpo/cpu_common.h"
+#include "alphagrpo/ops.h"
+
+namespace alphagrpo {
+namespace {
+
+constexpr int64_t kChunk = 16384;  // elements per parallel work item
+
+// Per-sample coefficients: mean = a x + b v, x_next = mean + scale * noise.
+template <typename A>
+struct SdeCoef {
+  std::vector<A> a, b, std, scale;
+};
+
+template <typename A>
+SdeCoef<A> sde_coefficients(const Tensor& sigma_t, const Tensor& sigma_next_t, double noise_level, double sigma_max) {
+  const auto B = sigma_t.size(0);
+  auto sig = sigma_t.to(at::kDouble).contiguous();
+  auto sig_next = sigma_next_t.to(at::kDouble).contiguous();
+  const double* s_ptr = sig.data_ptr<double>();
+  const double* sn_ptr = sig_next.data_ptr<double>();
+  SdeCoef<A> c;
+  c.a.resize(B), c.b.resize(B), c.std.resize(B), c.scale.resize(B);
+  for (int64_t i = 0; i < B; ++i) {
+    TORCH_CHECK_VALUE(std::isfinite(s_ptr[i]) && s_ptr[i] > 0.0 && s_ptr[i] <= 1.0, "sigma must be in (0, 1], got ",
+                      s_ptr[i], " for sample ", i);
+    TORCH_CHECK_VALUE(std::isfinite(sn_ptr[i]) && sn_ptr[i] >= 0.0 && sn_ptr[i] < s_ptr[i],
+                      "sigma_next must be in [0, sigma), got sigma_next=", sn_ptr[i], " sigma=", s_ptr[i],
+                      " for sample ", i);
+    // The spec computes in the accumulation type; so do we.
+    const A sigma = static_cast<A>(s_ptr[i]);
+    const A dt = static_cast<A>(sn_ptr[i]) - sigma;
+    const A s = sigma == A(1) ? static_cast<A>(sigma_max) : sigma;
+    const A std_ = static_cast<A>(noise_level) * std::sqrt(sigma / (A(1) - s));
+    c.a[i] = A(1) + std_ * std_ / (A(2) * sigma) * dt;
+    c.b[i] = (A(1) + std_ * std_ * (A(1) - sigma) / (A(2) * sigma)) * dt;
+    c.std[i] = std_;
+    c.scale[i] = std_ * std::sqrt(-dt);
+  }
+  return c;
+}
+
+// Finishes the per-sample log-prob from chunk partial sums of (x_next - mean)^2.
+template <typename A>
+void finish_logprob(const std::vector<double>& partial, int64_t B, int64_t n_chunks, int64_t D,
+                    const std::vector<A>& scale, A* out) {
+  for (int64_t b = 0; b < B; ++b) {
+    if (!(scale[b] > A(0))) {
+      out[b] = A(0);  // deterministic step: no density (the ODE limit)
+      continue;
+    }
+    double ss = 0.0;
+    for (int64_t c = 0; c < n_chunks; ++c) ss += partial[b * n_chunks + c];
+    const double sc = static_cast<double>(scale[b]);
+    TORCH_CHECK_VALUE(std::isfinite(ss), "the inputs of sample ", b, " contain non-finite values (NaN or inf)");
+    out[b] = static_cast<A>(-ss / (2.0 * sc * sc * static_cast<double>(D)) - std::log(sc) - kLogSqrt2Pi);
+  }
+}
+
+template <typename T>
+void sde_step_impl(const T* x, const T* v, const T* vu, double cfg_scale, const T* noise, const SdeCoef<acc_t<T>>& c,
+                   T* x_next, T* mean_out, acc_t<T>* log_prob, int64_t B, int64_t D) {
+  using A = acc_t<T>;
+  const int64_t n_chunks = (D + kChunk - 1) / kChunk;
+  std::vector<double> partial(B * n_chunks, 0.0);
+  const A g = static_cast<A>(cfg_scale);
+  at::parallel_for(0, B * n_chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t w = begin; w < end; ++w) {
+      const int64_t b = w / n_chunks;
+      const int64_t lo = b * D + (w % n_chunks) * kChunk;
+      const int64_t hi = std::min(lo + kChunk, (b + 1) * D);
+      const A a = c.a[b], bb = c.b[b], sc = c.scale[b];
+      A ss = 0;
+      for (int64_t i = lo; i < hi; ++i) {
+        A vel = to_acc(v[i]);
+        if (vu) {
+          const A u = to_acc(vu[i]);
+          vel = u + g * (vel - u);
+        }
+        const A m = a * to_acc(x[i]) + bb * vel;
+        const A xn = m + sc * to_acc(noise[i]);
+        const A d = xn - m;
+        ss += d * d;
+        x_next[i] = static_cast<T>(xn);
+        mean_out[i] = static_cast<T>(m);
+      }
+      partial[w] = static_cast<double>(ss);
+    }
+  });
+  finish_logprob(partial, B, n_chunks, D, c.scale, log_prob);
+}
+
+template <typename T>
+void sde_logprob_impl(const T* x, const T* v, const T* x_next, const SdeCoef<acc_t<T>>& c, acc_t<T>* log_prob,
+                      int64_t B, int64_t D) {
+  using A = acc_t<T>;
+  const int64_t n_chunks = (D + kChunk - 1) / kChunk;
+  std::vector<double> partial(B * n_chunks, 0.0);
+  at::parallel_for(0, B * n_chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t w = begin; w < end; ++w) {
+      const int64_t b = w / n_chunks;
+      const int64_t lo = b * D + (w % n_chunks) * kChunk;
+      const int64_t hi = std::min(lo + kChunk, (b + 1) * D);
+      const A a = c.a[b], bb = c.b[b];
+      A ss = 0;
+      for (int64_t i = lo; i < hi; ++i) {
+        const A d = to_acc(x_next[i]) - (a * to_acc(x[i]) + bb * to_acc(v[i]));
+        ss += d * d;
+      }
+      partial[w] = static_cast<double>(ss);
+    }
+  });
+  finish_logprob(partial, B, n_chunks, D, c.scale, log_prob);
+}
+
+// d lp_b / d mean_i = (x_next_i - mean_i) / (scale_b^2 D); mean = a x + b v.
+template <typename T>
+void sde_logprob_backward_impl(const acc_t<T>* grad, const T* x, const T* v, const T* x_next,
+                               const SdeCoef<acc_t<T>>& c, T* grad_v, T* grad_x, int64_t B, int64_t D) {
+  using A = acc_t<T>;
+  const int64_t n_chunks = (D + kChunk - 1) / kChunk;
+  at::parallel_for(0, B * n_chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t w = begin; w < end; ++w) {
+      const int64_t b = w / n_chunks;
+      const int64_t lo = b * D + (w % n_chunks) * kChunk;
+      const int64_t hi = std::min(lo + kChunk, (b + 1) * D);
+      const A a = c.a[b], bb = c.b[b], sc = c.scale[b];
+      const A k = sc > A(0) ? grad[b] / (sc * sc * static_cast<A>(D)) : A(0);
+      const A kv = k * bb, kx = k * a;
+      for (int64_t i = lo; i < hi; ++i) {
+        const A d = to_acc(x_next[i]) - (a * to_acc(x[i]) + bb * to_acc(v[i]));
+        grad_v[i] = static_cast<T>(kv * d);
+        if (grad_x) grad_x[i] = static_cast<T>(kx * d);
+      }
+    }
+  });
+}
+
+}  // namespace
+
+Tensor4 flow_sde_step_cpu(const Tensor& x, const Tensor& v, const std::optional<Tensor>& v_uncond, double cfg_scale,
+                          const Tensor& sigma, const Tensor& sigma_next, double noise_level, double sigma_max,
+                          const Tensor& noise) {
+  validate_flow_sde(x, v, sigma, sigma_next, noise_level, sigma_max, "v");
+  check_same_dtype(noise, x, "noise", "x");
+  check_same_shape(noise, x, "noise", "x");
+  if (v_uncond) {
+    check_same_dtype(*v_uncond, x, "v_uncond", "x");
+    check_same_shape(*v_uncond, x, "v_uncond", "x");
+  }
+  const auto B = x.size(0);
+  const auto D = x.numel() / B;
+  auto xc = x.contiguous(), vc = v.contiguous(), nc = noise.contiguous();
+  Tensor vuc = v_uncond ? v_uncond->contiguous() : Tensor();
+  auto x_next = at::empty_like(xc);
+  auto mean = at::empty_like(xc);
+  const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  auto std_out = at::empty({B}, x.options().dtype(acc));
+  auto log_prob = at::empty({B}, x.options().dtype(acc));
+  dispatch_floating(x.scalar_type(), "flow_sde_step", [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    using A = acc_t<T>;
+    auto c = sde_coefficients<A>(sigma, sigma_next, noise_level, sigma_max);
+    std::copy(c.std.begin(), c.std.end(), std_out.data_ptr<A>());
+    sde_step_impl<T>(xc.data_ptr<T>(), vc.data_ptr<T>(), v_uncond ? vuc.data_ptr<T>() : nullptr, cfg_scale,
+                     nc.data_ptr<T>(), c, x_next.data_ptr<T>(), mean.data_ptr<T>(), log_prob.data_ptr<A>(), B, D);
+  });
+  return {x_next, mean, std_out, log_prob};
+}
+
+Tensor flow_sde_logprob_cpu(const Tensor& x, const Tensor& v, const Tensor& x_next, const Tensor& sigma,
+                            const Tensor& sigma_next, double noise_level, double sigma_max) {
+  validate_flow_sde(x, v, sigma, sigma_next, noise_level, sigma_max, "v");
+  check_same_dtype(x_next, v, "x_next", "v");
+  check_same_shape(x_next, v, "x_next", "v");
+  const auto B = v.size(0);
+  const auto D = v.numel() / B;
+  auto xc = x.contiguous(), vc = v.contiguous(), xnc = x_next.contiguous();
+  const auto acc = v.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  auto log_prob = at::empty({B}, v.options().dtype(acc));
+  dispatch_floating(v.scalar_type(), "flow_sde_logprob", [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    using A = acc_t<T>;
+    auto c = sde_coefficients<A>(sigma, sigma_next, noise_level, sigma_max);
+    sde_logprob_impl<T>(xc.data_ptr<T>(), vc.data_ptr<T>(), xnc.data_ptr<T>(), c, log_prob.data_ptr<A>(), B, D);
+  });
+  return log_prob;
+}
+
+std::tuple<Tensor, Tensor> flow_sde_logprob_backward_cpu(const Tensor& grad, const Tensor& x, const Tensor& v,
+                                                         const Tensor& x_next, const Tensor& sigma,
+                                                         const Tensor& sigma_next, double noise_level,
+                                                         double sigma_max, bool need_grad_x) {
+  validate_flow_sde(x, v, sigma, sigma_next, noise_level, sigma_max, "v");
+  check_same_dtype(x_next, v, "x_next", "v");
+  check_same_shape(x_next, v, "x_next", "v");
+  const auto B = v.size(0);
+  const auto D = v.numel() / B;
+  TORCH_CHECK_VALUE(grad.dim() == 1 && grad.size(0) == B, "grad must be [", B, "], got ", grad.sizes());
+  auto xc = x.contiguous(), vc = v.contiguous(), xnc = x_next.contiguous();
+  auto grad_v = at::empty_like(vc);
+  auto grad_x = need_grad_x ? at::empty_like(xc) : at::empty({0}, v.options());
+  dispatch_floating(v.scalar_type(), "flow_sde_logprob_backward", [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    using A = acc_t<T>;
+    auto c = sde_coefficients<A>(sigma, sigma_next, noise_level, sigma_max);
+    auto g = grad.to(v.scalar_type() == at::kDouble ? at::kDouble : at::kFloat).contiguous();
+    sde_logprob_backward_impl<T>(g.data_ptr<A>(), xc.data_ptr<T>(), vc.data_ptr<T>(), xnc.data_ptr<T>(), c,
+                                 grad_v.data_ptr<T>(), need_grad_x ? grad_x.data_ptr<T>() : nullptr, B, D);
+  });
+  return {grad_v, grad_x};
+}
+
+}  // namespace alphagrpo

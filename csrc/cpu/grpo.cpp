@@ -1,0 +1,264 @@
+// CPU kernels of the GRPO losses: group advantages, the fused token loss (selective log-softmax,
+// clipped surrogate, KL, aggregation, and the gradient w.r.t. the logits in the logits' dtype,
+// without materialising a float32 log-softmax), and the Flow-GRPO step loss.
+#include <ATen/Parallel.h>
+
+#include <vector>
+
+#include "alphagrpo/cpu_common.h"
+#include "alphagrpo/grpo_math.h"
+#include "alphagrpo/ops.h"
+
+namespace alphagrpo {
+namespace {
+
+int aggregation_code(const std::string& name) {
+  if (name == "token-mean") return kTokenMean;
+  if (name == "seq-mean-token-mean") return kSeqMeanTokenMean;
+  if (name == "seq-mean-token-sum") return kSeqMeanTokenSum;
+  return kSeqMeanTokenSumNorm;
+}
+
+// ---- row kernels over the vocabulary ---------------------------------------------------------
+// log-sum-exp of row / temperature: [vocab] -> scalar. Two passes over a row that stays in cache.
+template <typename T>
+inline __attribute__((always_inline)) acc_t<T> row_lse_body(const T* row, int64_t V, acc_t<T> inv_temp) {
+  using A = acc_t<T>;
+  A mx = to_acc(row[0]);
+  for (int64_t v = 1; v < V; ++v) {
+    const A z = to_acc(row[v]);
+    mx = z > mx ? z : mx;
+  }
+  A sum = 0;
+  const A shift = mx * inv_temp;
+  for (int64_t v = 0; v < V; ++v) sum += fast_exp(to_acc(row[v]) * inv_temp - shift);
+  return shift + std::log(sum);
+}
+
+// grad_row[v] = coef / temperature * (1[v == token] - softmax(row / temperature)[v]).
+template <typename T>
+inline __attribute__((always_inline)) void row_grad_body(const T* row, int64_t V, acc_t<T> inv_temp, acc_t<T> lse,
+                                                         int64_t token, acc_t<T> coef, T* grad_row) {
+  using A = acc_t<T>;
+  const A k = -coef * inv_temp;
+  if (coef == A(0)) {
+    for (int64_t v = 0; v < V; ++v) grad_row[v] = static_cast<T>(A(0));
+    return;
+  }
+  for (int64_t v = 0; v < V; ++v) grad_row[v] = static_cast<T>(k * fast_exp(to_acc(row[v]) * inv_temp - lse));
+  grad_row[token] = static_cast<T>(k * (fast_exp(to_acc(row[token]) * inv_temp - lse) - A(1)));
+}
+
+// Non-template entry points, cloned for AVX2 and baseline x86-64 and picked at load time.
+#define AG_CLONES __attribute__((target_clones("avx2", "default")))
+AG_CLONES float row_lse(const float* r, int64_t V, float t) { return row_lse_body(r, V, t); }
+AG_CLONES float row_lse(const c10::BFloat16* r, int64_t V, float t) { return row_lse_body(r, V, t); }
+AG_CLONES float row_lse(const c10::Half* r, int64_t V, float t) { return row_lse_body(r, V, t); }
+double row_lse(const double* r, int64_t V, double t) { return row_lse_body(r, V, t); }
+AG_CLONES void row_grad(const float* r, int64_t V, float t, float l, int64_t k, float c, float* g) {
+  row_grad_body(r, V, t, l, k, c, g);
+}
+AG_CLONES void row_grad(const c10::BFloat16* r, int64_t V, float t, float l, int64_t k, float c, c10::BFloat16* g) {
+  row_grad_body(r, V, t, l, k, c, g);
+}
+AG_CLONES void row_grad(const c10::Half* r, int64_t V, float t, float l, int64_t k, float c, c10::Half* g) {
+  row_grad_body(r, V, t, l, k, c, g);
+}
+void row_grad(const double* r, int64_t V, double t, double l, int64_t k, double c, double* g) {
+  row_grad_body(r, V, t, l, k, c, g);
+}
+#undef AG_CLONES
+
+template <typename T>
+Tensor4 token_loss_impl(const Tensor& logits, const Tensor& tokens, const Tensor& advantages, const Tensor& mask,
+                        const std::optional<Tensor>& old_logp, const std::optional<Tensor>& ref_logp,
+                        double temperature, double eps_low, double eps_high, std::optional<double> dual_clip,
+                        double beta, bool sequence_level, int aggregation, bool compute_grad) {
+  using A = acc_t<T>;
+  const at::ScalarType acc_type = std::is_same_v<T, double> ? at::kDouble : at::kFloat;
+  const int64_t B = logits.size(0), Tn = logits.size(1), V = logits.size(2), N = B * Tn;
+  auto lg = logits.contiguous();
+  auto tok = tokens.contiguous();
+  auto adv = advantages.to(acc_type).contiguous();
+  auto msk = mask.to(acc_type).contiguous();
+  Tensor old = old_logp ? old_logp->to(acc_type).contiguous() : Tensor();
+  Tensor ref = ref_logp ? ref_logp->to(acc_type).contiguous() : Tensor();
+  auto logp_t = at::empty({B, Tn}, logits.options().dtype(acc_type));
+  auto grad = compute_grad ? at::empty_like(lg) : at::empty({0}, logits.options());
+
+  const T* L = lg.data_ptr<T>();
+  const int64_t* tk = tok.data_ptr<int64_t>();
+  const A* ad = adv.data_ptr<A>();
+  const A* m = msk.data_ptr<A>();
+  const A* od = old_logp ? old.data_ptr<A>() : nullptr;
+  const A* rf = ref_logp ? ref.data_ptr<A>() : nullptr;
+  A* lp = logp_t.data_ptr<A>();
+  T* G = compute_grad ? grad.data_ptr<T>() : nullptr;
+  const A inv_temp = static_cast<A>(1.0 / temperature);
+
+  for (int64_t n = 0; n < N; ++n) {
+    TORCH_CHECK_INDEX(tk[n] >= 0 && tk[n] < V, "tokens must be in [0, ", V, "), got ", tk[n], " at position (",
+                      n / Tn, ", ", n % Tn, ")");
+  }
+  // Aggregation weights depend only on the mask.
+  std::vector<A> seq_total(B, A(0));
+  A total = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t t = 0; t < Tn; ++t) seq_total[b] += m[b * Tn + t];
+    total += seq_total[b];
+  }
+  std::vector<A> weight(B);
+  for (int64_t b = 0; b < B; ++b) weight[b] = aggregation_weight<A>(aggregation, total, seq_total[b], B, Tn);
+
+  TokenLossParams<A> p{static_cast<A>(eps_low), static_cast<A>(eps_high),
+                       static_cast<A>(dual_clip ? *dual_clip : 0.0), static_cast<A>(beta), ref_logp.has_value()};
+  std::vector<TokenTerms<A>> terms(N);
+  std::vector<A> lse(N);
+
+  auto terms_at = [&](int64_t n, A log_ratio) {
+    return token_terms<A>(lp[n], log_ratio, ad[n], rf ? rf[n] : A(0), p);
+  };
+  auto grad_row = [&](int64_t n) {
+    if (G) row_grad(L + n * V, V, inv_temp, lse[n], tk[n], terms[n].coef * m[n] * weight[n / Tn], G + n * V);
+  };
+
+  if (!sequence_level) {
+    // Token-level ratio: everything a row needs is local, so its gradient is written while the
+    // row is still in cache.
+    at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t n = begin; n < end; ++n) {
+        lse[n] = row_lse(L + n * V, V, inv_temp);
+        lp[n] = to_acc(L[n * V + tk[n]]) * inv_temp - lse[n];
+        terms[n] = terms_at(n, od ? lp[n] - od[n] : A(0));
+        grad_row(n);
+      }
+    });
+  } else {
+    at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t n = begin; n < end; ++n) {
+        lse[n] = row_lse(L + n * V, V, inv_temp);
+        lp[n] = to_acc(L[n * V + tk[n]]) * inv_temp - lse[n];
+      }
+    });
+    for (int64_t b = 0; b < B; ++b) {
+      A s = 0;
+      for (int64_t t = 0; t < Tn; ++t) {
+        const int64_t n = b * Tn + t;
+        s += (od ? lp[n] - od[n] : A(0)) * m[n];
+      }
+      const A seq_log_ratio = s / (seq_total[b] > A(1) ? seq_total[b] : A(1));
+      for (int64_t t = 0; t < Tn; ++t) terms[b * Tn + t] = terms_at(b * Tn + t, seq_log_ratio);
+    }
+    at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t n = begin; n < end; ++n) grad_row(n);
+    });
+  }
+
+  for (int64_t n = 0; n < N; ++n) {
+    TORCH_CHECK_VALUE(std::isfinite(static_cast<double>(lse[n])), "logits has a non-finite value (NaN or +inf) in row (",
+                      n / Tn, ", ", n % Tn, ")");
+  }
+  // Reductions in a fixed order (deterministic), accumulated in double.
+  double loss = 0, ratio_sum = 0, clip_sum = 0, kl_sum = 0;
+  for (int64_t n = 0; n < N; ++n) {
+    loss += static_cast<double>(terms[n].loss * m[n] * weight[n / Tn]);
+    ratio_sum += static_cast<double>(terms[n].ratio * m[n]);
+    clip_sum += static_cast<double>(terms[n].clipped * m[n]);
+    kl_sum += static_cast<double>(terms[n].kl * m[n]);
+  }
+  const double denom = std::max(static_cast<double>(total), 1.0);
+  auto loss_t = at::full({}, loss, logits.options().dtype(acc_type));
+  auto metrics = at::tensor({ratio_sum / denom, clip_sum / denom, kl_sum / denom}, at::kDouble).to(acc_type);
+  return {loss_t, metrics, logp_t, grad};
+}
+
+}  // namespace
+
+Tensor grpo_advantages_cpu(const Tensor& rewards, const std::string& std_scope, double eps,
+                           std::optional<double> clip) {
+  check_floating(rewards, "rewards");
+  TORCH_CHECK_VALUE(rewards.dim() == 2 && rewards.numel() > 0, "rewards must be [prompts, group] and non-empty, got ",
+                    rewards.sizes());
+  check_choice(std_scope, {"group", "batch", "none"}, "std_scope");
+  TORCH_CHECK_VALUE(eps >= 0.0, "eps must be >= 0, got ", eps);
+  TORCH_CHECK_VALUE(!clip || *clip > 0.0, "clip must be > 0 when given, got ", clip ? *clip : 0.0);
+  const auto acc_type = rewards.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  auto r = rewards.to(at::kDouble).contiguous();
+  const int64_t P = r.size(0), G = r.size(1);
+  const double* rp = r.data_ptr<double>();
+  std::vector<double> out(P * G), mean(P);
+  double batch_mean = 0;
+  for (int64_t i = 0; i < P; ++i) {
+    double s = 0;
+    for (int64_t j = 0; j < G; ++j) s += rp[i * G + j];
+    mean[i] = s / G;
+    batch_mean += s;
+  }
+  batch_mean /= static_cast<double>(P * G);
+  double batch_var = 0;
+  for (int64_t k = 0; k < P * G; ++k) batch_var += (rp[k] - batch_mean) * (rp[k] - batch_mean);
+  const double batch_std = std::sqrt(batch_var / static_cast<double>(P * G));
+  for (int64_t i = 0; i < P; ++i) {
+    double denom = 1.0;
+    if (std_scope == "group") {
+      double var = 0;
+      for (int64_t j = 0; j < G; ++j) var += (rp[i * G + j] - mean[i]) * (rp[i * G + j] - mean[i]);
+      denom = std::sqrt(var / G) + eps;
+    } else if (std_scope == "batch") {
+      denom = batch_std + eps;
+    }
+    for (int64_t j = 0; j < G; ++j) {
+      double a = (rp[i * G + j] - mean[i]) / denom;
+      if (clip) a = std::min(std::max(a, -*clip), *clip);
+      out[i * G + j] = a;
+    }
+  }
+  return at::tensor(out, at::kDouble).reshape({P, G}).to(acc_type);
+}
+
+Tensor4 grpo_token_loss_cpu(const Tensor& logits, const Tensor& tokens, const Tensor& advantages, const Tensor& mask,
+                            const std::optional<Tensor>& old_logp, const std::optional<Tensor>& ref_logp,
+                            double temperature, double eps_low, double eps_high, std::optional<double> dual_clip,
+                            double beta, const std::string& ratio_level, const std::string& aggregation,
+                            bool compute_grad) {
+  validate_token_loss(logits, tokens, advantages, mask, old_logp, ref_logp, temperature, ratio_level, aggregation);
+  TORCH_CHECK_VALUE(!dual_clip || *dual_clip > 1.0, "dual_clip must be > 1 when given, got ", *dual_clip);
+  return dispatch_floating(logits.scalar_type(), "grpo_token_loss", [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    return token_loss_impl<T>(logits, tokens, advantages, mask, old_logp, ref_logp, temperature, eps_low, eps_high,
+                              dual_clip, beta, ratio_level == "sequence", aggregation_code(aggregation), compute_grad);
+  });
+}
+
+Tensor4 flow_grpo_loss_cpu(const Tensor& logp, const Tensor& old_logp, const Tensor& advantages,
+                           const std::optional<Tensor>& kl, double clip_range, double beta) {
+  validate_flow_grpo(logp, old_logp, advantages, kl);
+  TORCH_CHECK_VALUE(clip_range > 0.0, "clip_range must be > 0, got ", clip_range);
+  const auto acc_type = logp.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  auto lp = logp.to(at::kDouble).contiguous(), old = old_logp.to(at::kDouble).contiguous();
+  auto adv = advantages.to(at::kDouble).contiguous();
+  const int64_t B = lp.size(0), K = lp.size(1), N = B * K;
+  std::vector<double> grad_logp(N), grad_kl(N, kl ? beta / N : 0.0);
+  double loss = 0, ratio_sum = 0, clip_sum = 0, kl_sum = 0;
+  for (int64_t n = 0; n < N; ++n) {
+    double l, d, r, c;
+    flow_step_terms<double>(lp.data_ptr<double>()[n], old.data_ptr<double>()[n], adv.data_ptr<double>()[n / K],
+                            clip_range, &l, &d, &r, &c);
+    loss += l;
+    grad_logp[n] = d / N;
+    ratio_sum += r;
+    clip_sum += c;
+  }
+  loss /= N;
+  if (kl) {
+    auto k = kl->to(at::kDouble).contiguous();
+    for (int64_t n = 0; n < N; ++n) kl_sum += k.data_ptr<double>()[n];
+    loss += beta * kl_sum / N;
+  }
+  auto opts = logp.options().dtype(acc_type);
+  auto metrics = at::tensor({ratio_sum / N, clip_sum / N, kl_sum / N}, at::kDouble).to(acc_type);
+  return {at::full({}, loss, opts), metrics, at::tensor(grad_logp, at::kDouble).reshape({B, K}).to(acc_type),
+          kl ? at::tensor(grad_kl, at::kDouble).reshape({B, K}).to(acc_type) : at::empty({0}, opts)};
+}
+
+}  // namespace alphagrpo

@@ -1,0 +1,70 @@
+// Argument validation shared by the CPU and CUDA paths, so both reject the same inputs with the
+// same messages. Every message names the argument and the expected form.
+#include "alphagrpo/cpu_common.h"
+#include "alphagrpo/ops.h"
+
+namespace alphagrpo {
+
+void validate_flow_sde(const Tensor& x, const Tensor& v, const Tensor& sigma, const Tensor& sigma_next,
+                       double noise_level, double sigma_max, const char* v_name) {
+  check_floating(x, "x");
+  TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(0) > 0, "x must be [batch, ...] with batch > 0, got shape ", x.sizes());
+  check_same_dtype(v, x, v_name, "x");
+  check_same_shape(v, x, v_name, "x");
+  check_same_device(v, x, v_name, "x");
+  check_per_sample(sigma, x.size(0), "sigma");
+  check_per_sample(sigma_next, x.size(0), "sigma_next");
+  check_same_device(sigma, x, "sigma", "x");
+  check_same_device(sigma_next, x, "sigma_next", "x");
+  TORCH_CHECK_VALUE(std::isfinite(noise_level) && noise_level >= 0.0, "noise_level must be finite and >= 0, got ",
+                    noise_level);
+  TORCH_CHECK_VALUE(sigma_max > 0.0 && sigma_max < 1.0, "sigma_max must be in (0, 1), got ", sigma_max);
+}
+
+void validate_token_loss(const Tensor& logits, const Tensor& tokens, const Tensor& advantages, const Tensor& mask,
+                         const std::optional<Tensor>& old_logp, const std::optional<Tensor>& ref_logp,
+                         double temperature, const std::string& ratio_level, const std::string& aggregation) {
+  check_floating(logits, "logits");
+  TORCH_CHECK_VALUE(logits.dim() == 3 && logits.size(2) > 0, "logits must be [batch, tokens, vocab], got shape ",
+                    logits.sizes());
+  const auto B = logits.size(0), T = logits.size(1);
+  TORCH_CHECK_TYPE(tokens.scalar_type() == at::kLong, "tokens must be int64, got ", tokens.scalar_type());
+  TORCH_CHECK_VALUE(tokens.dim() == 2 && tokens.size(0) == B && tokens.size(1) == T, "tokens must be [", B, ", ", T,
+                    "], got ", tokens.sizes());
+  auto check_bt = [&](const Tensor& t, const char* name) {
+    TORCH_CHECK_VALUE(t.dim() == 2 && t.size(0) == B && t.size(1) == T, name, " must be [", B, ", ", T, "], got ",
+                      t.sizes());
+    check_floating(t, name);
+    check_same_device(t, logits, name, "logits");
+  };
+  check_bt(advantages, "advantages");
+  check_bt(mask, "mask");
+  if (old_logp) check_bt(*old_logp, "old_logp");
+  if (ref_logp) check_bt(*ref_logp, "ref_logp");
+  check_same_device(tokens, logits, "tokens", "logits");
+  TORCH_CHECK_VALUE(temperature > 0.0 && std::isfinite(temperature), "temperature must be > 0, got ", temperature);
+  check_choice(ratio_level, {"token", "sequence"}, "ratio_level");
+  check_choice(aggregation, {"token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"},
+               "aggregation");
+}
+
+void validate_flow_grpo(const Tensor& logp, const Tensor& old_logp, const Tensor& advantages,
+                        const std::optional<Tensor>& kl) {
+  check_floating(logp, "logp");
+  TORCH_CHECK_VALUE(logp.dim() == 2 && logp.numel() > 0, "logp must be [batch, steps] and non-empty, got ",
+                    logp.sizes());
+  check_same_shape(old_logp, logp, "old_logp", "logp");
+  check_same_device(old_logp, logp, "old_logp", "logp");
+  check_floating(old_logp, "old_logp");
+  check_floating(advantages, "advantages");
+  TORCH_CHECK_VALUE(advantages.dim() == 1 && advantages.size(0) == logp.size(0), "advantages must be [",
+                    logp.size(0), "], got ", advantages.sizes());
+  check_same_device(advantages, logp, "advantages", "logp");
+  if (kl) {
+    check_same_shape(*kl, logp, "kl", "logp");
+    check_same_device(*kl, logp, "kl", "logp");
+    check_floating(*kl, "kl");
+  }
+}
+
+}  // namespace alphagrpo

@@ -1,0 +1,93 @@
+"""Build of alphagrpo_serve and its native extension alphagrpo_serve._C.
+
+Environment switches (all optional):
+  ALPHAGRPO_SKIP_CUDA=1     build only the C++ CPU kernels even when torch has CUDA and nvcc exists.
+  ALPHAGRPO_CUDA_ARCHS=...  semicolon list of CUDA archs, e.g. "80;90a" (default: chosen from the
+                            nvcc version: 80 and 90a from CUDA 12.0 on, plus 100a from 12.8 on).
+  MAX_JOBS=N                parallel compile jobs (read by torch's BuildExtension; default: all cores).
+  ALPHAGRPO_DEBUG=1         -O0 -g, no optimisation (for debuggers and sanitizers).
+  ALPHAGRPO_PTXAS_VERBOSE=1 print ptxas register/spill reports for every CUDA kernel.
+
+A CPU-only torch builds the CPU kernels only; a CUDA torch plus nvcc adds csrc/cuda/.
+"""
+import glob
+import os
+import re
+import subprocess
+
+from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").lower() in ("1", "true", "yes", "on")
+
+
+def _nvcc_version(cuda_home):
+    try:
+        out = subprocess.check_output([os.path.join(cuda_home, "bin", "nvcc"), "--version"], text=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    m = re.search(r"release (\d+)\.(\d+)", out)
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+def cuda_archs(version):
+    """The CUDA archs to build for, from ALPHAGRPO_CUDA_ARCHS or the nvcc version."""
+    env = os.environ.get("ALPHAGRPO_CUDA_ARCHS")
+    if env:
+        return [a.strip() for a in env.replace(",", ";").split(";") if a.strip()]
+    archs = ["80"]
+    if version >= (12, 0):
+        archs.append("90a")
+    elif version >= (11, 8):
+        archs.append("90")
+    if version >= (12, 8):
+        archs.append("100a")
+    return archs
+
+
+def _extensions():
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, CppExtension, CUDAExtension
+
+    debug = _env_flag("ALPHAGRPO_DEBUG")
+    opt = ["-O0", "-g"] if debug else ["-O3"]
+    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+    include_dirs = [os.path.join(ROOT, "csrc", "include")]
+    cxx = opt + ["-fvisibility=hidden"]
+    with_cuda = (
+        not _env_flag("ALPHAGRPO_SKIP_CUDA")
+        and torch.version.cuda is not None
+        and CUDA_HOME is not None
+        and _nvcc_version(CUDA_HOME) is not None
+    )
+    if not with_cuda:
+        return [CppExtension("alphagrpo_serve._C", sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx})]
+    archs = cuda_archs(_nvcc_version(CUDA_HOME))
+    gencode = []
+    for arch in archs:
+        gencode += [f"-gencode=arch=compute_{arch},code=sm_{arch}"]
+    sources += sorted(glob.glob("csrc/cuda/*.cpp") + glob.glob("csrc/cuda/*.cu"))
+    defines = ["-DALPHAGRPO_WITH_CUDA", f'-DALPHAGRPO_CUDA_ARCHS="{";".join(archs)}"']
+    nvcc = opt + ["--expt-relaxed-constexpr", "-lineinfo"]
+    if _env_flag("ALPHAGRPO_PTXAS_VERBOSE"):
+        nvcc.append("-Xptxas=-v")
+    return [
+        CUDAExtension(
+            "alphagrpo_serve._C",
+            sources,
+            include_dirs=include_dirs,
+            extra_compile_args={"cxx": cxx + defines, "nvcc": nvcc + gencode + defines},
+        )
+    ]
+
+
+def _cmdclass():
+    from torch.utils.cpp_extension import BuildExtension
+
+    return {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+setup(ext_modules=_extensions(), cmdclass=_cmdclass())
