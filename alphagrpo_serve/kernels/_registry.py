@@ -101,6 +101,11 @@ if _C is not None:
 
     torch.library.register_autograd(f"{lib}::flow_sde_logprob", _logprob_backward, setup_context=_logprob_setup)
 
+    def _can_read_value(t: torch.Tensor) -> bool:
+        if type(t) is not torch.Tensor or torch.compiler.is_compiling():
+            return False
+        return not (t.is_cuda and torch.cuda.is_current_stream_capturing())
+
     def _token_loss_setup(ctx, inputs, output):
         ctx.save_for_backward(output[3])
         ctx.mark_non_differentiable(output[1], output[2], output[3])
@@ -111,8 +116,9 @@ if _C is not None:
             raise RuntimeError("grpo_token_loss was called with compute_grad=False; call it with compute_grad=True "
                                "(the Python wrapper does this when logits require grad)")
         # The usual caller backpropagates 1.0 from the loss: hand back the saved buffer itself rather
-        # than a second logits-sized copy (the check reads one scalar; skipped while compiling).
-        if not torch.compiler.is_compiling() and grad_loss.numel() == 1 and bool(grad_loss == 1):
+        # than a second logits-sized copy. The check reads one scalar, so it runs only on plain eager
+        # tensors (not under tracing, fake tensors or CUDA-graph capture).
+        if _can_read_value(grad_loss) and bool(grad_loss == 1):
             return (grad_logits,) + (None,) * 13
         return (grad_logits * grad_loss.to(grad_logits.dtype),) + (None,) * 13
 

@@ -59,8 +59,8 @@ def _check_schedule(sigma: torch.Tensor, sigma_next: torch.Tensor, noise_level: 
         raise ValueError(f"noise_level must be finite and >= 0, got {noise_level}")
     if not 0.0 < sigma_max < 1.0:
         raise ValueError(f"sigma_max must be in (0, 1), got {sigma_max}")
-    if sigma.device.type != "cpu":
-        return  # reading device values would synchronise; the kernels are defined for valid input only
+    if sigma.device.type != "cpu" or torch.compiler.is_compiling():
+        return  # reading values would synchronise or break the graph; kernels are defined for valid input only
     if not bool(torch.all((sigma > 0) & (sigma <= 1))):
         raise ValueError(f"sigma must be in (0, 1], got {sigma.tolist()}")
     if not bool(torch.all((sigma_next >= 0) & (sigma_next < sigma))):

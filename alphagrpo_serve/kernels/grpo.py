@@ -27,7 +27,7 @@ def _choice(value: str, valid, name: str) -> None:
 
 
 def _finite(t: torch.Tensor, name: str) -> None:
-    if t.device.type == "cpu" and not bool(torch.isfinite(t).all()):
+    if t.device.type == "cpu" and not torch.compiler.is_compiling() and not bool(torch.isfinite(t).all()):
         raise ValueError(f"{name} contains non-finite values (NaN or inf)")
 
 
@@ -113,7 +113,8 @@ def grpo_token_loss(
         raise ValueError(f"tokens must be [{B}, {T}], got {tuple(tokens.shape)}")
     if tokens.device != logits.device:
         raise ValueError(f"tokens must be on the device of logits ({logits.device}), got {tokens.device}")
-    if tokens.device.type == "cpu" and tokens.numel() and not bool(((tokens >= 0) & (tokens < V)).all()):
+    if (tokens.device.type == "cpu" and not torch.compiler.is_compiling() and tokens.numel()
+            and not bool(((tokens >= 0) & (tokens < V)).all())):
         raise IndexError(f"tokens must be in [0, {V}), got values in [{int(tokens.min())}, {int(tokens.max())}]")
     if mask is None:
         mask = torch.ones((B, T), dtype=torch.float32, device=logits.device)

@@ -20,52 +20,80 @@ int aggregation_code(const std::string& name) {
 }
 
 // ---- row kernels over the vocabulary ---------------------------------------------------------
-// log-sum-exp of row / temperature: [vocab] -> scalar. Two passes over a row that stays in cache.
+// Log-softmax normaliser of one row of logits / temperature, kept as two parts so that
+// log_softmax(z)_v = (z_v - shift) - log_sum (the form PyTorch rounds too): adding them first
+// would cost an ulp of the larger magnitude.
+template <typename A>
+struct RowNorm {
+  A shift;    // max_v z_v
+  A log_sum;  // log sum_v exp(z_v - shift)
+};
+
+constexpr int kLanes = 16;  // independent accumulators: vectorisable without -ffast-math, and more accurate
+
 template <typename T>
-inline __attribute__((always_inline)) acc_t<T> row_lse_body(const T* row, int64_t V, acc_t<T> inv_temp) {
+inline __attribute__((always_inline)) RowNorm<acc_t<T>> row_norm_body(const T* row, int64_t V, acc_t<T> inv_temp) {
   using A = acc_t<T>;
-  A mx = to_acc(row[0]);
-  for (int64_t v = 1; v < V; ++v) {
-    const A z = to_acc(row[v]);
-    mx = z > mx ? z : mx;
+  A mx[kLanes];
+  for (int j = 0; j < kLanes; ++j) mx[j] = to_acc(row[0]);
+  int64_t v = 0;
+  for (; v + kLanes <= V; v += kLanes) {
+    for (int j = 0; j < kLanes; ++j) {
+      const A z = to_acc(row[v + j]);
+      mx[j] = z > mx[j] ? z : mx[j];
+    }
   }
-  A sum = 0;
-  const A shift = mx * inv_temp;
-  for (int64_t v = 0; v < V; ++v) sum += fast_exp(to_acc(row[v]) * inv_temp - shift);
-  return shift + std::log(sum);
+  for (; v < V; ++v) mx[0] = to_acc(row[v]) > mx[0] ? to_acc(row[v]) : mx[0];
+  A m = mx[0];
+  for (int j = 1; j < kLanes; ++j) m = mx[j] > m ? mx[j] : m;
+  const A shift = m * inv_temp;
+  A sum[kLanes] = {};
+  v = 0;
+  for (; v + kLanes <= V; v += kLanes) {
+    for (int j = 0; j < kLanes; ++j) sum[j] += fast_exp(to_acc(row[v + j]) * inv_temp - shift);
+  }
+  for (; v < V; ++v) sum[0] += fast_exp(to_acc(row[v]) * inv_temp - shift);
+  for (int w = kLanes / 2; w > 0; w /= 2) {
+    for (int j = 0; j < w; ++j) sum[j] += sum[j + w];
+  }
+  return {shift, std::log(sum[0])};
 }
 
 // grad_row[v] = coef / temperature * (1[v == token] - softmax(row / temperature)[v]).
 template <typename T>
-inline __attribute__((always_inline)) void row_grad_body(const T* row, int64_t V, acc_t<T> inv_temp, acc_t<T> lse,
-                                                         int64_t token, acc_t<T> coef, T* grad_row) {
+inline __attribute__((always_inline)) void row_grad_body(const T* row, int64_t V, acc_t<T> inv_temp,
+                                                         RowNorm<acc_t<T>> nrm, int64_t token, acc_t<T> coef,
+                                                         T* grad_row) {
   using A = acc_t<T>;
   const A k = -coef * inv_temp;
   if (coef == A(0)) {
     for (int64_t v = 0; v < V; ++v) grad_row[v] = static_cast<T>(A(0));
     return;
   }
-  for (int64_t v = 0; v < V; ++v) grad_row[v] = static_cast<T>(k * fast_exp(to_acc(row[v]) * inv_temp - lse));
-  grad_row[token] = static_cast<T>(k * (fast_exp(to_acc(row[token]) * inv_temp - lse) - A(1)));
+  for (int64_t v = 0; v < V; ++v) {
+    grad_row[v] = static_cast<T>(k * fast_exp((to_acc(row[v]) * inv_temp - nrm.shift) - nrm.log_sum));
+  }
+  grad_row[token] = static_cast<T>(k * (fast_exp((to_acc(row[token]) * inv_temp - nrm.shift) - nrm.log_sum) - A(1)));
 }
 
 // Non-template entry points, cloned for AVX2 and baseline x86-64 and picked at load time.
 #define AG_CLONES __attribute__((target_clones("avx2", "default")))
-AG_CLONES float row_lse(const float* r, int64_t V, float t) { return row_lse_body(r, V, t); }
-AG_CLONES float row_lse(const c10::BFloat16* r, int64_t V, float t) { return row_lse_body(r, V, t); }
-AG_CLONES float row_lse(const c10::Half* r, int64_t V, float t) { return row_lse_body(r, V, t); }
-double row_lse(const double* r, int64_t V, double t) { return row_lse_body(r, V, t); }
-AG_CLONES void row_grad(const float* r, int64_t V, float t, float l, int64_t k, float c, float* g) {
-  row_grad_body(r, V, t, l, k, c, g);
+AG_CLONES RowNorm<float> row_norm(const float* r, int64_t V, float t) { return row_norm_body(r, V, t); }
+AG_CLONES RowNorm<float> row_norm(const c10::BFloat16* r, int64_t V, float t) { return row_norm_body(r, V, t); }
+AG_CLONES RowNorm<float> row_norm(const c10::Half* r, int64_t V, float t) { return row_norm_body(r, V, t); }
+RowNorm<double> row_norm(const double* r, int64_t V, double t) { return row_norm_body(r, V, t); }
+AG_CLONES void row_grad(const float* r, int64_t V, float t, RowNorm<float> n, int64_t k, float c, float* g) {
+  row_grad_body(r, V, t, n, k, c, g);
 }
-AG_CLONES void row_grad(const c10::BFloat16* r, int64_t V, float t, float l, int64_t k, float c, c10::BFloat16* g) {
-  row_grad_body(r, V, t, l, k, c, g);
+AG_CLONES void row_grad(const c10::BFloat16* r, int64_t V, float t, RowNorm<float> n, int64_t k, float c,
+                        c10::BFloat16* g) {
+  row_grad_body(r, V, t, n, k, c, g);
 }
-AG_CLONES void row_grad(const c10::Half* r, int64_t V, float t, float l, int64_t k, float c, c10::Half* g) {
-  row_grad_body(r, V, t, l, k, c, g);
+AG_CLONES void row_grad(const c10::Half* r, int64_t V, float t, RowNorm<float> n, int64_t k, float c, c10::Half* g) {
+  row_grad_body(r, V, t, n, k, c, g);
 }
-void row_grad(const double* r, int64_t V, double t, double l, int64_t k, double c, double* g) {
-  row_grad_body(r, V, t, l, k, c, g);
+void row_grad(const double* r, int64_t V, double t, RowNorm<double> n, int64_t k, double c, double* g) {
+  row_grad_body(r, V, t, n, k, c, g);
 }
 #undef AG_CLONES
 
@@ -113,13 +141,13 @@ Tensor4 token_loss_impl(const Tensor& logits, const Tensor& tokens, const Tensor
   TokenLossParams<A> p{static_cast<A>(eps_low), static_cast<A>(eps_high),
                        static_cast<A>(dual_clip ? *dual_clip : 0.0), static_cast<A>(beta), ref_logp.has_value()};
   std::vector<TokenTerms<A>> terms(N);
-  std::vector<A> lse(N);
+  std::vector<RowNorm<A>> norm(N);
 
   auto terms_at = [&](int64_t n, A log_ratio) {
     return token_terms<A>(lp[n], log_ratio, ad[n], rf ? rf[n] : A(0), p);
   };
   auto grad_row = [&](int64_t n) {
-    if (G) row_grad(L + n * V, V, inv_temp, lse[n], tk[n], terms[n].coef * m[n] * weight[n / Tn], G + n * V);
+    if (G) row_grad(L + n * V, V, inv_temp, norm[n], tk[n], terms[n].coef * m[n] * weight[n / Tn], G + n * V);
   };
 
   if (!sequence_level) {
@@ -127,8 +155,8 @@ Tensor4 token_loss_impl(const Tensor& logits, const Tensor& tokens, const Tensor
     // row is still in cache.
     at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
       for (int64_t n = begin; n < end; ++n) {
-        lse[n] = row_lse(L + n * V, V, inv_temp);
-        lp[n] = to_acc(L[n * V + tk[n]]) * inv_temp - lse[n];
+        norm[n] = row_norm(L + n * V, V, inv_temp);
+        lp[n] = (to_acc(L[n * V + tk[n]]) * inv_temp - norm[n].shift) - norm[n].log_sum;
         terms[n] = terms_at(n, od ? lp[n] - od[n] : A(0));
         grad_row(n);
       }
@@ -136,8 +164,8 @@ Tensor4 token_loss_impl(const Tensor& logits, const Tensor& tokens, const Tensor
   } else {
     at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
       for (int64_t n = begin; n < end; ++n) {
-        lse[n] = row_lse(L + n * V, V, inv_temp);
-        lp[n] = to_acc(L[n * V + tk[n]]) * inv_temp - lse[n];
+        norm[n] = row_norm(L + n * V, V, inv_temp);
+        lp[n] = (to_acc(L[n * V + tk[n]]) * inv_temp - norm[n].shift) - norm[n].log_sum;
       }
     });
     for (int64_t b = 0; b < B; ++b) {
@@ -155,7 +183,7 @@ Tensor4 token_loss_impl(const Tensor& logits, const Tensor& tokens, const Tensor
   }
 
   for (int64_t n = 0; n < N; ++n) {
-    TORCH_CHECK_VALUE(std::isfinite(static_cast<double>(lse[n])), "logits has a non-finite value (NaN or +inf) in row (",
+    TORCH_CHECK_VALUE(std::isfinite(static_cast<double>(norm[n].shift + norm[n].log_sum)), "logits has a non-finite value (NaN or +inf) in row (",
                       n / Tn, ", ", n % Tn, ")");
   }
   // Reductions in a fixed order (deterministic), accumulated in double.
