@@ -65,35 +65,38 @@ void finish_logprob(const std::vector<double>& partial, int64_t B, int64_t n_chu
   }
 }
 
-template <typename T>
-void sde_step_impl(const T* x, const T* v, const T* vu, double cfg_scale, const T* noise, const SdeCoef<acc_t<T>>& c,
-                   T* x_next, T* mean_out, acc_t<T>* log_prob, int64_t B, int64_t D) {
-  using A = acc_t<T>;
+// Runs fn(b, lo, hi, w) in parallel over fixed-size chunks [lo, hi) of each sample b's flat
+// elements; w in [0, B * n_chunks) indexes per-chunk partial results. Returns n_chunks.
+template <typename Fn>
+int64_t for_each_chunk(int64_t B, int64_t D, Fn&& fn) {
   const int64_t n_chunks = (D + kChunk - 1) / kChunk;
-  std::vector<double> partial(B * n_chunks, 0.0);
-  const A g = static_cast<A>(cfg_scale);
   at::parallel_for(0, B * n_chunks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t w = begin; w < end; ++w) {
       const int64_t b = w / n_chunks;
       const int64_t lo = b * D + (w % n_chunks) * kChunk;
-      const int64_t hi = std::min(lo + kChunk, (b + 1) * D);
-      const A a = c.a[b], bb = c.b[b], sc = c.scale[b];
-      A ss = 0;
-      for (int64_t i = lo; i < hi; ++i) {
-        A vel = to_acc(v[i]);
-        if (vu) {
-          const A u = to_acc(vu[i]);
-          vel = u + g * (vel - u);
-        }
-        const A m = a * to_acc(x[i]) + bb * vel;
-        const A xn = m + sc * to_acc(noise[i]);
-        const A d = xn - m;
-        ss += d * d;
-        x_next[i] = static_cast<T>(xn);
-        mean_out[i] = static_cast<T>(m);
-      }
-      partial[w] = static_cast<double>(ss);
+      fn(b, lo, std::min(lo + kChunk, (b + 1) * D), w);
     }
+  });
+  return n_chunks;
+}
+
+template <typename T, bool CFG>
+void sde_step_impl(const T* x, const T* v, const T* vu, double cfg_scale, const T* noise, const SdeCoef<acc_t<T>>& c,
+                   T* x_next, T* mean_out, acc_t<T>* log_prob, int64_t B, int64_t D) {
+  using A = acc_t<T>;
+  std::vector<double> partial(B * ((D + kChunk - 1) / kChunk), 0.0);
+  const A g = static_cast<A>(cfg_scale);
+  const int64_t n_chunks = for_each_chunk(B, D, [&](int64_t b, int64_t lo, int64_t hi, int64_t w) {
+    const A a = c.a[b], bb = c.b[b], sc = c.scale[b];
+    partial[w] = static_cast<double>(lane_sum_sq<A>(lo, hi, [&](int64_t i) {
+      A vel = to_acc(v[i]);
+      if constexpr (CFG) vel = to_acc(vu[i]) + g * (vel - to_acc(vu[i]));
+      const A m = a * to_acc(x[i]) + bb * vel;
+      const A xn = m + sc * to_acc(noise[i]);
+      x_next[i] = from_acc<T>(xn);
+      mean_out[i] = from_acc<T>(m);
+      return xn - m;
+    }));
   });
   finish_logprob(partial, B, n_chunks, D, c.scale, log_prob);
 }
@@ -102,21 +105,11 @@ template <typename T>
 void sde_logprob_impl(const T* x, const T* v, const T* x_next, const SdeCoef<acc_t<T>>& c, acc_t<T>* log_prob,
                       int64_t B, int64_t D) {
   using A = acc_t<T>;
-  const int64_t n_chunks = (D + kChunk - 1) / kChunk;
-  std::vector<double> partial(B * n_chunks, 0.0);
-  at::parallel_for(0, B * n_chunks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t w = begin; w < end; ++w) {
-      const int64_t b = w / n_chunks;
-      const int64_t lo = b * D + (w % n_chunks) * kChunk;
-      const int64_t hi = std::min(lo + kChunk, (b + 1) * D);
-      const A a = c.a[b], bb = c.b[b];
-      A ss = 0;
-      for (int64_t i = lo; i < hi; ++i) {
-        const A d = to_acc(x_next[i]) - (a * to_acc(x[i]) + bb * to_acc(v[i]));
-        ss += d * d;
-      }
-      partial[w] = static_cast<double>(ss);
-    }
+  std::vector<double> partial(B * ((D + kChunk - 1) / kChunk), 0.0);
+  const int64_t n_chunks = for_each_chunk(B, D, [&](int64_t b, int64_t lo, int64_t hi, int64_t w) {
+    const A a = c.a[b], bb = c.b[b];
+    partial[w] = static_cast<double>(lane_sum_sq<A>(
+        lo, hi, [&](int64_t i) { return to_acc(x_next[i]) - (a * to_acc(x[i]) + bb * to_acc(v[i])); }));
   });
   finish_logprob(partial, B, n_chunks, D, c.scale, log_prob);
 }
@@ -126,20 +119,14 @@ template <typename T>
 void sde_logprob_backward_impl(const acc_t<T>* grad, const T* x, const T* v, const T* x_next,
                                const SdeCoef<acc_t<T>>& c, T* grad_v, T* grad_x, int64_t B, int64_t D) {
   using A = acc_t<T>;
-  const int64_t n_chunks = (D + kChunk - 1) / kChunk;
-  at::parallel_for(0, B * n_chunks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t w = begin; w < end; ++w) {
-      const int64_t b = w / n_chunks;
-      const int64_t lo = b * D + (w % n_chunks) * kChunk;
-      const int64_t hi = std::min(lo + kChunk, (b + 1) * D);
-      const A a = c.a[b], bb = c.b[b], sc = c.scale[b];
-      const A k = sc > A(0) ? grad[b] / (sc * sc * static_cast<A>(D)) : A(0);
-      const A kv = k * bb, kx = k * a;
-      for (int64_t i = lo; i < hi; ++i) {
-        const A d = to_acc(x_next[i]) - (a * to_acc(x[i]) + bb * to_acc(v[i]));
-        grad_v[i] = static_cast<T>(kv * d);
-        if (grad_x) grad_x[i] = static_cast<T>(kx * d);
-      }
+  for_each_chunk(B, D, [&](int64_t b, int64_t lo, int64_t hi, int64_t) {
+    const A a = c.a[b], bb = c.b[b], sc = c.scale[b];
+    const A k = sc > A(0) ? grad[b] / (sc * sc * static_cast<A>(D)) : A(0);
+    const A kv = k * bb, kx = k * a;
+    for (int64_t i = lo; i < hi; ++i) {
+      const A d = to_acc(x_next[i]) - (a * to_acc(x[i]) + bb * to_acc(v[i]));
+      grad_v[i] = from_acc<T>(kv * d);
+      if (grad_x) grad_x[i] = from_acc<T>(kx * d);
     }
   });
 }
@@ -170,8 +157,13 @@ Tensor4 flow_sde_step_cpu(const Tensor& x, const Tensor& v, const std::optional<
     using A = acc_t<T>;
     auto c = sde_coefficients<A>(sigma, sigma_next, noise_level, sigma_max);
     std::copy(c.std.begin(), c.std.end(), std_out.data_ptr<A>());
-    sde_step_impl<T>(xc.data_ptr<T>(), vc.data_ptr<T>(), v_uncond ? vuc.data_ptr<T>() : nullptr, cfg_scale,
-                     nc.data_ptr<T>(), c, x_next.data_ptr<T>(), mean.data_ptr<T>(), log_prob.data_ptr<A>(), B, D);
+    if (v_uncond) {
+      sde_step_impl<T, true>(xc.data_ptr<T>(), vc.data_ptr<T>(), vuc.data_ptr<T>(), cfg_scale, nc.data_ptr<T>(), c,
+                             x_next.data_ptr<T>(), mean.data_ptr<T>(), log_prob.data_ptr<A>(), B, D);
+    } else {
+      sde_step_impl<T, false>(xc.data_ptr<T>(), vc.data_ptr<T>(), nullptr, cfg_scale, nc.data_ptr<T>(), c,
+                              x_next.data_ptr<T>(), mean.data_ptr<T>(), log_prob.data_ptr<A>(), B, D);
+    }
   });
   return {x_next, mean, std_out, log_prob};
 }

@@ -29,8 +29,6 @@ struct RowNorm {
   A log_sum;  // log sum_v exp(z_v - shift)
 };
 
-constexpr int kLanes = 16;  // independent accumulators: vectorisable without -ffast-math, and more accurate
-
 template <typename T>
 inline __attribute__((always_inline)) RowNorm<acc_t<T>> row_norm_body(const T* row, int64_t V, acc_t<T> inv_temp) {
   using A = acc_t<T>;
@@ -67,13 +65,13 @@ inline __attribute__((always_inline)) void row_grad_body(const T* row, int64_t V
   using A = acc_t<T>;
   const A k = -coef * inv_temp;
   if (coef == A(0)) {
-    for (int64_t v = 0; v < V; ++v) grad_row[v] = static_cast<T>(A(0));
+    for (int64_t v = 0; v < V; ++v) grad_row[v] = from_acc<T>(A(0));
     return;
   }
   for (int64_t v = 0; v < V; ++v) {
-    grad_row[v] = static_cast<T>(k * fast_exp((to_acc(row[v]) * inv_temp - nrm.shift) - nrm.log_sum));
+    grad_row[v] = from_acc<T>(k * fast_exp((to_acc(row[v]) * inv_temp - nrm.shift) - nrm.log_sum));
   }
-  grad_row[token] = static_cast<T>(k * (fast_exp((to_acc(row[token]) * inv_temp - nrm.shift) - nrm.log_sum) - A(1)));
+  grad_row[token] = from_acc<T>(k * (fast_exp((to_acc(row[token]) * inv_temp - nrm.shift) - nrm.log_sum) - A(1)));
 }
 
 // Non-template entry points, cloned for AVX2 and baseline x86-64 and picked at load time.

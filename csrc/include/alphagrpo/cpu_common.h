@@ -81,7 +81,8 @@ constexpr double kLogSqrt2Pi = 0.91893853320467274178;  // 0.5 * log(2 pi)
 // inputs are clamped to [-87.3, 88.3] (results below 2^-126 flush to about 1e-38, never inf).
 inline float fast_expf(float x) {
   x = x < -87.3f ? -87.3f : (x > 88.3f ? 88.3f : x);
-  const float n = std::nearbyint(x * 1.44269504088896341f);
+  // round to nearest by the 1.5 * 2^23 trick (plain arithmetic, so loops vectorise; |x log2 e| < 2^22)
+  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
   float r = x - n * 0.693145751953125f;   // ln2, high part
   r = r - n * 1.428606765330187045e-06f;  // ln2, low part
   float p = 1.9875691500e-4f;
@@ -100,9 +101,53 @@ inline float fast_expf(float x) {
 inline float fast_exp(float x) { return fast_expf(x); }
 inline double fast_exp(double x) { return std::exp(x); }
 
+// Conversions between storage and accumulation types. bfloat16 goes through its bits (the same
+// round-to-nearest-even as c10::BFloat16) so that loops over bf16 vectorise.
 template <typename T>
 inline acc_t<T> to_acc(T v) {
   return static_cast<acc_t<T>>(v);
+}
+inline float to_acc(c10::BFloat16 v) {
+  const uint32_t u = static_cast<uint32_t>(v.x) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+
+template <typename T>
+inline T from_acc(acc_t<T> v) {
+  return static_cast<T>(v);
+}
+template <>
+inline c10::BFloat16 from_acc<c10::BFloat16>(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof(u));
+  const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  return c10::BFloat16(static_cast<uint16_t>(f != f ? 0x7fc0u : rounded), c10::BFloat16::from_bits());
+}
+
+constexpr int kLanes = 16;  // independent accumulators: vectorisable without -ffast-math, and more accurate
+
+// Sum over i in [lo, hi) of f(i)^2 with kLanes accumulators combined pairwise. f may have side
+// effects (write outputs): the loop stays vectorisable.
+template <typename A, typename F>
+inline __attribute__((always_inline)) A lane_sum_sq(int64_t lo, int64_t hi, F&& f) {
+  A acc[kLanes] = {};
+  int64_t i = lo;
+  for (; i + kLanes <= hi; i += kLanes) {
+    for (int j = 0; j < kLanes; ++j) {
+      const A d = f(i + j);
+      acc[j] += d * d;
+    }
+  }
+  for (; i < hi; ++i) {
+    const A d = f(i);
+    acc[0] += d * d;
+  }
+  for (int w = kLanes / 2; w > 0; w /= 2) {
+    for (int j = 0; j < w; ++j) acc[j] += acc[j + w];
+  }
+  return acc[0];
 }
 
 }  // namespace alphagrpo
