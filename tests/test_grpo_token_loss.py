@@ -3,7 +3,7 @@ import math
 
 import pytest
 import torch
-from helpers import assert_close, assert_close_to_ref
+from helpers import assert_close, assert_close_to_ref, seed_of
 
 from alphagrpo_serve import kernels as K
 from alphagrpo_serve.kernels import reference as R
@@ -51,7 +51,7 @@ def run_both(logits, tokens, adv, mask, old, ref, **kw):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("ratio_level", ["token", "sequence"])
 def test_matches_float64_reference(poison, shape, dtype, ratio_level):
-    logits, tokens, adv, mask, old, ref = make_batch(*shape, dtype, seed=hash((shape, str(dtype))) % 2**31)
+    logits, tokens, adv, mask, old, ref = make_batch(*shape, dtype, seed=seed_of(shape, str(dtype), ratio_level))
     kw = dict(temperature=0.9, eps_low=0.2, eps_high=0.28, beta=0.04, ratio_level=ratio_level,
               aggregation="seq-mean-token-mean", dual_clip=3.0)
     (lo, mo, po, go), (l64, m64, p64, g64), (_, _, _, glp) = run_both(logits, tokens, adv, mask, old, ref, **kw)
@@ -61,7 +61,9 @@ def test_matches_float64_reference(poison, shape, dtype, ratio_level):
     assert_close(mo, m64, atol=2e-6, rtol=2e-6, name="metrics")
     assert_close(po, p64, atol=2e-5, rtol=2e-6, name="logp")
     assert go.dtype == dtype, "the gradient comes back in the logits' dtype"
-    assert_close_to_ref(go, g64, glp, name="grad_logits")
+    # float32: the softmax normaliser sums V exps in float32 (16 lanes: ~sqrt(V/16) rounding steps)
+    # and the vectorised exp adds <= 3 ulp, so allow 16 ulp where PyTorch happens to be closer.
+    assert_close_to_ref(go, g64, glp, ulps=16, name="grad_logits")
 
 
 @pytest.mark.parametrize("aggregation", AGGS)
