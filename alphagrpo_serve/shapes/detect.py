@@ -123,7 +123,7 @@ class Detector:
                 shape_probs = np.exp(logits - logits.max())
                 shape_probs /= shape_probs.sum()
                 mean_cos = cos_sum[k] / area[k]
-                color_logits = 40.0 * mean_cos
+                color_logits = 100.0 * mean_cos  # red vs orange (22 degrees apart): P(red) ~ 0.999
                 color_probs = np.exp(color_logits - color_logits.max())
                 color_probs /= color_probs.sum()
                 s_i = int(shape_probs.argmax())

@@ -11,7 +11,9 @@ distinct shape-colour bindings). parse(write(spec)) == spec for every spec of th
 """
 from __future__ import annotations
 
+import itertools
 import re
+import zlib
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -167,8 +169,45 @@ def sample_spec(rng: np.random.Generator, category: str) -> Spec:
     raise ValueError(f"category must be one of {CATEGORIES}, got {category!r}")
 
 
+HELDOUT_CATEGORIES = ("counting", "position", "color_attr", "implicit")
+
+
+def is_heldout(prompt: str) -> bool:
+    """The held-out rule: a fixed fifth (by CRC-32 of the text) of the prompts of the large
+    categories. Training samplers skip these; the three small categories keep all their prompts."""
+    from .implicit import resolve
+
+    category = "implicit" if resolve(prompt) is not None else parse(prompt).category
+    return category in HELDOUT_CATEGORIES and zlib.crc32(prompt.encode()) % 5 == 0
+
+
+def all_prompts(category: str) -> List[str]:
+    """Every prompt of a category, in a fixed order."""
+    if category == "implicit":
+        from .implicit import all_implicit
+
+        return all_implicit()
+    cols: List[Optional[str]] = [None] + list(COLORS)
+    out = []
+    if category == "single_object":
+        out = [Spec((Group(s),)) for s in SHAPES]
+    elif category == "colors":
+        out = [Spec((Group(s, c),)) for s in SHAPES for c in COLORS]
+    elif category == "counting":
+        out = [Spec((Group(s, c, n, True),)) for s in SHAPES for c in cols for n in range(1, 5)]
+    elif category == "two_object":
+        out = [Spec((Group(a), Group(b))) for a, b in itertools.permutations(SHAPES, 2)]
+    elif category in ("color_attr", "position"):
+        rels = RELATIONS if category == "position" else (None,)
+        out = [Spec((Group(a, ca), Group(b, cb)), r) for a, b in itertools.permutations(SHAPES, 2)
+               for ca, cb in itertools.permutations(COLORS, 2) for r in rels]
+    else:
+        raise ValueError(f"category must be one of {CATEGORIES + ('implicit',)}, got {category!r}")
+    return [write(s) for s in out]
+
+
 class PromptSampler:
-    """Seeded prompts by category mix. Held-out prompts (shapes/data/heldout.jsonl) are never drawn."""
+    """Seeded prompts by category mix; held-out prompts (is_heldout) are never drawn."""
 
     def __init__(self, seed: int = 0, mix: Optional[Dict[str, float]] = None, exclude: Sequence[str] = ()):
         self.rng = np.random.default_rng(seed)
@@ -184,7 +223,8 @@ class PromptSampler:
     def __call__(self) -> Spec:
         for _ in range(1000):
             spec = sample_spec(self.rng, self.categories[self.rng.choice(len(self.categories), p=self.p)])
-            if write(spec) not in self.exclude:
+            text = write(spec)
+            if text not in self.exclude and not is_heldout(text):
                 return spec
         raise RuntimeError("every sampled prompt is excluded")
 
