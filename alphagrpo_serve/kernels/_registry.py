@@ -107,11 +107,15 @@ if _C is not None:
         return not (t.is_cuda and torch.cuda.is_current_stream_capturing())
 
     def _token_loss_setup(ctx, inputs, output):
+        # without this, autograd would zero-fill a logits-sized "gradient" of the grad_logits output
+        ctx.set_materialize_grads(False)
         ctx.save_for_backward(output[3])
         ctx.mark_non_differentiable(output[1], output[2], output[3])
 
     def _token_loss_backward(ctx, grad_loss, *_unused):
         (grad_logits,) = ctx.saved_tensors
+        if grad_loss is None:
+            return (None,) * 14
         if grad_logits.numel() == 0:
             raise RuntimeError("grpo_token_loss was called with compute_grad=False; call it with compute_grad=True "
                                "(the Python wrapper does this when logits require grad)")
@@ -125,12 +129,15 @@ if _C is not None:
     torch.library.register_autograd(f"{lib}::grpo_token_loss", _token_loss_backward, setup_context=_token_loss_setup)
 
     def _flow_loss_setup(ctx, inputs, output):
+        ctx.set_materialize_grads(False)
         ctx.save_for_backward(output[2], output[3])
         ctx.mark_non_differentiable(output[1], output[2], output[3])
         ctx.has_kl = inputs[3] is not None
 
     def _flow_loss_backward(ctx, grad_loss, *_unused):
         grad_logp, grad_kl = ctx.saved_tensors
+        if grad_loss is None:
+            return (None,) * 6
         g_kl = grad_kl * grad_loss if ctx.has_kl else None
         return grad_logp * grad_loss, None, None, g_kl, None, None
 

@@ -89,12 +89,12 @@ void sde_step_impl(const T* x, const T* v, const T* vu, double cfg_scale, const 
   const int64_t n_chunks = for_each_chunk(B, D, [&](int64_t b, int64_t lo, int64_t hi, int64_t w) {
     const A a = c.a[b], bb = c.b[b], sc = c.scale[b];
     partial[w] = static_cast<double>(lane_sum_sq<A>(lo, hi, [&](int64_t i) {
-      A vel = to_acc(v[i]);
-      if constexpr (CFG) vel = to_acc(vu[i]) + g * (vel - to_acc(vu[i]));
-      const A m = a * to_acc(x[i]) + bb * vel;
-      const A xn = m + sc * to_acc(noise[i]);
-      x_next[i] = from_acc<T>(xn);
-      mean_out[i] = from_acc<T>(m);
+      A vel = load_acc(v, i);
+      if constexpr (CFG) vel = load_acc(vu, i) + g * (vel - load_acc(vu, i));
+      const A m = a * load_acc(x, i) + bb * vel;
+      const A xn = m + sc * load_acc(noise, i);
+      store_acc(x_next, i, xn);
+      store_acc(mean_out, i, m);
       return xn - m;
     }));
   });
@@ -109,7 +109,7 @@ void sde_logprob_impl(const T* x, const T* v, const T* x_next, const SdeCoef<acc
   const int64_t n_chunks = for_each_chunk(B, D, [&](int64_t b, int64_t lo, int64_t hi, int64_t w) {
     const A a = c.a[b], bb = c.b[b];
     partial[w] = static_cast<double>(lane_sum_sq<A>(
-        lo, hi, [&](int64_t i) { return to_acc(x_next[i]) - (a * to_acc(x[i]) + bb * to_acc(v[i])); }));
+        lo, hi, [&](int64_t i) { return load_acc(x_next, i) - (a * load_acc(x, i) + bb * load_acc(v, i)); }));
   });
   finish_logprob(partial, B, n_chunks, D, c.scale, log_prob);
 }
@@ -124,9 +124,9 @@ void sde_logprob_backward_impl(const acc_t<T>* grad, const T* x, const T* v, con
     const A k = sc > A(0) ? grad[b] / (sc * sc * static_cast<A>(D)) : A(0);
     const A kv = k * bb, kx = k * a;
     for (int64_t i = lo; i < hi; ++i) {
-      const A d = to_acc(x_next[i]) - (a * to_acc(x[i]) + bb * to_acc(v[i]));
-      grad_v[i] = from_acc<T>(kv * d);
-      if (grad_x) grad_x[i] = from_acc<T>(kx * d);
+      const A d = load_acc(x_next, i) - (a * load_acc(x, i) + bb * load_acc(v, i));
+      store_acc(grad_v, i, kv * d);
+      if (grad_x) store_acc(grad_x, i, kx * d);
     }
   });
 }

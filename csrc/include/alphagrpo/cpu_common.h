@@ -101,29 +101,28 @@ inline float fast_expf(float x) {
 inline float fast_exp(float x) { return fast_expf(x); }
 inline double fast_exp(double x) { return std::exp(x); }
 
-// Conversions between storage and accumulation types. bfloat16 goes through its bits (the same
+// Element access in the accumulation type. bfloat16 goes through its bits as uint16_t (the same
 // round-to-nearest-even as c10::BFloat16) so that loops over bf16 vectorise.
 template <typename T>
-inline acc_t<T> to_acc(T v) {
-  return static_cast<acc_t<T>>(v);
+inline acc_t<T> load_acc(const T* p, int64_t i) {
+  return static_cast<acc_t<T>>(p[i]);
 }
-inline float to_acc(c10::BFloat16 v) {
-  const uint32_t u = static_cast<uint32_t>(v.x) << 16;
+inline float load_acc(const c10::BFloat16* p, int64_t i) {
+  const uint32_t u = static_cast<uint32_t>(reinterpret_cast<const uint16_t*>(p)[i]) << 16;
   float f;
   std::memcpy(&f, &u, sizeof(f));
   return f;
 }
 
 template <typename T>
-inline T from_acc(acc_t<T> v) {
-  return static_cast<T>(v);
+inline void store_acc(T* p, int64_t i, acc_t<T> v) {
+  p[i] = static_cast<T>(v);
 }
-template <>
-inline c10::BFloat16 from_acc<c10::BFloat16>(float f) {
+inline void store_acc(c10::BFloat16* p, int64_t i, float f) {
   uint32_t u;
   std::memcpy(&u, &f, sizeof(u));
   const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-  return c10::BFloat16(static_cast<uint16_t>(f != f ? 0x7fc0u : rounded), c10::BFloat16::from_bits());
+  reinterpret_cast<uint16_t*>(p)[i] = static_cast<uint16_t>(f != f ? 0x7fc0u : rounded);
 }
 
 constexpr int kLanes = 16;  // independent accumulators: vectorisable without -ffast-math, and more accurate
