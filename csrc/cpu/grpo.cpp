@@ -210,38 +210,50 @@ Tensor grpo_advantages_cpu(const Tensor& rewards, const std::string& std_scope, 
   check_choice(std_scope, {"group", "batch", "none"}, "std_scope");
   TORCH_CHECK_VALUE(eps >= 0.0, "eps must be >= 0, got ", eps);
   TORCH_CHECK_VALUE(!clip || *clip > 0.0, "clip must be > 0 when given, got ", clip ? *clip : 0.0);
-  const auto acc_type = rewards.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  auto r = rewards.to(at::kDouble).contiguous();
+  auto r = rewards.contiguous();
   const int64_t P = r.size(0), G = r.size(1);
-  const double* rp = r.data_ptr<double>();
-  std::vector<double> out(P * G), mean(P);
-  double batch_mean = 0;
-  for (int64_t i = 0; i < P; ++i) {
-    double s = 0;
-    for (int64_t j = 0; j < G; ++j) s += rp[i * G + j];
-    mean[i] = s / G;
-    batch_mean += s;
-  }
-  batch_mean /= static_cast<double>(P * G);
-  double batch_var = 0;
-  for (int64_t k = 0; k < P * G; ++k) batch_var += (rp[k] - batch_mean) * (rp[k] - batch_mean);
-  const double batch_std = std::sqrt(batch_var / static_cast<double>(P * G));
-  for (int64_t i = 0; i < P; ++i) {
-    double denom = 1.0;
-    if (std_scope == "group") {
-      double var = 0;
-      for (int64_t j = 0; j < G; ++j) var += (rp[i * G + j] - mean[i]) * (rp[i * G + j] - mean[i]);
-      denom = std::sqrt(var / G) + eps;
-    } else if (std_scope == "batch") {
-      denom = batch_std + eps;
+  auto out = at::empty({P, G}, r.options().dtype(r.scalar_type() == at::kDouble ? at::kDouble : at::kFloat));
+  const int scope = std_scope == "group" ? 0 : (std_scope == "batch" ? 1 : 2);
+  dispatch_floating(r.scalar_type(), "grpo_advantages", [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    using A = acc_t<T>;
+    const T* rp = r.data_ptr<T>();
+    A* op = out.data_ptr<A>();
+    // one pass for the group means and the batch sums, accumulated in double
+    std::vector<double> mean(P);
+    double batch_sum = 0, batch_sq = 0;
+    for (int64_t i = 0; i < P; ++i) {
+      double s = 0;
+      for (int64_t j = 0; j < G; ++j) s += static_cast<double>(load_acc(rp, i * G + j));
+      mean[i] = s / G;
+      batch_sum += s;
     }
-    for (int64_t j = 0; j < G; ++j) {
-      double a = (rp[i * G + j] - mean[i]) / denom;
-      if (clip) a = std::min(std::max(a, -*clip), *clip);
-      out[i * G + j] = a;
+    const double batch_mean = batch_sum / static_cast<double>(P * G);
+    for (int64_t k = 0; k < P * G; ++k) {
+      const double d = static_cast<double>(load_acc(rp, k)) - batch_mean;
+      batch_sq += d * d;
     }
-  }
-  return at::tensor(out, at::kDouble).reshape({P, G}).to(acc_type);
+    const double batch_std = std::sqrt(batch_sq / static_cast<double>(P * G));
+    const double lo = clip ? -*clip : -INFINITY, hi = clip ? *clip : INFINITY;
+    for (int64_t i = 0; i < P; ++i) {
+      double denom = 1.0;
+      if (scope == 0) {
+        double var = 0;
+        for (int64_t j = 0; j < G; ++j) {
+          const double d = static_cast<double>(load_acc(rp, i * G + j)) - mean[i];
+          var += d * d;
+        }
+        denom = std::sqrt(var / G) + eps;
+      } else if (scope == 1) {
+        denom = batch_std + eps;
+      }
+      for (int64_t j = 0; j < G; ++j) {
+        const double a = (static_cast<double>(load_acc(rp, i * G + j)) - mean[i]) / denom;
+        op[i * G + j] = static_cast<A>(a < lo ? lo : (a > hi ? hi : a));
+      }
+    }
+  });
+  return out;
 }
 
 Tensor4 grpo_token_loss_cpu(const Tensor& logits, const Tensor& tokens, const Tensor& advantages, const Tensor& mask,
