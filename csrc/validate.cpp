@@ -5,13 +5,16 @@
 
 namespace alphagrpo {
 
-void validate_flow_sde(const Tensor& x, const Tensor& v, const Tensor& sigma, const Tensor& sigma_next,
-                       double noise_level, double sigma_max, const char* v_name) {
+void validate_flow_sde(const Tensor& x, std::initializer_list<NamedTensor> latents, const Tensor& sigma,
+                       const Tensor& sigma_next, double noise_level, double sigma_max) {
   check_floating(x, "x");
   TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(0) > 0, "x must be [batch, ...] with batch > 0, got shape ", x.sizes());
-  check_same_dtype(v, x, v_name, "x");
-  check_same_shape(v, x, v_name, "x");
-  check_same_device(v, x, v_name, "x");
+  for (const NamedTensor& t : latents) {
+    if (t.tensor == nullptr) continue;
+    check_same_dtype(*t.tensor, x, t.name, "x");
+    check_same_shape(*t.tensor, x, t.name, "x");
+    check_same_device(*t.tensor, x, t.name, "x");
+  }
   check_per_sample(sigma, x.size(0), "sigma");
   check_per_sample(sigma_next, x.size(0), "sigma_next");
   check_same_device(sigma, x, "sigma", "x");
@@ -23,7 +26,8 @@ void validate_flow_sde(const Tensor& x, const Tensor& v, const Tensor& sigma, co
 
 void validate_token_loss(const Tensor& logits, const Tensor& tokens, const Tensor& advantages, const Tensor& mask,
                          const std::optional<Tensor>& old_logp, const std::optional<Tensor>& ref_logp,
-                         double temperature, const std::string& ratio_level, const std::string& aggregation) {
+                         double temperature, std::optional<double> dual_clip, const std::string& ratio_level,
+                         const std::string& aggregation) {
   check_floating(logits, "logits");
   TORCH_CHECK_VALUE(logits.dim() == 3 && logits.size(2) > 0, "logits must be [batch, tokens, vocab], got shape ",
                     logits.sizes());
@@ -43,9 +47,19 @@ void validate_token_loss(const Tensor& logits, const Tensor& tokens, const Tenso
   if (ref_logp) check_bt(*ref_logp, "ref_logp");
   check_same_device(tokens, logits, "tokens", "logits");
   TORCH_CHECK_VALUE(temperature > 0.0 && std::isfinite(temperature), "temperature must be > 0, got ", temperature);
+  TORCH_CHECK_VALUE(!dual_clip || *dual_clip > 1.0, "dual_clip must be > 1 when given, got ", dual_clip.value_or(0.0));
   check_choice(ratio_level, {"token", "sequence"}, "ratio_level");
   check_choice(aggregation, {"token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"},
                "aggregation");
+}
+
+void validate_advantages(const Tensor& rewards, const std::string& std_scope, double eps, std::optional<double> clip) {
+  check_floating(rewards, "rewards");
+  TORCH_CHECK_VALUE(rewards.dim() == 2 && rewards.numel() > 0, "rewards must be [prompts, group] and non-empty, got ",
+                    rewards.sizes());
+  check_choice(std_scope, {"group", "batch", "none"}, "std_scope");
+  TORCH_CHECK_VALUE(eps >= 0.0, "eps must be >= 0, got ", eps);
+  TORCH_CHECK_VALUE(!clip || *clip > 0.0, "clip must be > 0 when given, got ", clip.value_or(0.0));
 }
 
 void validate_flow_grpo(const Tensor& logp, const Tensor& old_logp, const Tensor& advantages,

@@ -136,13 +136,8 @@ void sde_logprob_backward_impl(const acc_t<T>* grad, const T* x, const T* v, con
 Tensor4 flow_sde_step_cpu(const Tensor& x, const Tensor& v, const std::optional<Tensor>& v_uncond, double cfg_scale,
                           const Tensor& sigma, const Tensor& sigma_next, double noise_level, double sigma_max,
                           const Tensor& noise) {
-  validate_flow_sde(x, v, sigma, sigma_next, noise_level, sigma_max, "v");
-  check_same_dtype(noise, x, "noise", "x");
-  check_same_shape(noise, x, "noise", "x");
-  if (v_uncond) {
-    check_same_dtype(*v_uncond, x, "v_uncond", "x");
-    check_same_shape(*v_uncond, x, "v_uncond", "x");
-  }
+  validate_flow_sde(x, {{&v, "v"}, {&noise, "noise"}, {v_uncond ? &*v_uncond : nullptr, "v_uncond"}}, sigma, sigma_next,
+                    noise_level, sigma_max);
   const auto B = x.size(0);
   const auto D = x.numel() / B;
   auto xc = x.contiguous(), vc = v.contiguous(), nc = noise.contiguous();
@@ -170,9 +165,7 @@ Tensor4 flow_sde_step_cpu(const Tensor& x, const Tensor& v, const std::optional<
 
 Tensor flow_sde_logprob_cpu(const Tensor& x, const Tensor& v, const Tensor& x_next, const Tensor& sigma,
                             const Tensor& sigma_next, double noise_level, double sigma_max) {
-  validate_flow_sde(x, v, sigma, sigma_next, noise_level, sigma_max, "v");
-  check_same_dtype(x_next, v, "x_next", "v");
-  check_same_shape(x_next, v, "x_next", "v");
+  validate_flow_sde(x, {{&v, "v"}, {&x_next, "x_next"}}, sigma, sigma_next, noise_level, sigma_max);
   const auto B = v.size(0);
   const auto D = v.numel() / B;
   auto xc = x.contiguous(), vc = v.contiguous(), xnc = x_next.contiguous();
@@ -191,9 +184,7 @@ std::tuple<Tensor, Tensor> flow_sde_logprob_backward_cpu(const Tensor& grad, con
                                                          const Tensor& x_next, const Tensor& sigma,
                                                          const Tensor& sigma_next, double noise_level,
                                                          double sigma_max, bool need_grad_x) {
-  validate_flow_sde(x, v, sigma, sigma_next, noise_level, sigma_max, "v");
-  check_same_dtype(x_next, v, "x_next", "v");
-  check_same_shape(x_next, v, "x_next", "v");
+  validate_flow_sde(x, {{&v, "v"}, {&x_next, "x_next"}}, sigma, sigma_next, noise_level, sigma_max);
   const auto B = v.size(0);
   const auto D = v.numel() / B;
   TORCH_CHECK_VALUE(grad.dim() == 1 && grad.size(0) == B, "grad must be [", B, "], got ", grad.sizes());

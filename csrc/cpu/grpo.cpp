@@ -204,12 +204,7 @@ Tensor4 token_loss_impl(const Tensor& logits, const Tensor& tokens, const Tensor
 
 Tensor grpo_advantages_cpu(const Tensor& rewards, const std::string& std_scope, double eps,
                            std::optional<double> clip) {
-  check_floating(rewards, "rewards");
-  TORCH_CHECK_VALUE(rewards.dim() == 2 && rewards.numel() > 0, "rewards must be [prompts, group] and non-empty, got ",
-                    rewards.sizes());
-  check_choice(std_scope, {"group", "batch", "none"}, "std_scope");
-  TORCH_CHECK_VALUE(eps >= 0.0, "eps must be >= 0, got ", eps);
-  TORCH_CHECK_VALUE(!clip || *clip > 0.0, "clip must be > 0 when given, got ", clip ? *clip : 0.0);
+  validate_advantages(rewards, std_scope, eps, clip);
   auto r = rewards.contiguous();
   const int64_t P = r.size(0), G = r.size(1);
   auto out = at::empty({P, G}, r.options().dtype(r.scalar_type() == at::kDouble ? at::kDouble : at::kFloat));
@@ -261,8 +256,8 @@ Tensor4 grpo_token_loss_cpu(const Tensor& logits, const Tensor& tokens, const Te
                             double temperature, double eps_low, double eps_high, std::optional<double> dual_clip,
                             double beta, const std::string& ratio_level, const std::string& aggregation,
                             bool compute_grad) {
-  validate_token_loss(logits, tokens, advantages, mask, old_logp, ref_logp, temperature, ratio_level, aggregation);
-  TORCH_CHECK_VALUE(!dual_clip || *dual_clip > 1.0, "dual_clip must be > 1 when given, got ", *dual_clip);
+  validate_token_loss(logits, tokens, advantages, mask, old_logp, ref_logp, temperature, dual_clip, ratio_level,
+                      aggregation);
   return dispatch_floating(logits.scalar_type(), "grpo_token_loss", [&](auto tag) {
     using T = typename decltype(tag)::type;
     return token_loss_impl<T>(logits, tokens, advantages, mask, old_logp, ref_logp, temperature, eps_low, eps_high,

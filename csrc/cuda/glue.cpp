@@ -38,15 +38,8 @@ Tensor sigma_as(const Tensor& s, const Tensor& x) { return s.to(acc_type(x.scala
 Tensor4 flow_sde_step_cuda(const Tensor& x, const Tensor& v, const std::optional<Tensor>& v_uncond, double cfg_scale,
                            const Tensor& sigma, const Tensor& sigma_next, double noise_level, double sigma_max,
                            const Tensor& noise) {
-  validate_flow_sde(x, v, sigma, sigma_next, noise_level, sigma_max, "v");
-  check_same_dtype(noise, x, "noise", "x");
-  check_same_shape(noise, x, "noise", "x");
-  check_same_device(noise, x, "noise", "x");
-  if (v_uncond) {
-    check_same_dtype(*v_uncond, x, "v_uncond", "x");
-    check_same_shape(*v_uncond, x, "v_uncond", "x");
-    check_same_device(*v_uncond, x, "v_uncond", "x");
-  }
+  validate_flow_sde(x, {{&v, "v"}, {&noise, "noise"}, {v_uncond ? &*v_uncond : nullptr, "v_uncond"}}, sigma, sigma_next,
+                    noise_level, sigma_max);
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t B = x.size(0), D = x.numel() / B;
   auto xc = x.contiguous(), vc = v.contiguous(), nc = noise.contiguous();
@@ -67,10 +60,7 @@ Tensor4 flow_sde_step_cuda(const Tensor& x, const Tensor& v, const std::optional
 
 Tensor flow_sde_logprob_cuda(const Tensor& x, const Tensor& v, const Tensor& x_next, const Tensor& sigma,
                              const Tensor& sigma_next, double noise_level, double sigma_max) {
-  validate_flow_sde(x, v, sigma, sigma_next, noise_level, sigma_max, "v");
-  check_same_dtype(x_next, v, "x_next", "v");
-  check_same_shape(x_next, v, "x_next", "v");
-  check_same_device(x_next, v, "x_next", "v");
+  validate_flow_sde(x, {{&v, "v"}, {&x_next, "x_next"}}, sigma, sigma_next, noise_level, sigma_max);
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t B = v.size(0), D = v.numel() / B;
   auto xc = x.contiguous(), vc = v.contiguous(), xnc = x_next.contiguous();
@@ -88,9 +78,7 @@ std::tuple<Tensor, Tensor> flow_sde_logprob_backward_cuda(const Tensor& grad, co
                                                           const Tensor& x_next, const Tensor& sigma,
                                                           const Tensor& sigma_next, double noise_level,
                                                           double sigma_max, bool need_grad_x) {
-  validate_flow_sde(x, v, sigma, sigma_next, noise_level, sigma_max, "v");
-  check_same_dtype(x_next, v, "x_next", "v");
-  check_same_shape(x_next, v, "x_next", "v");
+  validate_flow_sde(x, {{&v, "v"}, {&x_next, "x_next"}}, sigma, sigma_next, noise_level, sigma_max);
   const int64_t B = v.size(0), D = v.numel() / B;
   TORCH_CHECK_VALUE(grad.dim() == 1 && grad.size(0) == B, "grad must be [", B, "], got ", grad.sizes());
   const c10::cuda::CUDAGuard guard(x.device());
@@ -109,11 +97,7 @@ std::tuple<Tensor, Tensor> flow_sde_logprob_backward_cuda(const Tensor& grad, co
 
 Tensor grpo_advantages_cuda(const Tensor& rewards, const std::string& std_scope, double eps,
                             std::optional<double> clip) {
-  check_floating(rewards, "rewards");
-  TORCH_CHECK_VALUE(rewards.dim() == 2 && rewards.numel() > 0,
-                    "rewards must be [prompts, group] and non-empty, got ", rewards.sizes());
-  check_choice(std_scope, {"group", "batch", "none"}, "std_scope");
-  TORCH_CHECK_VALUE(!clip || *clip > 0.0, "clip must be > 0 when given");
+  validate_advantages(rewards, std_scope, eps, clip);
   const c10::cuda::CUDAGuard guard(rewards.device());
   auto r = rewards.contiguous();
   auto out = at::empty(r.sizes(), r.options().dtype(acc_type(r.scalar_type())));
@@ -130,8 +114,8 @@ Tensor4 grpo_token_loss_cuda(const Tensor& logits, const Tensor& tokens, const T
                              double temperature, double eps_low, double eps_high, std::optional<double> dual_clip,
                              double beta, const std::string& ratio_level, const std::string& aggregation,
                              bool compute_grad) {
-  validate_token_loss(logits, tokens, advantages, mask, old_logp, ref_logp, temperature, ratio_level, aggregation);
-  TORCH_CHECK_VALUE(!dual_clip || *dual_clip > 1.0, "dual_clip must be > 1 when given");
+  validate_token_loss(logits, tokens, advantages, mask, old_logp, ref_logp, temperature, dual_clip, ratio_level,
+                      aggregation);
   const c10::cuda::CUDAGuard guard(logits.device());
   const auto acc = acc_type(logits.scalar_type());
   const int64_t B = logits.size(0), T = logits.size(1), V = logits.size(2), N = B * T;

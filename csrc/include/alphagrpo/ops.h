@@ -4,6 +4,7 @@
 
 #include <ATen/ATen.h>
 
+#include <initializer_list>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -14,11 +15,18 @@ using at::Tensor;
 using Tensor4 = std::tuple<Tensor, Tensor, Tensor, Tensor>;
 
 // Shared validation (csrc/validate.cpp): the same checks for every device.
-void validate_flow_sde(const Tensor& x, const Tensor& v, const Tensor& sigma, const Tensor& sigma_next,
-                       double noise_level, double sigma_max, const char* v_name);
+// x and every named latent (v, noise, x_next, v_uncond, ...) share dtype, shape and device.
+struct NamedTensor {
+  const Tensor* tensor;  // nullptr: absent (optional argument)
+  const char* name;
+};
+void validate_flow_sde(const Tensor& x, std::initializer_list<NamedTensor> latents, const Tensor& sigma,
+                       const Tensor& sigma_next, double noise_level, double sigma_max);
+void validate_advantages(const Tensor& rewards, const std::string& std_scope, double eps, std::optional<double> clip);
 void validate_token_loss(const Tensor& logits, const Tensor& tokens, const Tensor& advantages, const Tensor& mask,
                          const std::optional<Tensor>& old_logp, const std::optional<Tensor>& ref_logp,
-                         double temperature, const std::string& ratio_level, const std::string& aggregation);
+                         double temperature, std::optional<double> dual_clip, const std::string& ratio_level,
+                         const std::string& aggregation);
 void validate_flow_grpo(const Tensor& logp, const Tensor& old_logp, const Tensor& advantages,
                         const std::optional<Tensor>& kl);
 
