@@ -86,6 +86,17 @@ def cmd_reward(args) -> int:
     return 0
 
 
+def cmd_pretrain(args) -> int:
+    from .models.pretrain import PretrainConfig, pretrain
+
+    cfg = PretrainConfig(steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed, width=args.width,
+                         layers=args.layers, heads=args.heads, ckpt_every=args.ckpt_every,
+                         time_budget_s=args.time_budget_min * 60)
+    path = pretrain(cfg, args.out, resume=args.resume)
+    print(f"weights: {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="alphagrpo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -105,6 +116,21 @@ def build_parser() -> argparse.ArgumentParser:
     shapes.add_argument("--limit", type=int, default=0, help="use only the first N rows (default: all)")
     shapes.add_argument("--json", metavar="FILE", help="also write the report as JSON")
     shapes.set_defaults(fn=cmd_eval_shapes)
+
+    pt = sub.add_parser("pretrain", help="pretrain the tiny UMM on ShapesWorld (four tasks; resumable)")
+    pt.add_argument("--out", default="runs/pretrain", help="output folder: checkpoint.pt, train_log.jsonl, tiny_umm.safetensors")
+    pt.add_argument("--steps", type=int, default=5000, help="optimiser steps (default 5000)")
+    pt.add_argument("--batch", type=int, default=64, help="sequences per step (default 64)")
+    pt.add_argument("--lr", type=float, default=1e-3, help="peak learning rate, warm-up then cosine to 10%% (default 1e-3)")
+    pt.add_argument("--width", type=int, default=160, help="transformer width (default 160)")
+    pt.add_argument("--layers", type=int, default=5, help="transformer layers (default 5)")
+    pt.add_argument("--heads", type=int, default=5, help="attention heads (default 5)")
+    pt.add_argument("--seed", type=int, default=0, help="data and init seed (default 0)")
+    pt.add_argument("--ckpt-every", type=int, default=250, help="checkpoint cadence in steps (default 250)")
+    pt.add_argument("--time-budget-min", type=float, default=0.0,
+                    help="stop, checkpoint and export after this many minutes (default 0: no limit)")
+    pt.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    pt.set_defaults(fn=cmd_pretrain)
 
     rw = sub.add_parser("reward", help="embedded DVReward of one image, with its question breakdown")
     rw.add_argument("--prompt", required=True, help="a ShapesWorld prompt, explicit or implicit")
