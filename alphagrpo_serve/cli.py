@@ -4,6 +4,10 @@
     alphagrpo eval shapes --ground-truth    GenEval-style table of the held-out split on ideal renders
     alphagrpo eval shapes --pairs P.jsonl   score your own (prompt, image) pairs
     alphagrpo reward --prompt P --image I   DVReward of one image with its question breakdown
+    alphagrpo pretrain --out runs/pretrain  pretrain the tiny UMM (resumable, progress bar)
+    alphagrpo generate --prompt P --out x.png [--think] [--grid N]   draw (in-process)
+    alphagrpo reflect --prompt P --image in.png --out out.png        critique and redraw
+    alphagrpo eval policy [--think] [--reflect]                      held-out accuracy of the tiny UMM
 
 Run `alphagrpo COMMAND --help` for every flag.
 """
@@ -97,6 +101,90 @@ def cmd_pretrain(args) -> int:
     return 0
 
 
+def _sampling(args):
+    from .sampling.sampler import SamplingConfig
+
+    try:
+        return SamplingConfig(steps=args.steps, cfg_scale=args.cfg, mode="ode")
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}")
+
+
+def _save_images(images, path: str, upscale: int) -> None:
+    import numpy as np
+    from PIL import Image
+
+    grid = np.concatenate(list(images), axis=1)  # one row, left to right
+    im = Image.fromarray(grid)
+    if upscale > 1:
+        im = im.resize((im.width * upscale, im.height * upscale), Image.NEAREST)
+    im.save(path)
+
+
+def _policy(args):
+    from .models.tiny_policy import TinyPolicy
+
+    try:
+        return TinyPolicy.load(args.weights)
+    except (FileNotFoundError, ValueError) as exc:
+        raise SystemExit(f"error: {exc}")
+
+
+def cmd_generate(args) -> int:
+    pol = _policy(args)
+    seeds = [args.seed + i for i in range(args.grid)]
+    out = pol.generate([args.prompt] * len(seeds), seeds, _sampling(args), think=args.think,
+                       temperature=args.temperature)
+    for s in out:
+        if args.think:
+            print(f"seed {s.seed}: <think> {s.thought} </think>")
+    _save_images([s.image for s in out], args.out, args.upscale)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_reflect(args) -> int:
+    pol = _policy(args)
+    image = _load_png(args.image)
+    seeds = [args.seed + i for i in range(args.grid)]
+    try:
+        out = pol.reflect([args.prompt] * len(seeds), [image] * len(seeds), seeds, _sampling(args),
+                          temperature=args.temperature)
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}")
+    for s in out:
+        print(f"seed {s.seed}: <think> {s.thought} </think>")
+    _save_images([s.image for s in out], args.out, args.upscale)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_eval_policy(args) -> int:
+    from .models.evaluate_policy import evaluate_policy
+
+    res = evaluate_policy(_policy(args), think=args.think, reflect=args.reflect, sampling=_sampling(args),
+                          limit=args.limit)
+    print(res.report.table())
+    if res.thought_parse_rate is not None:
+        print(f"implicit thoughts that parse: {res.thought_parse_rate:.3f}; "
+              f"that parse to the intended prompt: {res.thought_correct_rate:.3f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(res.report.to_dict(), thought_parse_rate=res.thought_parse_rate,
+                           thought_correct_rate=res.thought_correct_rate), f, indent=1)
+    return 0
+
+
+def _add_policy_flags(p, out_default=None):
+    p.add_argument("--weights", default=None, help="tiny UMM safetensors (default: the shipped weights)")
+    p.add_argument("--steps", type=int, default=20, help="sampling steps (default 20)")
+    p.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale (default 3.0)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the first image (default 0)")
+    p.add_argument("--grid", type=int, default=1, help="images in a row, seeds seed..seed+N-1 (default 1)")
+    p.add_argument("--temperature", type=float, default=1.0, help="text sampling temperature (default 1.0)")
+    p.add_argument("--upscale", type=int, default=8, help="nearest-neighbour upscale of the saved PNG (default 8)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="alphagrpo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -116,6 +204,28 @@ def build_parser() -> argparse.ArgumentParser:
     shapes.add_argument("--limit", type=int, default=0, help="use only the first N rows (default: all)")
     shapes.add_argument("--json", metavar="FILE", help="also write the report as JSON")
     shapes.set_defaults(fn=cmd_eval_shapes)
+
+    gen = sub.add_parser("generate", help="draw an image with the tiny UMM (in-process, no server)")
+    gen.add_argument("--prompt", required=True, help="a ShapesWorld prompt, explicit or implicit")
+    gen.add_argument("--out", required=True, help="PNG to write (a row of --grid images)")
+    gen.add_argument("--think", action="store_true", help="write a <think> thought first and print it")
+    _add_policy_flags(gen)
+    gen.set_defaults(fn=cmd_generate)
+
+    ref = sub.add_parser("reflect", help="critique an image and draw a refined one (in-process)")
+    ref.add_argument("--prompt", required=True, help="the prompt the image should show")
+    ref.add_argument("--image", required=True, help="PNG of the image to refine (32x32)")
+    ref.add_argument("--out", required=True, help="PNG to write")
+    _add_policy_flags(ref)
+    ref.set_defaults(fn=cmd_reflect)
+
+    pol = ev.add_parser("policy", help="held-out GenEval-rule accuracy of the tiny UMM (ODE, fixed seeds)")
+    pol.add_argument("--think", action="store_true", help="think mode: write a thought before drawing")
+    pol.add_argument("--reflect", action="store_true", help="then one round of self-reflective refinement")
+    pol.add_argument("--limit", type=int, default=0, help="first N held-out rows only (default: all 360)")
+    pol.add_argument("--json", metavar="FILE", help="also write the report as JSON")
+    _add_policy_flags(pol)
+    pol.set_defaults(fn=cmd_eval_policy)
 
     pt = sub.add_parser("pretrain", help="pretrain the tiny UMM on ShapesWorld (four tasks; resumable)")
     pt.add_argument("--out", default="runs/pretrain", help="output folder: checkpoint.pt, train_log.jsonl, tiny_umm.safetensors")
@@ -141,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    if getattr(args, "split", None) is None and hasattr(args, "split"):
+    if hasattr(args, "split") and args.split is None:
         from .shapes.evaluate import HELDOUT
 
         args.split = HELDOUT

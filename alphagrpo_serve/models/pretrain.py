@@ -39,6 +39,7 @@ class PretrainConfig:
     layers: int = 5
     heads: int = 5
     time_budget_s: float = 0.0  # stop early (and save) after this many seconds; 0 = no limit
+    stop_at: int = 0  # stop (and save) at this step, schedule unchanged; 0 = run to `steps`
 
 
 def training_loss(model: TinyUMM, batch, generator: Optional[torch.Generator] = None, text_weight: float = 0.5):
@@ -97,6 +98,9 @@ def pretrain(cfg: PretrainConfig, out_dir: str, resume: bool = False, progress: 
     maker = ExampleMaker(tok, seed=cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     step, log = 0, []
+    # Two length buckets (with / without an input image) so short rows are not padded to long ones;
+    # the task mix over a run stays the maker's. Part-filled buckets are checkpointed too.
+    pools = {False: [], True: []}
     if resume and os.path.exists(ckpt_path):
         state = torch.load(ckpt_path, weights_only=False)
         model.load_state_dict(state["model"])
@@ -105,6 +109,7 @@ def pretrain(cfg: PretrainConfig, out_dir: str, resume: bool = False, progress: 
         maker.rng.bit_generator.state = state["maker_rng"]
         maker.sampler.rng.bit_generator.state = state["sampler_rng"]
         gen.set_state(state["torch_gen"])
+        pools = state["pools"]
     elapsed0 = log[-1]["elapsed_s"] if log else 0.0
 
     def lr_at(s):
@@ -116,15 +121,11 @@ def pretrain(cfg: PretrainConfig, out_dir: str, resume: bool = False, progress: 
     def checkpoint():
         _save_atomic({"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "log": log,
                       "maker_rng": maker.rng.bit_generator.state, "sampler_rng": maker.sampler.rng.bit_generator.state,
-                      "torch_gen": gen.get_state(), "config": cfg.__dict__}, ckpt_path)
+                      "torch_gen": gen.get_state(), "pools": pools, "config": cfg.__dict__}, ckpt_path)
 
     start = time.time()
     bar = tqdm(total=cfg.steps, initial=step, desc="pretrain", disable=not progress, dynamic_ncols=True)
     model.train()
-    # Two length buckets (with / without an input image) so short rows are not padded to long ones;
-    # the task mix over a run stays the maker's.
-    pools = {False: [], True: []}
-
     def next_batch():
         while True:
             ex = maker()
@@ -151,7 +152,7 @@ def pretrain(cfg: PretrainConfig, out_dir: str, resume: bool = False, progress: 
         bar.set_postfix(img=f"{float(img_loss):.4f}", text=f"{float(text_loss):.3f}")
         if step % cfg.ckpt_every == 0 or step == cfg.steps:
             checkpoint()
-        if cfg.time_budget_s and elapsed > cfg.time_budget_s:
+        if (cfg.time_budget_s and elapsed > cfg.time_budget_s) or step == cfg.stop_at:
             checkpoint()
             break
     bar.close()

@@ -40,7 +40,7 @@ class SamplingConfig:
         if not 1 <= self.steps <= 1000:
             raise ValueError(f"steps must be in [1, 1000], got {self.steps}")
         start, size = self.sde_window
-        if start < 0 or size < 0 or start + size > self.steps:
+        if self.mode == "sde" and (start < 0 or size < 0 or start + size > self.steps):
             raise ValueError(f"sde_window (start, size) must lie within the {self.steps} steps, got {self.sde_window}")
         if self.noise_level < 0:
             raise ValueError(f"noise_level must be >= 0, got {self.noise_level}")
