@@ -109,7 +109,7 @@ def pretrain(cfg: PretrainConfig, out_dir: str, resume: bool = False, progress: 
         maker.rng.bit_generator.state = state["maker_rng"]
         maker.sampler.rng.bit_generator.state = state["sampler_rng"]
         gen.set_state(state["torch_gen"])
-        pools = state["pools"]
+        pools = state.get("pools", {False: [], True: []})  # older checkpoints had none
     elapsed0 = log[-1]["elapsed_s"] if log else 0.0
 
     def lr_at(s):
