@@ -70,3 +70,19 @@ def test_bad_input(args, exc, words):
     with pytest.raises(exc) as info:
         K.grpo_advantages(*args)
     assert words in str(info.value)
+
+
+def test_falls_back_to_reference_with_one_warning(monkeypatch):
+    import warnings
+
+    from alphagrpo_serve.kernels import _registry
+
+    monkeypatch.setattr(_registry, "_C", None)
+    monkeypatch.setattr(_registry, "_WARNED", set())
+    r = torch.rand(3, 4, dtype=torch.float64)
+    with pytest.warns(UserWarning, match="using the PyTorch reference"):
+        a = K.grpo_advantages(r, "group")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a second call stays quiet
+        b = K.grpo_advantages(r, "group")
+    assert torch.equal(a, R.grpo_advantages(r, "group")) and torch.equal(a, b)
