@@ -28,6 +28,7 @@ $(VENV)/.installed: pyproject.toml setup.py
 venv: $(VENV)/.installed
 
 build: venv
+	$(PY) tools/gen_protos.py > /dev/null
 	$(PY) setup.py --quiet build_ext --inplace
 
 test: build

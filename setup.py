@@ -14,6 +14,7 @@ import glob
 import os
 import re
 import subprocess
+import sys
 
 from setuptools import setup
 
@@ -87,9 +88,17 @@ def _extensions():
 
 
 def _cmdclass():
+    from setuptools.command.build_py import build_py
     from torch.utils.cpp_extension import BuildExtension
 
-    return {"build_ext": BuildExtension.with_options(use_ninja=True)}
+    class BuildPyWithProtos(build_py):
+        """Generates the gRPC stubs (alphagrpo_serve/_proto) from protos/ before copying the package."""
+
+        def run(self):
+            subprocess.check_call([sys.executable, os.path.join(ROOT, "tools", "gen_protos.py")])
+            super().run()
+
+    return {"build_ext": BuildExtension.with_options(use_ninja=True), "build_py": BuildPyWithProtos}
 
 
 if __name__ == "__main__":  # setuptools runs this file as __main__; tests import it for cuda_archs
