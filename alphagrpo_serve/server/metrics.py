@@ -1,0 +1,45 @@
+"""Prometheus metrics of one server (its own registry, so several servers can live in one process)."""
+from __future__ import annotations
+
+import contextlib
+import time
+
+import grpc
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+
+class Metrics:
+    def __init__(self):
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("alphagrpo_requests", "RPCs by method and status code", ["method", "code"], registry=r)
+        self.latency = Histogram("alphagrpo_request_seconds", "RPC latency by method", ["method"], registry=r,
+                                 buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
+        self.batch_size = Histogram("alphagrpo_batch_samples", "samples per model batch", ["kind"], registry=r,
+                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
+        self.batch_seconds = Histogram("alphagrpo_batch_seconds", "model time per batch", ["kind"], registry=r)
+        self.queue_depth = Gauge("alphagrpo_queue_samples", "samples waiting, by queue", ["kind"], registry=r)
+        self.images = Counter("alphagrpo_images", "images produced", registry=r)
+        self.policy_version = Gauge("alphagrpo_policy_version", "version of the served weights", registry=r)
+
+    @contextlib.contextmanager
+    def track(self, method: str, context):
+        start = time.monotonic()
+        code = grpc.StatusCode.OK
+        try:
+            yield
+        except BaseException:
+            code = context.code() if isinstance(context.code(), grpc.StatusCode) else grpc.StatusCode.UNKNOWN
+            raise
+        finally:
+            self.requests.labels(method, code.name).inc()
+            self.latency.labels(method).observe(time.monotonic() - start)
+
+    def on_batch(self, kind: str, samples: int, seconds: float) -> None:
+        self.batch_size.labels(kind).observe(samples)
+        self.batch_seconds.labels(kind).observe(seconds)
+
+    def serve_http(self, port: int, host: str = "127.0.0.1"):
+        """Exposes /metrics on host:port; returns the server (call .shutdown() to stop)."""
+        server, _ = start_http_server(port, addr=host, registry=self.registry)
+        return server
