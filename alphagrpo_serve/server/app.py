@@ -1,0 +1,201 @@
+"""`alphagrpo serve`: a grpc.aio server with PolicyService, RewardService, gRPC health checking
+(NOT_SERVING while loading and while draining) and server reflection, optional bearer-token auth
+and TLS, Prometheus metrics, and a graceful stop on SIGTERM/SIGINT (stop accepting, drain in-flight
+work up to the grace period, exit 0).
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from .._proto.alphagrpo.v1 import policy_pb2, policy_pb2_grpc, reward_pb2, reward_pb2_grpc
+from ..engine import Engine
+from .metrics import Metrics
+from .services import Limits, PolicyServicer, RewardServicer, new_boot_id
+
+log = logging.getLogger("alphagrpo.server")
+UNAUTHENTICATED_OK = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+
+
+@dataclass
+class ServeConfig:
+    host: str = "127.0.0.1"
+    port: int = 50051  # 0 picks a free port
+    policy: str = "tiny"
+    weights: Optional[str] = None  # tiny UMM safetensors (default: the shipped weights)
+    reward: str = "embedded"
+    max_batch: int = 64  # samples per model batch
+    max_wait_ms: float = 5.0  # longest wait for a batch to fill
+    max_queue: int = 1024  # samples queued per request kind before RESOURCE_EXHAUSTED
+    max_message_mb: int = 64  # gRPC message size limit, both directions
+    auth_token_file: Optional[str] = None
+    tls_cert: Optional[str] = None
+    tls_key: Optional[str] = None
+    metrics_port: int = 0  # 0: no metrics endpoint
+    grace_s: float = 10.0
+    limits: Limits = field(default_factory=Limits)
+
+
+class AuthInterceptor(grpc.aio.ServerInterceptor):
+    """Requires `authorization: Bearer <token>` on every method but health checking and reflection."""
+
+    def __init__(self, token: str):
+        self.expected = f"Bearer {token}"
+
+    async def intercept_service(self, continuation, details):
+        if details.method.startswith(UNAUTHENTICATED_OK):
+            return await continuation(details)
+        meta = dict(details.invocation_metadata or ())
+        if meta.get("authorization") == self.expected:
+            return await continuation(details)
+        handler = await continuation(details)
+        why = "missing authorization metadata" if "authorization" not in meta else "wrong token"
+
+        async def deny_unary(request, context):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, why)
+
+        async def deny_stream(request_iterator, context):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, why)
+
+        if handler is None:
+            return None
+        if handler.request_streaming:
+            return grpc.stream_unary_rpc_method_handler(deny_stream, handler.request_deserializer,
+                                                        handler.response_serializer)
+        return grpc.unary_unary_rpc_method_handler(deny_unary, handler.request_deserializer, handler.response_serializer)
+
+
+class Server:
+    """Owns the grpc.aio server, the engine and the health state."""
+
+    def __init__(self, cfg: ServeConfig, policy=None, reward=None):
+        self.cfg = cfg
+        self.metrics = Metrics()
+        self.boot_id = new_boot_id()
+        self.policy, self.reward = policy, reward
+        self.engine: Optional[Engine] = None
+        self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
+        self.port: Optional[int] = None
+        self._server: Optional[grpc.aio.Server] = None
+        self._metrics_http = None
+        self._stopped = asyncio.Event()
+
+    async def _set_health(self, status) -> None:
+        for name in ("", "alphagrpo.v1.PolicyService", "alphagrpo.v1.RewardService"):
+            res = self.health.set(name, status)
+            if asyncio.iscoroutine(res):
+                await res
+
+    async def start(self) -> int:
+        cfg = self.cfg
+        limit = cfg.max_message_mb * 1024 * 1024
+        interceptors = []
+        if cfg.auth_token_file:
+            with open(cfg.auth_token_file) as f:
+                token = f.read().strip()
+            if not token:
+                raise ValueError(f"auth token file {cfg.auth_token_file} is empty")
+            interceptors.append(AuthInterceptor(token))
+        self._server = grpc.aio.server(interceptors=interceptors, options=[
+            ("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)])
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        address = f"{cfg.host}:{cfg.port}"
+        if cfg.tls_cert or cfg.tls_key:
+            if not (cfg.tls_cert and cfg.tls_key):
+                raise ValueError("TLS needs both --tls-cert and --tls-key")
+            with open(cfg.tls_key, "rb") as f:
+                key = f.read()
+            with open(cfg.tls_cert, "rb") as f:
+                cert = f.read()
+            self.port = self._server.add_secure_port(address, grpc.ssl_server_credentials([(key, cert)]))
+        else:
+            self.port = self._server.add_insecure_port(address)
+        # services are registered before start; they answer once the model is loaded (health says when)
+        self.engine = Engine(cfg.max_batch, cfg.max_wait_ms, cfg.max_queue, on_batch=self.metrics.on_batch)
+        loop = asyncio.get_running_loop()
+        if self.policy is None:
+            self.policy = await loop.run_in_executor(None, self._load_policy)
+        if self.reward is None:
+            self.reward = self._load_reward()
+        policy_pb2_grpc.add_PolicyServiceServicer_to_server(
+            PolicyServicer(self.policy, self.engine, cfg.limits, self.metrics, self.boot_id, self._check_prompt),
+            self._server)
+        reward_pb2_grpc.add_RewardServiceServicer_to_server(RewardServicer(self.reward, cfg.limits, self.metrics),
+                                                            self._server)
+        reflection.enable_server_reflection([
+            policy_pb2.DESCRIPTOR.services_by_name["PolicyService"].full_name,
+            reward_pb2.DESCRIPTOR.services_by_name["RewardService"].full_name,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], self._server)
+        await self._server.start()
+        self.engine.start()
+        if cfg.metrics_port:
+            self._metrics_http = self.metrics.serve_http(cfg.metrics_port, cfg.host)
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        log.info(json.dumps({"event": "serving", "address": f"{cfg.host}:{self.port}", "boot_id": self.boot_id,
+                             "tls": bool(cfg.tls_cert), "auth": bool(cfg.auth_token_file)}))
+        return self.port
+
+    def _load_policy(self):
+        if self.cfg.policy != "tiny":
+            raise ValueError(f"unknown --policy {self.cfg.policy!r}; available: tiny")
+        from ..models.tiny_policy import TinyPolicy
+
+        return TinyPolicy.load(self.cfg.weights)
+
+    def _load_reward(self):
+        if self.cfg.reward != "embedded":
+            raise ValueError(f"unknown --reward {self.cfg.reward!r}; available: embedded")
+        from ..reward import embedded_reward
+
+        return embedded_reward()
+
+    @staticmethod
+    def _check_prompt(prompt: str) -> None:
+        """The tiny UMM serves the ShapesWorld grammar (explicit and implicit prompts) only."""
+        from ..reward.embedded import spec_of
+
+        spec_of(prompt)
+
+    async def stop(self, grace: Optional[float] = None) -> None:
+        """NOT_SERVING, stop accepting, let in-flight calls finish within the grace period."""
+        if self._server is None or self._stopped.is_set():
+            return
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self._server.stop(self.cfg.grace_s if grace is None else grace)
+        if self.engine:
+            await self.engine.stop()
+        if self._metrics_http:
+            self._metrics_http.shutdown()
+        self._stopped.set()
+
+    async def wait(self) -> None:
+        await self._stopped.wait()
+
+
+async def serve(cfg: ServeConfig) -> int:
+    """Runs until SIGTERM or SIGINT; returns the exit code."""
+    server = Server(cfg)
+    port = await server.start()
+    print(f"alphagrpo serve: listening on {cfg.host}:{port} (boot {server.boot_id})", flush=True)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, lambda: asyncio.ensure_future(server.stop()))
+    await server.wait()
+    print("alphagrpo serve: stopped", flush=True)
+    return 0
+
+
+def main(cfg: ServeConfig) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    return asyncio.run(serve(cfg))

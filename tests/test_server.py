@@ -1,0 +1,228 @@
+"""A real gRPC server on a free 127.0.0.1 port, talked to through the generated stubs and the client
+library (a small random tiny UMM keeps it fast). Every bad request is followed by a good one."""
+import asyncio
+import contextlib
+import os
+import subprocess
+import time
+import urllib.request
+
+import grpc
+import numpy as np
+import pytest
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from alphagrpo_serve._proto.alphagrpo.v1 import common_pb2, policy_pb2, policy_pb2_grpc, reward_pb2
+from alphagrpo_serve.client import AsyncClient
+from alphagrpo_serve.models.tiny_policy import TinyPolicy
+from alphagrpo_serve.models.tiny_umm import TinyUMM, TinyUMMConfig
+from alphagrpo_serve.models.tokenizer import Tokenizer
+from alphagrpo_serve.reward import embedded_reward
+from alphagrpo_serve.server.app import Server, ServeConfig
+from alphagrpo_serve.shapes.world import Obj, Scene, render
+
+
+def small_policy():
+    torch.manual_seed(0)
+    return TinyPolicy(TinyUMM(TinyUMMConfig(vocab_size=len(Tokenizer()), width=32, layers=1, heads=1)))
+
+
+@contextlib.asynccontextmanager
+async def running(policy=None, **cfg):
+    server = Server(ServeConfig(host="127.0.0.1", port=0, **cfg), policy=policy or small_policy(), reward=embedded_reward())
+    port = await server.start()
+    try:
+        yield server, f"127.0.0.1:{port}"
+    finally:
+        await server.stop(grace=1.0)
+
+
+def run(coro, timeout=120):
+    return asyncio.run(asyncio.wait_for(coro, timeout))
+
+
+FAST = dict(steps=3, max_thought_tokens=4)
+
+
+def test_generate_reflect_verify_and_health():
+    async def main():
+        async with running() as (server, addr):
+            async with grpc.aio.insecure_channel(addr) as ch:
+                hs = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=""))
+                assert hs.status == health_pb2.HealthCheckResponse.SERVING
+            async with AsyncClient(addr) as c:
+                out = await c.generate(["a red circle", "three squares"], group_size=2, think=True, mode="sde",
+                                       sde_window=(0, 2), return_trajectory=True, seed=5, **FAST)
+                assert [(s.prompt_index, s.sample_index) for s in out] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+                assert all(s.image.shape == (32, 32, 3) and s.policy_version == 0 for s in out)
+                assert out[0].trajectory.latents.shape == (3, 3, 32, 32) and len(out[0].trajectory.step_logprobs) == 2
+                assert len(out[0].trajectory.token_ids) == len(out[0].trajectory.token_logprobs) > 0
+                again = await c.generate(["a red circle"], group_size=2, think=True, mode="sde", sde_window=(0, 2),
+                                         seed=5, **FAST)
+                assert np.array_equal(again[0].image, out[0].image)  # same seed, same settings
+                ref = await c.reflect(["a red circle"], [out[0].image], group_size=2, **FAST)
+                assert len(ref) == 2 and ref[0].image.shape == (32, 32, 3)
+                img = render(Scene([Obj("circle", "red", 16, 16, 5)]))
+                (r,) = await c.verify(["a red circle"], [img])
+                assert r.reward > 0.9 and any(a["tag"] == "Existence" for a in r.answers)
+                qs = await c.decompose(["three green triangles"])
+                assert [q["tag"] for q in qs[0]][:2] == ["Existence", "Count"]
+                info = await c.model_info()
+                assert info.canvas == 32 and info.boot_id == server.boot_id and len(info.parameters) > 10
+
+    run(main())
+
+
+@pytest.mark.parametrize("request_, field", [
+    (policy_pb2.GenerateRequest(), "prompts is empty"),
+    (policy_pb2.GenerateRequest(prompts=["a red circle " * 100]), "prompts[0] has"),
+    (policy_pb2.GenerateRequest(prompts=["a red blob"]), "prompts[0]: cannot parse prompt"),
+    (policy_pb2.GenerateRequest(prompts=["a red circle"], group_size=1000), "group_size must be in"),
+    (policy_pb2.GenerateRequest(prompts=["a red circle"], params=policy_pb2.SamplingParams(steps=5000)), "params.steps"),
+    (policy_pb2.GenerateRequest(prompts=["a red circle"], params=policy_pb2.SamplingParams(top_p=2.0)), "params.top_p"),
+])
+def test_bad_generate_then_good(request_, field):
+    async def main():
+        async with running() as (_, addr):
+            async with grpc.aio.insecure_channel(addr) as ch:
+                stub = policy_pb2_grpc.PolicyServiceStub(ch)
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    await stub.Generate(request_)
+                assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+                assert field in info.value.details(), info.value.details()
+                ok = await stub.Generate(policy_pb2.GenerateRequest(
+                    prompts=["a red circle"], params=policy_pb2.SamplingParams(steps=2)))
+                assert len(ok.samples) == 1
+
+    run(main())
+
+
+def test_bad_reflect_and_verify_images():
+    async def main():
+        async with running() as (_, addr):
+            async with grpc.aio.insecure_channel(addr) as ch:
+                stub = policy_pb2_grpc.PolicyServiceStub(ch)
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    await stub.Reflect(policy_pb2.ReflectRequest(prompts=["a red circle"],
+                                                                 images=[common_pb2.Image(png=b"junk")]))
+                assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "images[0]" in info.value.details()
+            async with AsyncClient(addr) as c:
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    await c.verify(["a red circle"], [np.zeros((32, 16, 3), np.uint8)])
+                assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "square" in info.value.details()
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    await c.verify(["a red blob"], [np.zeros((32, 32, 3), np.uint8)])
+                assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "blob" in info.value.details()
+                (r,) = await c.verify(["a red circle"], [np.zeros((32, 32, 3), np.uint8)])
+                assert r.reward == 0.0  # a blank image: reward 0 with its breakdown
+
+    run(main())
+
+
+def test_update_weights_atomic_and_versioned():
+    async def main():
+        pol = small_policy()
+        async with running(policy=pol) as (_, addr):
+            async with AsyncClient(addr) as c:
+                before = pol.export_weights()
+                name = "blocks.0.qkv.weight"
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    await c.update_weights({name: before[name] + 1, "blocks.0.proj.weight":
+                                            torch.full_like(before["blocks.0.proj.weight"], float("nan"))})
+                assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "non-finite" in info.value.details()
+                for bad, words in (({"nope": torch.zeros(2)}, "unknown tensor name"),
+                                   ({name: torch.zeros(3)}, "shape"),
+                                   ({name: before[name].double()}, "dtype")):
+                    with pytest.raises(grpc.aio.AioRpcError) as info:
+                        await c.update_weights(bad)
+                    assert words in info.value.details()
+                assert torch.equal(pol.export_weights()[name], before[name]) and pol.version == 0
+                v = await c.update_weights({name: before[name] * 0.5}, chunk_bytes=1000)  # many chunks
+                assert v == 1 and torch.equal(pol.export_weights()[name], before[name] * 0.5)
+                out = await c.generate(["a square"], steps=2)
+                assert out[0].policy_version == 1
+
+    run(main())
+
+
+def test_auth_token_and_metrics(tmp_path):
+    token = tmp_path / "token"
+    token.write_text("s3cret\n")
+    s = __import__("socket").socket()
+    s.bind(("127.0.0.1", 0))
+    mport = s.getsockname()[1]
+    s.close()
+
+    async def main():
+        async with running(auth_token_file=str(token), metrics_port=mport) as (_, addr):
+            async with grpc.aio.insecure_channel(addr) as ch:
+                hs = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest())
+                assert hs.status == health_pb2.HealthCheckResponse.SERVING  # health needs no token
+            for tok, code in ((None, grpc.StatusCode.UNAUTHENTICATED), ("wrong", grpc.StatusCode.UNAUTHENTICATED)):
+                async with AsyncClient(addr, token=tok) as c:
+                    with pytest.raises(grpc.aio.AioRpcError) as info:
+                        await c.decompose(["a red circle"])
+                    assert info.value.code() == code
+                    with pytest.raises(grpc.aio.AioRpcError) as info:
+                        await c.update_weights({"x": torch.zeros(1)})
+                    assert info.value.code() == code
+            async with AsyncClient(addr, token="s3cret") as c:
+                assert (await c.decompose(["a red circle"]))[0]
+            text = await asyncio.get_running_loop().run_in_executor(
+                None, lambda: urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=10).read().decode())
+            assert 'alphagrpo_requests_total{code="OK",method="Decompose"}' in text
+
+    run(main())
+
+
+def test_queue_full_and_deadline():
+    class Slow:
+        """Wraps the policy so each batch takes a while."""
+
+        def __init__(self, pol):
+            self.pol, self.model, self.version = pol, pol.model, pol.version
+
+        def generate(self, *a, **k):
+            time.sleep(0.5)
+            return self.pol.generate(*a, **k)
+
+        def __getattr__(self, name):
+            return getattr(self.pol, name)
+
+    async def main():
+        async with running(policy=Slow(small_policy()), max_queue=3, max_batch=2, max_wait_ms=0) as (_, addr):
+            async with AsyncClient(addr, retries=0) as c:
+                first = asyncio.ensure_future(c.generate(["a square"], group_size=2, steps=2))
+                await asyncio.sleep(0.1)  # the first batch runs; the queue is empty again
+                second = asyncio.ensure_future(c.generate(["a square"], group_size=2, steps=2))
+                await asyncio.sleep(0.1)
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    await c.generate(["a circle"], group_size=2, steps=2)
+                assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    await c.generate(["a circle"], steps=2, timeout=0.2)
+                assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+                assert len(await first) == 2 and len(await second) == 2
+                assert len(await c.generate(["a circle"], steps=2)) == 1
+
+    run(main())
+
+
+def test_tls_with_self_signed_certificate(tmp_path):
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    proc = subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
+                           str(cert), "-days", "1", "-subj", "/CN=localhost", "-addext",
+                           "subjectAltName=DNS:localhost,IP:127.0.0.1"], capture_output=True, timeout=60)
+    if proc.returncode != 0:
+        pytest.skip(f"openssl could not make a certificate: {proc.stderr[-300:]}")
+
+    async def main():
+        async with running(tls_cert=str(cert), tls_key=str(key)) as (_, addr):
+            async with AsyncClient(addr, root_certificates=cert.read_bytes()) as c:
+                assert (await c.decompose(["a red circle"]))[0]
+            async with AsyncClient(addr, retries=0, timeout=5) as plain:  # plaintext to a TLS port fails cleanly
+                with pytest.raises(grpc.aio.AioRpcError):
+                    await plain.decompose(["a red circle"])
+
+    run(main())
