@@ -8,6 +8,9 @@
     alphagrpo generate --prompt P --out x.png [--think] [--grid N]   draw (in-process)
     alphagrpo reflect --prompt P --image in.png --out out.png        critique and redraw
     alphagrpo eval policy [--think] [--reflect]                      held-out accuracy of the tiny UMM
+    alphagrpo serve [--port 50051 ...]      gRPC PolicyService + RewardService (see --help)
+    alphagrpo generate --server H:P ...     draw through a running server
+    alphagrpo verify --server H:P --prompt P --image I               reward breakdown from a server
 
 Run `alphagrpo COMMAND --help` for every flag.
 """
@@ -130,11 +133,31 @@ def _policy(args):
         raise SystemExit(f"error: {exc}")
 
 
+def _client(args):
+    from .client import Client
+
+    token = None
+    if getattr(args, "token_file", None):
+        with open(args.token_file) as f:
+            token = f.read().strip()
+    return Client(args.server, token=token, timeout=args.timeout)
+
+
 def cmd_generate(args) -> int:
-    pol = _policy(args)
-    seeds = [args.seed + i for i in range(args.grid)]
-    out = pol.generate([args.prompt] * len(seeds), seeds, _sampling(args), think=args.think,
-                       temperature=args.temperature)
+    if args.server:
+        import grpc
+
+        with _client(args) as c:
+            try:
+                out = c.generate([args.prompt], group_size=args.grid, seed=args.seed, think=args.think,
+                                 steps=args.steps, cfg_scale=args.cfg, temperature=args.temperature)
+            except grpc.RpcError as exc:
+                raise SystemExit(f"error: {args.server}: {exc.code().name}: {exc.details()}")
+    else:
+        pol = _policy(args)
+        seeds = [args.seed + i for i in range(args.grid)]
+        out = pol.generate([args.prompt] * len(seeds), seeds, _sampling(args), think=args.think,
+                           temperature=args.temperature)
     for s in out:
         if args.think:
             print(f"seed {s.seed}: <think> {s.thought} </think>")
@@ -185,6 +208,33 @@ def _add_policy_flags(p, out_default=None):
     p.add_argument("--upscale", type=int, default=8, help="nearest-neighbour upscale of the saved PNG (default 8)")
 
 
+def cmd_verify(args) -> int:
+    import grpc
+
+    with _client(args) as c:
+        try:
+            (r,) = c.verify([args.prompt], [_load_png(args.image)])
+        except grpc.RpcError as exc:
+            raise SystemExit(f"error: {args.server}: {exc.code().name}: {exc.details()}")
+    print(r.table())
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from .server.app import ServeConfig, main as serve_main
+    from .server.services import Limits
+
+    cfg = ServeConfig(host=args.host, port=args.port, policy=args.policy, weights=args.weights, reward=args.reward,
+                      max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
+                      max_message_mb=args.max_message_mb, auth_token_file=args.auth_token_file,
+                      tls_cert=args.tls_cert, tls_key=args.tls_key, metrics_port=args.metrics_port,
+                      grace_s=args.grace_s, limits=Limits(max_prompts=args.max_prompts, max_steps=args.max_steps))
+    try:
+        return serve_main(cfg)
+    except (ValueError, FileNotFoundError, OSError) as exc:
+        raise SystemExit(f"error: {exc}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="alphagrpo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -209,6 +259,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompt", required=True, help="a ShapesWorld prompt, explicit or implicit")
     gen.add_argument("--out", required=True, help="PNG to write (a row of --grid images)")
     gen.add_argument("--think", action="store_true", help="write a <think> thought first and print it")
+    gen.add_argument("--server", default=None, metavar="HOST:PORT[,HOST:PORT]",
+                     help="ask a running `alphagrpo serve` instead of loading the model here")
+    gen.add_argument("--token-file", default=None, help="bearer token for a server started with --auth-token-file")
+    gen.add_argument("--timeout", type=float, default=120.0, help="deadline of the call in seconds (default 120)")
     _add_policy_flags(gen)
     gen.set_defaults(fn=cmd_generate)
 
@@ -241,6 +295,34 @@ def build_parser() -> argparse.ArgumentParser:
                     help="stop, checkpoint and export after this many minutes (default 0: no limit)")
     pt.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     pt.set_defaults(fn=cmd_pretrain)
+
+    sv = sub.add_parser("serve", help="serve PolicyService and RewardService over gRPC")
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    sv.add_argument("--port", type=int, default=50051, help="port (default 50051; 0 picks a free one)")
+    sv.add_argument("--policy", default="tiny", help="policy model (default: tiny, the embedded tiny UMM)")
+    sv.add_argument("--weights", default=None, help="policy weights (default: the shipped tiny UMM)")
+    sv.add_argument("--reward", default="embedded", help="reward backend (default: embedded ShapesWorld DVReward)")
+    sv.add_argument("--max-batch", type=int, default=64, help="samples per model batch (default 64)")
+    sv.add_argument("--max-wait-ms", type=float, default=5.0, help="longest wait for a batch to fill (default 5)")
+    sv.add_argument("--max-queue", type=int, default=1024,
+                    help="samples queued per request kind before RESOURCE_EXHAUSTED (default 1024)")
+    sv.add_argument("--max-prompts", type=int, default=64, help="prompts or items per request (default 64)")
+    sv.add_argument("--max-steps", type=int, default=100, help="largest sampling steps accepted (default 100)")
+    sv.add_argument("--max-message-mb", type=int, default=64, help="gRPC message size limit, MiB (default 64)")
+    sv.add_argument("--auth-token-file", default=None, help="require 'authorization: Bearer <token in file>'")
+    sv.add_argument("--tls-cert", default=None, help="PEM certificate chain (with --tls-key: serve TLS)")
+    sv.add_argument("--tls-key", default=None, help="PEM private key")
+    sv.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics port on --host (default: off)")
+    sv.add_argument("--grace-s", type=float, default=10.0, help="drain time on SIGTERM, seconds (default 10)")
+    sv.set_defaults(fn=cmd_serve)
+
+    vf = sub.add_parser("verify", help="DVReward of one image from a running server, as a question table")
+    vf.add_argument("--server", required=True, metavar="HOST:PORT[,HOST:PORT]", help="server address(es)")
+    vf.add_argument("--prompt", required=True, help="the prompt the image should satisfy")
+    vf.add_argument("--image", required=True, help="PNG file")
+    vf.add_argument("--token-file", default=None, help="bearer token file")
+    vf.add_argument("--timeout", type=float, default=60.0, help="deadline in seconds (default 60)")
+    vf.set_defaults(fn=cmd_verify)
 
     rw = sub.add_parser("reward", help="embedded DVReward of one image, with its question breakdown")
     rw.add_argument("--prompt", required=True, help="a ShapesWorld prompt, explicit or implicit")

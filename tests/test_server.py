@@ -226,3 +226,49 @@ def test_tls_with_self_signed_certificate(tmp_path):
                     await plain.decompose(["a red circle"])
 
     run(main())
+
+
+def test_cli_serve_subprocess_sigterm_drains_and_exits_zero(tmp_path):
+    """`alphagrpo serve` as users start it: prints where it listens, answers the CLI client, and on
+    SIGTERM finishes the in-flight call and exits 0."""
+    import signal
+    import socket
+    import sys
+
+    from alphagrpo_serve.models.pretrain import export_safetensors
+
+    weights = tmp_path / "w.safetensors"
+    export_safetensors(small_policy().model, str(weights))
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    proc = subprocess.Popen([sys.executable, "-m", "alphagrpo_serve.cli", "serve", "--port", str(port), "--weights",
+                             str(weights), "--grace-s", "20"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        seen = []
+        for _ in range(20):  # a few structured log lines may come first
+            seen.append(proc.stdout.readline())
+            if "listening on" in seen[-1]:
+                break
+        assert f"listening on 127.0.0.1:{port}" in seen[-1], seen
+        img = tmp_path / "x.png"
+        __import__("PIL.Image").Image.fromarray(render(Scene([Obj("circle", "red", 16, 16, 5)]))).save(img)
+        out = subprocess.run([sys.executable, "-m", "alphagrpo_serve.cli", "verify", "--server", f"127.0.0.1:{port}",
+                              "--prompt", "a red circle", "--image", str(img)], capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0 and "Is there a red circle in the image?" in out.stdout, out.stdout + out.stderr
+
+        async def slow_call_then_sigterm():
+            async with AsyncClient(f"127.0.0.1:{port}", retries=0) as c:
+                await c.decompose(["a red circle"])  # the connection is up before the slow call starts
+                call = asyncio.ensure_future(c.generate(["a red circle"] * 4, group_size=8, steps=30))
+                await asyncio.sleep(0.5)
+                proc.send_signal(signal.SIGTERM)
+                return await call
+
+        samples = run(slow_call_then_sigterm())
+        assert len(samples) == 32  # the in-flight call completed during the drain
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
