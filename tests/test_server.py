@@ -172,6 +172,7 @@ def test_auth_token_and_metrics(tmp_path):
             text = await asyncio.get_running_loop().run_in_executor(
                 None, lambda: urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=10).read().decode())
             assert 'alphagrpo_requests_total{code="OK",method="Decompose"}' in text
+            assert "alphagrpo_policy_version 0.0" in text and "alphagrpo_request_seconds_bucket" in text
 
     run(main())
 

@@ -39,12 +39,13 @@ class DynamicBatcher:
 
     def __init__(self, name: str, run_batch: Callable[[Hashable, List[Any]], List[Any]], executor: ThreadPoolExecutor,
                  max_batch: int = 64, max_wait_ms: float = 5.0, max_queue: int = 1024,
-                 on_batch: Optional[Callable[[str, int, float], None]] = None):
+                 on_batch: Optional[Callable[[str, int, float], None]] = None,
+                 on_queue: Optional[Callable[[str, int], None]] = None):
         if max_batch < 1 or max_queue < 1 or max_wait_ms < 0:
             raise ValueError("max_batch and max_queue must be >= 1 and max_wait_ms >= 0")
         self.name, self.run_batch, self.executor = name, run_batch, executor
         self.max_batch, self.max_wait, self.max_queue = max_batch, max_wait_ms / 1000.0, max_queue
-        self.on_batch = on_batch
+        self.on_batch, self.on_queue = on_batch, on_queue
         self.queue: List[WorkItem] = []
         self.queued_samples = 0
         self._wakeup: Optional[asyncio.Event] = None
@@ -74,6 +75,7 @@ class DynamicBatcher:
         item = WorkItem(key, size, payload, deadline, asyncio.get_running_loop().create_future())
         self.queue.append(item)
         self.queued_samples += size
+        self._report_queue()
         self._wakeup.set()
         return await item.future  # cancelling the caller cancels the future; the loop then skips the item
 
@@ -100,7 +102,12 @@ class DynamicBatcher:
         chosen = set(map(id, batch))
         self.queue = [it for it in live if id(it) not in chosen]
         self.queued_samples -= n
+        self._report_queue()
         return batch
+
+    def _report_queue(self) -> None:
+        if self.on_queue:
+            self.on_queue(self.name, self.queued_samples)
 
     def _ready(self) -> bool:
         if not self.queue:
@@ -155,9 +162,11 @@ class Engine:
     updates) that run between batches."""
 
     def __init__(self, max_batch: int = 64, max_wait_ms: float = 5.0, max_queue: int = 1024,
-                 on_batch: Optional[Callable[[str, int, float], None]] = None):
+                 on_batch: Optional[Callable[[str, int, float], None]] = None,
+                 on_queue: Optional[Callable[[str, int], None]] = None):
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
-        self.settings = dict(max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue, on_batch=on_batch)
+        self.settings = dict(max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue, on_batch=on_batch,
+                             on_queue=on_queue)
         self.batchers: Dict[str, DynamicBatcher] = {}
 
     def add(self, name: str, run_batch: Callable[[Hashable, List[Any]], List[Any]], **overrides) -> DynamicBatcher:

@@ -122,7 +122,8 @@ class Server:
         else:
             self.port = self._server.add_insecure_port(address)
         # services are registered before start; they answer once the model is loaded (health says when)
-        self.engine = Engine(cfg.max_batch, cfg.max_wait_ms, cfg.max_queue, on_batch=self.metrics.on_batch)
+        self.engine = Engine(cfg.max_batch, cfg.max_wait_ms, cfg.max_queue, on_batch=self.metrics.on_batch,
+                             on_queue=self.metrics.on_queue)
         loop = asyncio.get_running_loop()
         if self.policy is None:
             self.policy = await loop.run_in_executor(None, self._load_policy)

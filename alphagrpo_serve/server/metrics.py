@@ -35,6 +35,9 @@ class Metrics:
             self.requests.labels(method, code.name).inc()
             self.latency.labels(method).observe(time.monotonic() - start)
 
+    def on_queue(self, kind: str, samples: int) -> None:
+        self.queue_depth.labels(kind).set(samples)
+
     def on_batch(self, kind: str, samples: int, seconds: float) -> None:
         self.batch_size.labels(kind).observe(samples)
         self.batch_seconds.labels(kind).observe(seconds)
