@@ -1,0 +1,137 @@
+"""Server load test on loopback: closed-loop clients (each sends Generate(1 prompt x G=4, 20 steps)
+again as soon as the last answer arrives) for a fixed time, against `alphagrpo serve` with
+batching on and with batching off (max-batch = G: one request per batch), and, in the same run,
+the same model in a direct in-process batched loop at its best batch size (the ceiling).
+
+Reports images/s, p50/p99 latency, mean batch size (from the server's metrics) and server RSS.
+
+    python benchmarks/serve_load.py [--clients 1,8,64,256] [--seconds 20] [--results benchmarks/RESULTS.md]
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import os
+import platform
+import re
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from alphagrpo_serve.client import AsyncClient  # noqa: E402
+
+G, STEPS = 4, 20
+PROMPTS = ["a red circle", "three green triangles", "a blue square to the left of a yellow circle", "a circle and a square"]
+
+
+def free_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def mean_batch(metrics_port: int) -> float:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+    s = re.search(r'alphagrpo_batch_samples_sum\{kind="generate"\} ([0-9.e+]+)', text)
+    c = re.search(r'alphagrpo_batch_samples_count\{kind="generate"\} ([0-9.e+]+)', text)
+    return float(s.group(1)) / float(c.group(1)) if s and c and float(c.group(1)) else float("nan")
+
+
+async def closed_loop(addr: str, clients: int, seconds: float):
+    lat = []
+    stop = time.monotonic() + seconds
+
+    async def one(i, c):
+        while time.monotonic() < stop:
+            t = time.monotonic()
+            await c.generate([PROMPTS[i % len(PROMPTS)]], group_size=G, steps=STEPS, seed=i, timeout=600)
+            lat.append(time.monotonic() - t)
+
+    async with AsyncClient(addr, timeout=600) as c:
+        await c.generate([PROMPTS[0]], group_size=G, steps=STEPS)  # warm-up
+        t0 = time.monotonic()
+        await asyncio.gather(*(one(i, c) for i in range(clients)))
+        elapsed = time.monotonic() - t0
+    return len(lat) * G / elapsed, lat
+
+
+def ceiling(batch: int, seconds: float) -> float:
+    from alphagrpo_serve.models.tiny_policy import TinyPolicy
+    from alphagrpo_serve.sampling.sampler import SamplingConfig
+
+    pol = TinyPolicy.load()
+    sc = SamplingConfig(steps=STEPS)
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(batch)]
+    pol.generate(prompts[:4], list(range(4)), sc)
+    n, t0 = 0, time.monotonic()
+    while time.monotonic() - t0 < seconds:
+        pol.generate(prompts, list(range(batch)), sc)
+        n += batch
+    return n / (time.monotonic() - t0)
+
+
+def run_server(max_batch: int, clients_list, seconds: float):
+    port, mport = free_port(), free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "alphagrpo_serve.cli", "serve", "--port", str(port), "--max-batch",
+                             str(max_batch), "--max-wait-ms", "10", "--max-queue", "100000", "--metrics-port", str(mport)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    rows = []
+    try:
+        for _ in range(20):
+            if "listening on" in proc.stdout.readline():
+                break
+        for n in clients_list:
+            ips, lat = asyncio.run(closed_loop(f"127.0.0.1:{port}", n, seconds))
+            lat.sort()
+            rows.append((max_batch, n, ips, statistics.median(lat), lat[min(len(lat) - 1, int(0.99 * len(lat)))],
+                         mean_batch(mport), rss_mib(proc.pid)))
+            print(f"max-batch {max_batch:3d} clients {n:4d}: {ips:7.1f} img/s p50 {rows[-1][3]:.2f}s "
+                  f"p99 {rows[-1][4]:.2f}s batch {rows[-1][5]:.1f} rss {rows[-1][6]:.0f} MiB", flush=True)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+    return rows
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--clients", default="1,8,64,256", help="closed-loop client counts (default 1,8,64,256)")
+    p.add_argument("--seconds", type=float, default=20.0, help="seconds per measurement (default 20)")
+    p.add_argument("--results", default=None, help="append the table with date and machine to this Markdown file")
+    args = p.parse_args(argv)
+    clients = [int(c) for c in args.clients.split(",")]
+    ceil = ceiling(64, args.seconds)
+    print(f"ceiling (direct, batch 64): {ceil:.1f} img/s", flush=True)
+    rows = run_server(64, clients, args.seconds) + run_server(G, [max(clients)], args.seconds)
+    lines = [f"Ceiling (in-process loop, batch 64): {ceil:.1f} images/s", "",
+             "| max-batch | clients | images/s | % of ceiling | p50 s | p99 s | mean batch | server RSS MiB |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for mb, n, ips, p50, p99, b, rss in rows:
+        lines.append(f"| {mb} | {n} | {ips:.1f} | {100 * ips / ceil:.0f}% | {p50:.2f} | {p99:.2f} | {b:.1f} | {rss:.0f} |")
+    table = "\n".join(lines)
+    print(table)
+    if args.results:
+        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        with open(args.results, "a") as f:
+            f.write(f"\n### Server load, Generate(1 x G={G}, {STEPS} steps) ({stamp}; "
+                    f"{platform.processor() or platform.machine()})\n\n{table}\n")
+
+
+if __name__ == "__main__":
+    main()
