@@ -6,14 +6,14 @@
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
-import platform
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import results  # noqa: E402
 import torch  # noqa: E402
 
 from alphagrpo_serve.models.tiny_policy import TinyPolicy  # noqa: E402
@@ -46,10 +46,7 @@ def main(argv=None):
                       + [f"| {n} | {s:.2f} | {r:.1f} |" for n, s, r in rows])
     print(table)
     if args.results:
-        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-        with open(args.results, "a") as f:
-            f.write(f"\n### Tiny UMM sampling ({stamp}; {platform.processor() or platform.machine()}, "
-                    f"{torch.get_num_threads()} threads)\n\n{table}\n")
+        results.append(args.results, f"Tiny UMM sampling, {torch.get_num_threads()} threads", table)
 
 
 if __name__ == "__main__":

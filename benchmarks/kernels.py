@@ -12,7 +12,6 @@ measured in the same run, and peak extra memory. Prints a markdown table, writes
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import platform
@@ -25,6 +24,8 @@ from typing import Callable, Optional
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import results  # noqa: E402
 from alphagrpo_serve import kernels as K  # noqa: E402
 from alphagrpo_serve.kernels import reference as R  # noqa: E402
 
@@ -287,10 +288,8 @@ def main(argv=None):
     with open(out, "w") as f:
         json.dump({"device": device_name, "copy_bw_gbps": copy_bw, "rows": [asdict(r) for r in rows]}, f, indent=1)
     if args.results:
-        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-        cuda = torch.version.cuda or "none"
-        with open(args.results, "a") as f:
-            f.write(f"\n### Kernels on {device_name} ({stamp}; torch {torch.__version__}, CUDA {cuda})\n\n{table}\n")
+        results.append(args.results, f"Kernels on {device_name}, torch {torch.__version__}, CUDA {torch.version.cuda or 'none'}",
+                       table)
 
 
 if __name__ == "__main__":

@@ -10,17 +10,17 @@ Accuracy: exact-match read-back (every object's shape and colour, centroid withi
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
-import platform
 import sys
 import time
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import numpy as np  # noqa: E402
+import results  # noqa: E402
 
 from alphagrpo_serve.reward import embedded_reward  # noqa: E402
 from alphagrpo_serve.shapes.detect import Detector, scene_matches  # noqa: E402
@@ -75,10 +75,7 @@ def main(argv=None):
     table = "\n".join(lines)
     print(table)
     if args.results:
-        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-        with open(args.results, "a") as f:
-            f.write(f"\n### Embedded DVReward and detector ({stamp}; {platform.processor() or platform.machine()}, "
-                    f"1 core pinned)\n\n{table}\n")
+        results.append(args.results, "Embedded DVReward and detector, 1 core pinned", table)
 
 
 if __name__ == "__main__":

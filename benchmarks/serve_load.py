@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime
 import os
-import platform
 import re
 import socket
 import statistics
@@ -23,7 +21,9 @@ import time
 import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import results  # noqa: E402
 from alphagrpo_serve.client import AsyncClient  # noqa: E402
 
 G, STEPS = 4, 20
@@ -127,10 +127,7 @@ def main(argv=None):
     table = "\n".join(lines)
     print(table)
     if args.results:
-        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-        with open(args.results, "a") as f:
-            f.write(f"\n### Server load, Generate(1 x G={G}, {STEPS} steps) ({stamp}; "
-                    f"{platform.processor() or platform.machine()})\n\n{table}\n")
+        results.append(args.results, f"Server load, Generate(1 x G={G}, {STEPS} steps)", table)
 
 
 if __name__ == "__main__":
