@@ -206,6 +206,15 @@ def test_queue_full_and_deadline():
                 assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
                 assert len(await first) == 2 and len(await second) == 2
                 assert len(await c.generate(["a circle"], steps=2)) == 1
+                # a cancelled call frees its slots at once
+                busy = asyncio.ensure_future(c.generate(["a square"], group_size=2, steps=2))
+                await asyncio.sleep(0.1)
+                queued = asyncio.ensure_future(c.generate(["a square"], group_size=2, steps=2))
+                await asyncio.sleep(0.1)
+                queued.cancel()
+                await asyncio.sleep(0.1)
+                assert len(await c.generate(["a circle"], group_size=2, steps=2)) == 2  # would not fit otherwise
+                assert len(await busy) == 2
 
     run(main())
 
@@ -273,3 +282,24 @@ def test_cli_serve_subprocess_sigterm_drains_and_exits_zero(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_message_size_limits_and_image_size():
+    async def main():
+        async with running(max_message_mb=1) as (_, addr):
+            big = np.random.default_rng(0).integers(0, 256, (1000, 1000, 3), dtype=np.uint8)  # ~3 MB as PNG
+            async with AsyncClient(addr, retries=0) as c:
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    await c.verify(["a red circle"], [big])
+                assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                assert "larger than max" in info.value.details(), info.value.details()
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    await c.reflect(["a red circle"], [np.zeros((64, 64, 3), np.uint8)], steps=2)
+                assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "must be 32x32" in info.value.details()
+                assert (await c.decompose(["a red circle"]))[0]
+            async with AsyncClient(addr, retries=0, max_message_mb=0) as tiny:  # the client's own receive limit
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    await tiny.generate(["a red circle"], steps=2, return_trajectory=True)
+                assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+    run(main())

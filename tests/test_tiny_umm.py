@@ -169,3 +169,20 @@ def test_shipped_weights_draw_a_red_circle():
     out = pol.generate(["a red circle"] * 4, [0, 1, 2, 3], SamplingConfig(steps=20, mode="ode"))
     hits = [any(d.shape == "circle" and d.color == "red" for d in detect(s.image).objects) for s in out]
     assert sum(hits) >= 3, hits
+
+
+def test_group_samples_share_the_context_work(policy, monkeypatch):
+    """G samples of one prompt encode the prompt once; the result equals encoding every copy."""
+    calls = []
+    real = policy.model.run
+
+    def counting_run(x, mask, past=None):
+        calls.append(x.shape[0])
+        return real(x, mask, past)
+
+    sc = SamplingConfig(steps=2, cfg_scale=1.0)
+    ref = policy.generate(["a red circle", "a square"], [3, 4], sc)
+    monkeypatch.setattr(policy.model, "run", counting_run)
+    out = policy.generate(["a red circle"] * 4 + ["a square"], [3, 10, 11, 12, 4], sc)
+    assert calls[0] == 2, calls  # two distinct contexts encoded for five samples
+    assert np.array_equal(out[0].image, ref[0].image) and np.array_equal(out[4].image, ref[1].image)

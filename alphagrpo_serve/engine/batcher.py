@@ -77,7 +77,14 @@ class DynamicBatcher:
         self.queued_samples += size
         self._report_queue()
         self._wakeup.set()
-        return await item.future  # cancelling the caller cancels the future; the loop then skips the item
+        try:
+            return await item.future
+        except asyncio.CancelledError:  # the caller went away: free its slots now, not when a batch forms
+            if item in self.queue:
+                self.queue.remove(item)
+                self.queued_samples -= item.size
+                self._report_queue()
+            raise
 
     def _take_batch(self) -> List[WorkItem]:
         """The oldest live item and every later item with its key, up to max_batch samples."""

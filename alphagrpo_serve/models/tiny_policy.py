@@ -97,12 +97,28 @@ class TinyPolicy(Policy):
         c = self.model.cfg
         return collate(segs, self.tok.pad_id, c.patch, c.canvas, left_pad=left_pad)
 
+    @staticmethod
+    def _context_key(segs) -> tuple:
+        return tuple((seg[0], tuple(seg[1])) if seg[0] == "text" else (seg[0], np.asarray(seg[1]).tobytes())
+                     for seg in segs)
+
     def _encode(self, segs):
-        """Runs the contexts (left-padded); returns (hidden, past, key_valid, next_position)."""
-        b = self._collate(segs)
+        """Runs the contexts (left-padded); returns (hidden, past, key_valid, next_position).
+        Identical contexts (the G samples of one prompt) run once and are shared."""
+        slot: Dict[tuple, int] = {}
+        index = [slot.setdefault(self._context_key(sg), len(slot)) for sg in segs]
+        unique = [None] * len(slot)
+        for i, sg in zip(index, segs):
+            unique[i] = sg
+        b = self._collate(unique)
         x = self.model.embed(b.tokens, b.kinds, b.positions, b.clean)
         h, past = self.model.run(x, attention_mask(b.blocks, b.valid))
-        return h, past, b.valid, b.positions[:, -1] + 1
+        valid, pos = b.valid, b.positions[:, -1] + 1
+        if len(unique) < len(segs):
+            idx = torch.tensor(index)
+            h, valid, pos = h[idx], valid[idx], pos[idx]
+            past = [(k[idx], v[idx]) for k, v in past]
+        return h, past, valid, pos
 
     # ---- text sampling --------------------------------------------------------------------------
     @torch.no_grad()
