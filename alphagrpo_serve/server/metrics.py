@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import contextlib
+import json
+import logging
 import time
 
 import grpc
@@ -32,8 +34,11 @@ class Metrics:
             code = context.code() if isinstance(context.code(), grpc.StatusCode) else grpc.StatusCode.UNKNOWN
             raise
         finally:
+            seconds = time.monotonic() - start
             self.requests.labels(method, code.name).inc()
-            self.latency.labels(method).observe(time.monotonic() - start)
+            self.latency.labels(method).observe(seconds)
+            logging.getLogger("alphagrpo.server").info(json.dumps(
+                {"event": "rpc", "method": method, "code": code.name, "seconds": round(seconds, 4)}))
 
     def on_queue(self, kind: str, samples: int) -> None:
         self.queue_depth.labels(kind).set(samples)
