@@ -146,10 +146,10 @@ def pretrain(cfg: PretrainConfig, out_dir: str, resume: bool = False, progress: 
         opt.step()
         step += 1
         elapsed = elapsed0 + time.time() - start
-        log.append({"step": step, "img_loss": float(img_loss), "text_loss": float(text_loss),
+        log.append({"step": step, "img_loss": float(img_loss.detach()), "text_loss": float(text_loss.detach()),
                     "grad_norm": float(gnorm), "elapsed_s": elapsed})
         bar.update(1)
-        bar.set_postfix(img=f"{float(img_loss):.4f}", text=f"{float(text_loss):.3f}")
+        bar.set_postfix(img=f"{float(img_loss.detach()):.4f}", text=f"{float(text_loss.detach()):.3f}")
         if step % cfg.ckpt_every == 0 or step == cfg.steps:
             checkpoint()
         if (cfg.time_budget_s and elapsed > cfg.time_budget_s) or step == cfg.stop_at:
