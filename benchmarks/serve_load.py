@@ -46,11 +46,12 @@ def rss_mib(pid: int) -> float:
     return float("nan")
 
 
-def mean_batch(metrics_port: int) -> float:
+def batch_totals(metrics_port: int):
+    """(samples, batches) the server's generate queue has run so far."""
     text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
     s = re.search(r'alphagrpo_batch_samples_sum\{kind="generate"\} ([0-9.e+]+)', text)
     c = re.search(r'alphagrpo_batch_samples_count\{kind="generate"\} ([0-9.e+]+)', text)
-    return float(s.group(1)) / float(c.group(1)) if s and c and float(c.group(1)) else float("nan")
+    return (float(s.group(1)), float(c.group(1))) if s and c else (0.0, 0.0)
 
 
 async def closed_loop(addr: str, clients: int, seconds: float):
@@ -97,10 +98,12 @@ def run_server(max_batch: int, clients_list, seconds: float):
             if "listening on" in proc.stdout.readline():
                 break
         for n in clients_list:
+            s0, c0 = batch_totals(mport)
             ips, lat = asyncio.run(closed_loop(f"127.0.0.1:{port}", n, seconds))
+            s1, c1 = batch_totals(mport)
             lat.sort()
             rows.append((max_batch, n, ips, statistics.median(lat), lat[min(len(lat) - 1, int(0.99 * len(lat)))],
-                         mean_batch(mport), rss_mib(proc.pid)))
+                         (s1 - s0) / max(c1 - c0, 1), rss_mib(proc.pid)))
             print(f"max-batch {max_batch:3d} clients {n:4d}: {ips:7.1f} img/s p50 {rows[-1][3]:.2f}s "
                   f"p99 {rows[-1][4]:.2f}s batch {rows[-1][5]:.1f} rss {rows[-1][6]:.0f} MiB", flush=True)
     finally:
