@@ -12,14 +12,15 @@ from __future__ import annotations
 import asyncio
 import itertools
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Union
 
 import grpc
 import numpy as np
 import torch
 
-from ._proto.alphagrpo.v1 import common_pb2, policy_pb2, policy_pb2_grpc, reward_pb2, reward_pb2_grpc
+from ._proto.alphagrpo.v1 import policy_pb2, policy_pb2_grpc, reward_pb2, reward_pb2_grpc
+from .reward.types import Answer, Question, RewardResult
 from .server.codec import NAMES, image_to_proto, proto_to_image, proto_to_tensor
 
 
@@ -45,24 +46,6 @@ class GeneratedImage:
     seed: int
     policy_version: int
     trajectory: Optional[Trajectory] = None
-
-
-@dataclass
-class VerifiedReward:
-    prompt: str
-    reward: float
-    semantic: float
-    quality: float
-    answers: List[Dict] = field(default_factory=list)  # {id, text, kind, tag, score, answer, failed, detail}
-    failed: int = 0
-
-    def table(self) -> str:
-        rows = [f"{'kind':9s} {'tag':10s} {'score':>6s}  question"]
-        for a in self.answers:
-            score = "failed" if a["failed"] else f"{a['score']:.3f}"
-            rows.append(f"{a['kind']:9s} {a['tag']:10s} {score:>6s}  {a['text']}")
-        rows.append(f"S = {self.semantic:.3f}  Q = {self.quality:.3f}  reward = {self.reward:.3f}")
-        return "\n".join(rows)
 
 
 class AsyncClient:
@@ -176,14 +159,15 @@ class AsyncClient:
 
     # ---- reward ------------------------------------------------------------------------------
     async def verify(self, prompts: Sequence[str], images: Sequence[np.ndarray],
-                     timeout: Optional[float] = None) -> List[VerifiedReward]:
+                     timeout: Optional[float] = None) -> List[RewardResult]:
+        """Rewards with their breakdown, as the DVReward types (RewardResult.table() prints it)."""
         req = reward_pb2.VerifyRequest(items=[reward_pb2.VerifyItem(prompt=p, image=image_to_proto(im))
                                               for p, im in zip(prompts, images)])
         res = await self._call("reward", "Verify", req, timeout)
-        return [VerifiedReward(r.prompt, r.reward, r.semantic, r.quality,
-                               [dict(id=a.question.id, text=a.question.text, kind=a.question.kind, tag=a.question.tag,
-                                     score=a.score, answer=a.answer, failed=a.failed, detail=a.detail)
-                                for a in r.answers], r.failed) for r in res.rewards]
+        return [RewardResult(r.prompt, r.reward, r.semantic, r.quality,
+                             [Answer(Question(a.question.id, a.question.text, a.question.kind, a.question.tag),
+                                     None if a.failed else a.score, a.answer, a.failed, a.detail) for a in r.answers],
+                             r.failed) for r in res.rewards]
 
     async def decompose(self, prompts: Sequence[str], timeout: Optional[float] = None) -> List[List[Dict]]:
         res = await self._call("reward", "Decompose", reward_pb2.DecomposeRequest(prompts=list(prompts)), timeout)

@@ -2,7 +2,6 @@
 library (a small random tiny UMM keeps it fast). Every bad request is followed by a good one."""
 import asyncio
 import contextlib
-import os
 import subprocess
 import time
 import urllib.request
@@ -13,7 +12,7 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from alphagrpo_serve._proto.alphagrpo.v1 import common_pb2, policy_pb2, policy_pb2_grpc, reward_pb2
+from alphagrpo_serve._proto.alphagrpo.v1 import common_pb2, policy_pb2, policy_pb2_grpc
 from alphagrpo_serve.client import AsyncClient
 from alphagrpo_serve.models.tiny_policy import TinyPolicy
 from alphagrpo_serve.models.tiny_umm import TinyUMM, TinyUMMConfig
@@ -65,7 +64,7 @@ def test_generate_reflect_verify_and_health():
                 assert len(ref) == 2 and ref[0].image.shape == (32, 32, 3)
                 img = render(Scene([Obj("circle", "red", 16, 16, 5)]))
                 (r,) = await c.verify(["a red circle"], [img])
-                assert r.reward > 0.9 and any(a["tag"] == "Existence" for a in r.answers)
+                assert r.reward > 0.9 and any(a.question.tag == "Existence" for a in r.answers)
                 qs = await c.decompose(["three green triangles"])
                 assert [q["tag"] for q in qs[0]][:2] == ["Existence", "Count"]
                 info = await c.model_info()

@@ -1,5 +1,4 @@
 """ShapesWorld: grammar round trips, parse errors, renderer, detector accuracy, implicit prompts, held-out split."""
-import json
 
 import numpy as np
 import pytest

@@ -3,7 +3,7 @@ training and for inference: tokens, kinds, positions, attention blocks, validity
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch

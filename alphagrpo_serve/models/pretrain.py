@@ -10,12 +10,10 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
 import time
 from dataclasses import dataclass
 from typing import Optional
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 

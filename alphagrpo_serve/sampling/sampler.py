@@ -4,7 +4,7 @@ classifier-free guidance with a scale and an interval, and the trajectory GRPO t
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch

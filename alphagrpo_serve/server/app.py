@@ -10,7 +10,6 @@ import json
 import logging
 import signal
 import sys
-import time
 from dataclasses import dataclass, field
 from typing import Optional
 

@@ -32,14 +32,22 @@ def proto_to_tensor(msg: common_pb2.Tensor, field: str = "tensor") -> torch.Tens
     shape = tuple(int(d) for d in msg.shape)
     if any(d < 0 for d in shape):
         raise ValueError(f"{field}.shape {list(shape)} has a negative dimension")
-    dtype = DTYPES[msg.dtype]
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    expected = int(np.prod(shape, dtype=np.int64)) * itemsize
+    expected = nbytes(msg.dtype, shape)
     if len(msg.data) != expected:
         raise ValueError(f"{field}.data has {len(msg.data)} bytes; {msg.dtype} {list(shape)} needs {expected}")
+    return bytes_to_tensor(msg.data, msg.dtype, shape)
+
+
+def nbytes(dtype_name: str, shape) -> int:
+    """Raw size of a tensor of that dtype name and shape."""
+    return int(np.prod(shape, dtype=np.int64)) * torch.empty((), dtype=DTYPES[dtype_name]).element_size()
+
+
+def bytes_to_tensor(data, dtype_name: str, shape) -> torch.Tensor:
+    """Little-endian row-major bytes of the right size -> a tensor that owns its memory."""
+    dtype = DTYPES[dtype_name]
     np_dtype = np.int16 if dtype == torch.bfloat16 else torch.empty((), dtype=dtype).numpy().dtype
-    arr = np.frombuffer(msg.data, dtype=np_dtype).reshape(shape).copy()
-    t = torch.from_numpy(arr)
+    t = torch.from_numpy(np.frombuffer(data, dtype=np_dtype).reshape(tuple(shape)).copy())
     return t.view(torch.bfloat16) if dtype == torch.bfloat16 else t
 
 

@@ -14,13 +14,12 @@ from typing import Dict, List, Optional, Tuple
 
 import grpc
 import numpy as np
-import torch
 
 from .._proto.alphagrpo.v1 import policy_pb2, policy_pb2_grpc, reward_pb2, reward_pb2_grpc
 from ..engine import DeadlineExpired, Engine, QueueFull
 from ..sampling.sampler import SamplingConfig
 from ..shapes.grammar import PromptError
-from .codec import DTYPES, NAMES, image_to_proto, proto_to_image, tensor_to_proto
+from .codec import DTYPES, NAMES, bytes_to_tensor, image_to_proto, nbytes, proto_to_image, tensor_to_proto
 from .metrics import Metrics
 
 
@@ -225,13 +224,13 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
             shape = tuple(int(d) for d in chunk.shape)
             if any(d < 0 for d in shape):
                 raise BadRequest(f"{name}: negative dimension in shape {list(shape)}")
-            nbytes = int(np.prod(shape, dtype=np.int64)) * torch.empty((), dtype=DTYPES[chunk.dtype]).element_size()
-            part = parts.setdefault(name, {"dtype": chunk.dtype, "shape": shape, "buf": bytearray(nbytes), "filled": 0})
+            size = nbytes(chunk.dtype, shape)
+            part = parts.setdefault(name, {"dtype": chunk.dtype, "shape": shape, "buf": bytearray(size), "filled": 0})
             if (part["dtype"], part["shape"]) != (chunk.dtype, shape):
                 raise BadRequest(f"{name}: dtype/shape changed between chunks")
-            if chunk.offset != part["filled"] or chunk.offset + len(chunk.data) > nbytes:
+            if chunk.offset != part["filled"] or chunk.offset + len(chunk.data) > size:
                 raise BadRequest(f"{name}: chunk at offset {chunk.offset} with {len(chunk.data)} bytes does not continue "
-                                 f"the {part['filled']} of {nbytes} bytes received")
+                                 f"the {part['filled']} of {size} bytes received")
             part["buf"][chunk.offset:chunk.offset + len(chunk.data)] = chunk.data
             part["filled"] += len(chunk.data)
             received += len(chunk.data)
@@ -243,10 +242,7 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
         for name, part in parts.items():
             if part["filled"] != len(part["buf"]):
                 raise BadRequest(f"{name}: received {part['filled']} of {len(part['buf'])} bytes")
-            dtype = DTYPES[part["dtype"]]
-            np_dtype = np.int16 if dtype == torch.bfloat16 else torch.empty((), dtype=dtype).numpy().dtype
-            t = torch.from_numpy(np.frombuffer(bytes(part["buf"]), dtype=np_dtype).reshape(part["shape"]).copy())
-            tensors[name] = t.view(torch.bfloat16) if dtype == torch.bfloat16 else t
+            tensors[name] = bytes_to_tensor(bytes(part["buf"]), part["dtype"], part["shape"])
         return tensors, bool(lora), received
 
     async def GetModelInfo(self, request, context) -> policy_pb2.ModelInfo:
