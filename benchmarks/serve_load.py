@@ -112,16 +112,61 @@ def run_server(max_batch: int, clients_list, seconds: float):
     return rows
 
 
+def rss_growth(requests: int, steps: int, results_path=None):
+    """Server RSS after a warm-up of requests // 10, then after `requests` more."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "alphagrpo_serve.cli", "serve", "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+
+    async def send(n):
+        async with AsyncClient(f"127.0.0.1:{port}", timeout=600) as c:
+            left = [n]
+
+            async def worker(i):
+                while left[0] > 0:
+                    left[0] -= 1
+                    await c.generate([PROMPTS[i % len(PROMPTS)]], group_size=G, steps=steps, seed=left[0])
+
+            await asyncio.gather(*(worker(i) for i in range(8)))
+
+    try:
+        for _ in range(20):
+            if "listening on" in proc.stdout.readline():
+                break
+        asyncio.run(send(max(requests // 10, 100)))
+        before = rss_mib(proc.pid)
+        t = time.monotonic()
+        asyncio.run(send(requests))
+        after = rss_mib(proc.pid)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+    table = (f"| requests after warm-up | seconds | RSS before MiB | RSS after MiB | growth |\n|---:|---:|---:|---:|---:|\n"
+             f"| {requests} (G={G}, {steps} steps, 8 clients) | {time.monotonic() - t:.0f} | {before:.0f} | {after:.0f} | "
+             f"{100 * (after - before) / before:+.1f}% |")
+    print(table)
+    if results_path:
+        results.append(results_path, "Server RSS over many requests", table)
+    return 0
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--clients", default="1,8,64,256", help="closed-loop client counts (default 1,8,64,256)")
     p.add_argument("--seconds", type=float, default=20.0, help="seconds per measurement (default 20)")
+    p.add_argument("--unbatched-clients", type=int, default=64,
+                   help="clients against the server with batching off, --max-batch 1 (default 64)")
+    p.add_argument("--rss-requests", type=int, default=0,
+                   help="instead: send this many requests (8 clients, --rss-steps steps) and report RSS growth after warm-up")
+    p.add_argument("--rss-steps", type=int, default=2, help="sampling steps of the RSS run's requests (default 2)")
     p.add_argument("--results", default=None, help="append the table with date and machine to this Markdown file")
     args = p.parse_args(argv)
+    if args.rss_requests:
+        return rss_growth(args.rss_requests, args.rss_steps, args.results)
     clients = [int(c) for c in args.clients.split(",")]
     ceil = ceiling(64, args.seconds)
     print(f"ceiling (direct, batch 64): {ceil:.1f} img/s", flush=True)
-    rows = run_server(64, clients, args.seconds) + run_server(G, [max(clients)], args.seconds)
+    rows = run_server(64, clients, args.seconds) + run_server(1, [args.unbatched_clients], args.seconds)
     lines = [f"Ceiling (in-process loop, batch 64): {ceil:.1f} images/s", "",
              "| max-batch | clients | images/s | % of ceiling | p50 s | p99 s | mean batch | server RSS MiB |",
              "|---:|---:|---:|---:|---:|---:|---:|---:|"]

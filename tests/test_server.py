@@ -176,6 +176,17 @@ def test_auth_token_and_metrics(tmp_path):
     run(main())
 
 
+def test_group_larger_than_a_batch_is_split():
+    async def main():
+        async with running(max_batch=3) as (_, addr):
+            async with AsyncClient(addr) as c:
+                out = await c.generate(["a red circle", "a square"], group_size=7, steps=2, seed=11)
+                assert [(s.prompt_index, s.sample_index) for s in out] == [(i, j) for i in range(2) for j in range(7)]
+                assert [s.seed for s in out] == list(range(11, 25))
+
+    run(main())
+
+
 def test_queue_full_and_deadline():
     class Slow:
         """Wraps the policy so each batch takes a while."""

@@ -141,25 +141,28 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
 
     async def _run(self, batcher, request, context, kind, prompts, images=None):
         G = request.group_size or 1
-        if not 1 <= G <= min(self.limits.max_group, batcher.max_batch):
-            raise BadRequest(f"group_size must be in [1, {min(self.limits.max_group, batcher.max_batch)}], got {G}")
+        if not 1 <= G <= self.limits.max_group:
+            raise BadRequest(f"group_size must be in [1, {self.limits.max_group}], got {G}")
         sc, kw = _sampling(request.params, self.limits)
         think = bool(request.params.think) if kind == "generate" else True
         key = (kind, sc, think, tuple(sorted(kw.items())))  # compatible settings share a batch (compared with ==)
         deadline = _deadline(context)
-        calls = []
+        calls, index = [], []
+        step = batcher.max_batch  # a group larger than a batch is split into batch-sized parts
         for i, p in enumerate(prompts):
-            seeds = [int(request.seed) + i * G + j for j in range(G)]
-            payload = {"prompts": [p] * G, "seeds": seeds}
-            if images is not None:
-                payload["images"] = [images[i]] * G
-            calls.append(batcher.submit(key, G, payload, deadline))
+            for j0 in range(0, G, step):
+                n = min(step, G - j0)
+                payload = {"prompts": [p] * n, "seeds": [int(request.seed) + i * G + j for j in range(j0, j0 + n)]}
+                if images is not None:
+                    payload["images"] = [images[i]] * n
+                calls.append(batcher.submit(key, n, payload, deadline))
+                index.append((i, j0))
         results = await asyncio.gather(*calls)
         self.metrics.images.inc(len(prompts) * G)
         samples = []
-        for i, group in enumerate(results):
-            for j, s in enumerate(group):
-                samples.append(self._sample_proto(s, i, j, request.return_raw, request.return_trajectory))
+        for (i, j0), part in zip(index, results):
+            for dj, s in enumerate(part):
+                samples.append(self._sample_proto(s, i, j0 + dj, request.return_raw, request.return_trajectory))
         return samples
 
     # ---- rpcs ---------------------------------------------------------------------------------------
