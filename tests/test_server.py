@@ -313,3 +313,62 @@ def test_message_size_limits_and_image_size():
                 assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
 
     run(main())
+
+
+def test_retries_unavailable_over_addresses_reflection_and_health_during_a_batch():
+    import socket
+
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    dead = f"127.0.0.1:{s.getsockname()[1]}"
+    s.close()  # nothing listens there
+
+    class Slow:
+        def __init__(self, pol):
+            self.pol, self.model, self.version = pol, pol.model, pol.version
+
+        def generate(self, *a, **k):
+            time.sleep(1.0)
+            return self.pol.generate(*a, **k)
+
+        def __getattr__(self, name):
+            return getattr(self.pol, name)
+
+    async def main():
+        async with running(policy=Slow(small_policy())) as (_, addr):
+            # round-robin starts at the dead address; UNAVAILABLE is retried on the next one
+            async with AsyncClient([dead, addr], retries=2, backoff=0.01) as c:
+                assert (await c.decompose(["a red circle"]))[0]
+                batch = asyncio.ensure_future(c.generate(["a square"], steps=2))
+                await asyncio.sleep(0.3)  # the model thread is busy now
+                async with grpc.aio.insecure_channel(addr) as ch:
+                    t = time.monotonic()
+                    hs = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5)
+                    assert hs.status == health_pb2.HealthCheckResponse.SERVING and time.monotonic() - t < 0.5
+                    (r,) = await c.verify(["a red circle"], [render(Scene([Obj("circle", "red", 16, 16, 5)]))])
+                    assert not batch.done() and r.reward > 0.9  # rewards are computed beside the running batch
+                    stub = reflection_pb2_grpc.ServerReflectionStub(ch)
+                    responses = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+                    names = [svc.name async for resp in responses for svc in resp.list_services_response.service]
+                    assert {"alphagrpo.v1.PolicyService", "alphagrpo.v1.RewardService", "grpc.health.v1.Health"} <= set(names)
+                assert len(await batch) == 1
+            async with AsyncClient([dead], retries=1, backoff=0.01, timeout=5) as only_dead:
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    await only_dead.decompose(["a red circle"])
+                assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+            async with AsyncClient(addr, retries=3) as c:  # other errors are not retried
+                calls = []
+                orig = c._policy[0].Generate
+
+                async def counting(*a, **k):
+                    calls.append(1)
+                    return await orig(*a, **k)
+
+                c._policy[0].Generate = counting
+                with pytest.raises(grpc.aio.AioRpcError):
+                    await c.generate(["a red blob"], steps=2)
+                assert len(calls) == 1
+
+    run(main())
