@@ -97,8 +97,8 @@ def cmd_pretrain(args) -> int:
     from .models.pretrain import PretrainConfig, pretrain
 
     cfg = PretrainConfig(steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed, width=args.width,
-                         layers=args.layers, heads=args.heads, ckpt_every=args.ckpt_every,
-                         time_budget_s=args.time_budget_min * 60)
+                         layers=args.layers, heads=args.heads, decoder=args.decoder, ckpt_every=args.ckpt_every,
+                         time_budget_s=args.time_budget_min * 60, stop_at=args.stop_at)
     path = pretrain(cfg, args.out, resume=args.resume)
     print(f"weights: {path}")
     return 0
@@ -289,10 +289,14 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--width", type=int, default=160, help="transformer width (default 160)")
     pt.add_argument("--layers", type=int, default=5, help="transformer layers (default 5)")
     pt.add_argument("--heads", type=int, default=5, help="attention heads (default 5)")
+    pt.add_argument("--decoder", default="linear", choices=["linear", "conv"],
+                    help="velocity decoder: per-patch linear head (shipped weights) or joint convolutional (default linear)")
     pt.add_argument("--seed", type=int, default=0, help="data and init seed (default 0)")
     pt.add_argument("--ckpt-every", type=int, default=250, help="checkpoint cadence in steps (default 250)")
     pt.add_argument("--time-budget-min", type=float, default=0.0,
                     help="stop, checkpoint and export after this many minutes (default 0: no limit)")
+    pt.add_argument("--stop-at", type=int, default=0,
+                    help="stop, checkpoint and export at this step; the schedule still spans --steps (default 0: off)")
     pt.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     pt.set_defaults(fn=cmd_pretrain)
 

@@ -186,3 +186,20 @@ def test_group_samples_share_the_context_work(policy, monkeypatch):
     out = policy.generate(["a red circle"] * 4 + ["a square"], [3, 10, 11, 12, 4], sc)
     assert calls[0] == 2, calls  # two distinct contexts encoded for five samples
     assert np.array_equal(out[0].image, ref[0].image) and np.array_equal(out[4].image, ref[1].image)
+
+
+def test_conv_decoder_recompute_matches_sampling():
+    torch.manual_seed(2)
+    pol = TinyPolicy(TinyUMM(TinyUMMConfig(vocab_size=len(TOK), width=32, layers=1, heads=1, decoder="conv")))
+    for p in pol.model.refine.parameters():  # give the zero-initialised output layer some weight
+        torch.nn.init.normal_(p, std=0.05)
+    sc = SamplingConfig(steps=3, mode="sde", sde_window=(0, 2), cfg_scale=2.0)
+    out = pol.generate(["a red circle"], [1], sc)
+    with torch.no_grad():
+        vc, vu = pol.step_velocities(out, 1, True)
+    tr = out[0].trajectory
+    rec = flow_sde_logprob(tr.latents[1:2], vu + 2.0 * (vc - vu), tr.latents[2:3], float(tr.sigmas[1]),
+                           float(tr.sigma_nexts[1]), noise_level=0.7, sigma_max=tr.sigma_max)
+    assert abs(rec.item() - tr.log_probs[1].item()) <= 1e-5
+    with pytest.raises(ValueError, match="decoder must be"):
+        TinyUMM(TinyUMMConfig(vocab_size=len(TOK), decoder="deconv"))

@@ -36,6 +36,7 @@ class PretrainConfig:
     width: int = 160
     layers: int = 5
     heads: int = 5
+    decoder: str = "linear"  # TinyUMMConfig.decoder
     time_budget_s: float = 0.0  # stop early (and save) after this many seconds; 0 = no limit
     stop_at: int = 0  # stop (and save) at this step, schedule unchanged; 0 = run to `steps`
 
@@ -87,7 +88,7 @@ def pretrain(cfg: PretrainConfig, out_dir: str, resume: bool = False, progress: 
     ckpt_path = os.path.join(out_dir, "checkpoint.pt")
     tok = Tokenizer()
     torch.manual_seed(cfg.seed)
-    mcfg = TinyUMMConfig(vocab_size=len(tok), width=cfg.width, layers=cfg.layers, heads=cfg.heads)
+    mcfg = TinyUMMConfig(vocab_size=len(tok), width=cfg.width, layers=cfg.layers, heads=cfg.heads, decoder=cfg.decoder)
     model = TinyUMM(mcfg)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]

@@ -285,7 +285,7 @@ class TinyPolicy(Policy):
 
     def export_weights(self, lora: bool = False) -> Dict[str, torch.Tensor]:
         sd = self.model.state_dict()
-        return {k: v.detach().clone() for k, v in sd.items() if ("lora_" in k) == lora or not lora and "lora_" not in k}
+        return {k: v.detach().clone() for k, v in sd.items() if ("lora_" in k) == lora}
 
     def import_weights(self, tensors: Dict[str, torch.Tensor], lora: bool = False) -> None:
         current = self.model.state_dict()

@@ -33,6 +33,7 @@ class TinyUMMConfig:
     patch: int = 4
     canvas: int = 32
     max_positions: int = 256
+    decoder: str = "linear"  # linear: per-patch head + 3x3 conv; conv: patches decoded jointly by convolutions
 
     @property
     def n_patches(self) -> int:
@@ -106,8 +107,16 @@ class TinyUMM(nn.Module):
         self.t_mlp = nn.Sequential(nn.Linear(64, w), nn.SiLU(), nn.Linear(w, w))
         self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.layers)])
         self.ln_f = nn.LayerNorm(w)
+        if cfg.decoder not in ("linear", "conv"):
+            raise ValueError(f"decoder must be 'linear' or 'conv', got {cfg.decoder!r}")
         self.v_head = nn.Linear(w, cfg.patch_dim)
         self.refine = nn.Sequential(nn.Conv2d(6, 32, 3, padding=1), nn.SiLU(), nn.Conv2d(32, 3, 3, padding=1))
+        if cfg.decoder == "conv":
+            g = cfg.canvas // cfg.patch
+            self.grid = g
+            self.decode = nn.Sequential(nn.Conv2d(w, 64, 3, padding=1), nn.SiLU(),
+                                        nn.ConvTranspose2d(64, 32, cfg.patch, stride=cfg.patch), nn.SiLU())
+            self.refine = nn.Sequential(nn.Conv2d(32 + 3 + 3, 32, 3, padding=1), nn.SiLU(), nn.Conv2d(32, 3, 3, padding=1))
         nn.init.zeros_(self.refine[2].weight)
         nn.init.zeros_(self.refine[2].bias)
         self.apply(self._init)
@@ -155,7 +164,11 @@ class TinyUMM(nn.Module):
     def velocity(self, h_patches: torch.Tensor, x_t: torch.Tensor) -> torch.Tensor:
         """h_patches [B, n_patches, W] hidden states of the noisy patches; x_t [B, 3, H, W] -> v [B, 3, H, W]."""
         coarse = unpatchify(self.v_head(h_patches), self.cfg.patch, self.cfg.canvas)
-        return coarse + self.refine(torch.cat([coarse, x_t], dim=1))
+        if self.cfg.decoder == "linear":
+            return coarse + self.refine(torch.cat([coarse, x_t], dim=1))
+        B, n, W = h_patches.shape
+        feats = self.decode(h_patches.transpose(1, 2).reshape(B, W, self.grid, self.grid))
+        return coarse + self.refine(torch.cat([feats, coarse, x_t], dim=1))
 
 
 def attention_mask(blocks: torch.Tensor, valid: torch.Tensor, key_blocks: Optional[torch.Tensor] = None,
