@@ -27,6 +27,20 @@ def small_policy():
     return TinyPolicy(TinyUMM(TinyUMMConfig(vocab_size=len(Tokenizer()), width=32, layers=1, heads=1)))
 
 
+class SlowPolicy:
+    """Wraps a policy so that each Generate batch takes at least `delay` seconds."""
+
+    def __init__(self, pol, delay: float):
+        self.pol, self.delay, self.model, self.version = pol, delay, pol.model, pol.version
+
+    def generate(self, *a, **k):
+        time.sleep(self.delay)
+        return self.pol.generate(*a, **k)
+
+    def __getattr__(self, name):
+        return getattr(self.pol, name)
+
+
 @contextlib.asynccontextmanager
 async def running(policy=None, **cfg):
     server = Server(ServeConfig(host="127.0.0.1", port=0, **cfg), policy=policy or small_policy(), reward=embedded_reward())
@@ -188,21 +202,8 @@ def test_group_larger_than_a_batch_is_split():
 
 
 def test_queue_full_and_deadline():
-    class Slow:
-        """Wraps the policy so each batch takes a while."""
-
-        def __init__(self, pol):
-            self.pol, self.model, self.version = pol, pol.model, pol.version
-
-        def generate(self, *a, **k):
-            time.sleep(0.5)
-            return self.pol.generate(*a, **k)
-
-        def __getattr__(self, name):
-            return getattr(self.pol, name)
-
     async def main():
-        async with running(policy=Slow(small_policy()), max_queue=3, max_batch=2, max_wait_ms=0) as (_, addr):
+        async with running(policy=SlowPolicy(small_policy(), 0.5), max_queue=3, max_batch=2, max_wait_ms=0) as (_, addr):
             async with AsyncClient(addr, retries=0) as c:
                 first = asyncio.ensure_future(c.generate(["a square"], group_size=2, steps=2))
                 await asyncio.sleep(0.1)  # the first batch runs; the queue is empty again
@@ -325,19 +326,8 @@ def test_retries_unavailable_over_addresses_reflection_and_health_during_a_batch
     dead = f"127.0.0.1:{s.getsockname()[1]}"
     s.close()  # nothing listens there
 
-    class Slow:
-        def __init__(self, pol):
-            self.pol, self.model, self.version = pol, pol.model, pol.version
-
-        def generate(self, *a, **k):
-            time.sleep(1.0)
-            return self.pol.generate(*a, **k)
-
-        def __getattr__(self, name):
-            return getattr(self.pol, name)
-
     async def main():
-        async with running(policy=Slow(small_policy())) as (_, addr):
+        async with running(policy=SlowPolicy(small_policy(), 1.0)) as (_, addr):
             # round-robin starts at the dead address; UNAVAILABLE is retried on the next one
             async with AsyncClient([dead, addr], retries=2, backoff=0.01) as c:
                 assert (await c.decompose(["a red circle"]))[0]
