@@ -26,12 +26,18 @@ def tensor_to_proto(t: torch.Tensor) -> common_pb2.Tensor:
     return common_pb2.Tensor(dtype=NAMES[t.dtype], shape=list(t.shape), data=raw.numpy().tobytes())
 
 
-def proto_to_tensor(msg: common_pb2.Tensor, field: str = "tensor") -> torch.Tensor:
-    if msg.dtype not in DTYPES:
-        raise ValueError(f"{field}.dtype {msg.dtype!r} is not one of {sorted(DTYPES)}")
-    shape = tuple(int(d) for d in msg.shape)
+def check_header(dtype_name: str, shape, field: str) -> tuple:
+    """Validates a wire tensor's dtype name and shape; returns the shape as a tuple."""
+    if dtype_name not in DTYPES:
+        raise ValueError(f"{field}.dtype {dtype_name!r} is not one of {sorted(DTYPES)}")
+    shape = tuple(int(d) for d in shape)
     if any(d < 0 for d in shape):
         raise ValueError(f"{field}.shape {list(shape)} has a negative dimension")
+    return shape
+
+
+def proto_to_tensor(msg: common_pb2.Tensor, field: str = "tensor") -> torch.Tensor:
+    shape = check_header(msg.dtype, msg.shape, field)
     expected = nbytes(msg.dtype, shape)
     if len(msg.data) != expected:
         raise ValueError(f"{field}.data has {len(msg.data)} bytes; {msg.dtype} {list(shape)} needs {expected}")

@@ -19,7 +19,7 @@ from .._proto.alphagrpo.v1 import policy_pb2, policy_pb2_grpc, reward_pb2, rewar
 from ..engine import DeadlineExpired, Engine, QueueFull
 from ..sampling.sampler import SamplingConfig
 from ..shapes.grammar import PromptError
-from .codec import DTYPES, NAMES, bytes_to_tensor, image_to_proto, nbytes, proto_to_image, tensor_to_proto
+from .codec import NAMES, bytes_to_tensor, check_header, image_to_proto, nbytes, proto_to_image, tensor_to_proto
 from .metrics import Metrics
 
 
@@ -97,25 +97,22 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
     def __init__(self, policy, engine: Engine, limits: Limits, metrics: Metrics, boot_id: str, check_prompt):
         self.policy, self.engine, self.limits, self.metrics = policy, engine, limits, metrics
         self.boot_id, self.check_prompt = boot_id, check_prompt
-        self.generate_batcher = engine.add("generate", self._run_generate)
-        self.reflect_batcher = engine.add("reflect", self._run_reflect)
+        self.generate_batcher = engine.add("generate", self._run_batch)
+        self.reflect_batcher = engine.add("reflect", self._run_batch)
         self.canvas = policy.model.cfg.canvas
         metrics.policy_version.set(policy.version)
 
     # ---- model thread ----------------------------------------------------------------------------
-    def _run_generate(self, key, payloads):
-        sc, think, kw = key[1], key[2], dict(key[3])
+    def _run_batch(self, key, payloads):
+        """One model call for every item of a batch; key = (kind, sampling, think, text kwargs)."""
+        kind, sc, think, kw = key[0], key[1], key[2], dict(key[3])
         prompts = [p for pl in payloads for p in pl["prompts"]]
         seeds = [s for pl in payloads for s in pl["seeds"]]
-        samples = self.policy.generate(prompts, seeds, sc, think=think, **kw)
-        return self._split(payloads, samples)
-
-    def _run_reflect(self, key, payloads):
-        sc, kw = key[1], dict(key[3])
-        prompts = [p for pl in payloads for p in pl["prompts"]]
-        seeds = [s for pl in payloads for s in pl["seeds"]]
-        images = [im for pl in payloads for im in pl["images"]]
-        samples = self.policy.reflect(prompts, images, seeds, sc, **kw)
+        if kind == "reflect":
+            images = [im for pl in payloads for im in pl["images"]]
+            samples = self.policy.reflect(prompts, images, seeds, sc, **kw)
+        else:
+            samples = self.policy.generate(prompts, seeds, sc, think=think, **kw)
         return self._split(payloads, samples)
 
     @staticmethod
@@ -222,11 +219,10 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
                 lora = chunk.lora
             elif chunk.lora != lora:
                 raise BadRequest(f"{name}: a stream carries either full weights or LoRA tensors, not both")
-            if chunk.dtype not in DTYPES:
-                raise BadRequest(f"{name}: dtype {chunk.dtype!r} is not one of {sorted(DTYPES)}")
-            shape = tuple(int(d) for d in chunk.shape)
-            if any(d < 0 for d in shape):
-                raise BadRequest(f"{name}: negative dimension in shape {list(shape)}")
+            try:
+                shape = check_header(chunk.dtype, chunk.shape, name)
+            except ValueError as exc:
+                raise BadRequest(str(exc)) from None
             size = nbytes(chunk.dtype, shape)
             part = parts.setdefault(name, {"dtype": chunk.dtype, "shape": shape, "buf": bytearray(size), "filled": 0})
             if (part["dtype"], part["shape"]) != (chunk.dtype, shape):
