@@ -11,6 +11,7 @@
     alphagrpo serve [--port 50051 ...]      gRPC PolicyService + RewardService (see --help)
     alphagrpo generate --server H:P ...     draw through a running server
     alphagrpo verify --server H:P --prompt P --image I               reward breakdown from a server
+    alphagrpo train --config configs/demo.yaml [--server local|H:P,...] [--resume]   GRPO training
 
 Run `alphagrpo COMMAND --help` for every flag.
 """
@@ -319,6 +320,13 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics port on --host (default: off)")
     sv.add_argument("--grace-s", type=float, default=10.0, help="drain time on SIGTERM, seconds (default 10)")
     sv.set_defaults(fn=cmd_serve)
+
+    try:  # the trainer client ships in the same distribution (trainer/alphagrpo_trainer)
+        from alphagrpo_trainer.cli import add_parser as add_train_parser
+    except ImportError:  # pragma: no cover - a partial install
+        add_train_parser = None
+    if add_train_parser is not None:
+        add_train_parser(sub)
 
     vf = sub.add_parser("verify", help="DVReward of one image from a running server, as a question table")
     vf.add_argument("--server", required=True, metavar="HOST:PORT[,HOST:PORT]", help="server address(es)")

@@ -63,3 +63,54 @@ def evaluate_policy(policy: Policy, rows: Optional[Sequence[Dict]] = None, think
             correct += int(spec == parse(r["explicit"]))
         parse_rate, correct_rate = ok / len(implicit), correct / len(implicit)
     return PolicyEval(report, parse_rate, correct_rate, images, thoughts)
+
+
+# ---- the three evaluation modes the model card and the trainer's report print ----------------------
+EVAL_MODES = (("plain", False, False), ("think", True, False), ("think+reflect", True, True))
+GRID_PROMPTS = ["a red circle", "a blue square", "three green triangles", "a yellow circle to the left of a purple square",
+                "a circle and a triangle", "a shape with no corners, coloured like the sky"]
+
+
+def evaluate_modes(policy: Policy, sampling: Optional[SamplingConfig] = None, modes=EVAL_MODES,
+                   rows: Optional[Sequence[Dict]] = None, limit: int = 0, log=None) -> Dict[str, Dict]:
+    """{mode: report dict + thought rates} for each (name, think, reflect) mode (default: all three)."""
+    sampling = sampling or SamplingConfig(steps=20, mode="ode", cfg_scale=3.0)
+    results = {}
+    for name, think, reflect in modes:
+        res = evaluate_policy(policy, rows=rows, think=think, reflect=reflect, sampling=sampling, limit=limit)
+        results[name] = dict(res.report.to_dict(), thought_parse_rate=res.thought_parse_rate,
+                             thought_correct_rate=res.thought_correct_rate)
+        if log:
+            log(f"{name}: overall {res.report.overall:.3f}")
+    return results
+
+
+def modes_table(results: Dict[str, Dict]) -> str:
+    """Markdown: one row per mode, accuracy per category, overall and mean DVReward."""
+    from ..shapes.grammar import CATEGORIES
+
+    cats = list(CATEGORIES) + ["implicit"]
+    lines = ["| mode | " + " | ".join(cats) + " | overall | mean DVReward |", "|---" * (len(cats) + 3) + "|"]
+    for name, r in results.items():
+        lines.append(f"| {name} | " + " | ".join(f"{r['accuracy'].get(c, float('nan')):.3f}" for c in cats)
+                     + f" | **{r['overall']:.3f}** | {r['mean_reward']:.3f} |")
+    for name, r in results.items():
+        if r.get("thought_parse_rate") is not None:
+            lines.append(f"\n{name}: implicit-prompt thoughts that parse {r['thought_parse_rate']:.3f}, "
+                         f"that parse to the intended prompt {r['thought_correct_rate']:.3f}")
+    return "\n".join(lines)
+
+
+def draw_grid(policy: Policy, path: str, prompts: Sequence[str] = tuple(GRID_PROMPTS), seeds: Sequence[int] = range(4),
+              sampling: Optional[SamplingConfig] = None, think: bool = True, scale: int = 4) -> str:
+    """PNG grid: one column per prompt, one row per seed (think mode, greedy thoughts, ODE)."""
+    from PIL import Image
+
+    sampling = sampling or SamplingConfig(steps=20, mode="ode", cfg_scale=3.0)
+    rows = []
+    for seed in seeds:
+        out = policy.generate(list(prompts), [seed] * len(prompts), sampling, think=think, temperature=1e-4)
+        rows.append(np.concatenate([s.image for s in out], axis=1))
+    grid = np.concatenate(rows, axis=0)
+    Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST).save(path)
+    return path

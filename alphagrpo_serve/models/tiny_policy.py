@@ -233,26 +233,38 @@ class TinyPolicy(Policy):
         prefix = self.prefix(s.prompt, think, reflect_image)
         return self.with_text(prefix, s.text.ids) if think else prefix
 
-    def token_logps(self, samples, reflect_images=None, temperature: float = 1.0) -> torch.Tensor:
-        """Teacher-forced log_softmax(logits / temperature) at each sample's recorded tokens, [B, T]."""
+    def token_logits(self, samples, reflect_images=None):
+        """Teacher-forced logits at the positions that predict each sample's recorded text tokens.
+
+        Returns (logits [B, T, V] float32, tokens [B, T] int64, mask [B, T] bool), right-padded; a
+        sample without text has an all-False mask row. Differentiable in the model's parameters."""
         m = self.model
         segs, lengths = [], []
         for i, s in enumerate(samples):
             prefix = self.prefix(s.prompt, True, None if reflect_images is None else reflect_images[i])
             segs.append(prefix + [("text", list(s.text.ids), True)])
             lengths.append(len(s.text.ids))
+        B, T = len(samples), max(lengths, default=0)
         b = self._collate(segs, left_pad=False)
         x = m.embed(b.tokens, b.kinds, b.positions, b.clean)
         h, _ = m.run(x, attention_mask(b.blocks, b.valid))
-        logp = torch.log_softmax(m.text_logits(h[:, :-1]).float() / temperature, dim=-1)
         labels = b.labels[:, 1:]
-        picked = logp.gather(-1, labels.clamp(min=0)[..., None])[..., 0]
-        T = max(lengths) if lengths else 0
-        out = torch.zeros(len(samples), T)
-        for i, n in enumerate(lengths):
-            if n:
-                out[i, :n] = picked[i][labels[i] >= 0]
-        return out
+        logits = torch.zeros(B, T, m.cfg.vocab_size)
+        tokens = torch.zeros(B, T, dtype=torch.long)
+        mask = torch.zeros(B, T, dtype=torch.bool)
+        rows, cols = (labels >= 0).nonzero(as_tuple=True)  # row-major: each row's label positions in order
+        if len(rows):
+            within = torch.cat([torch.arange(n) for n in lengths])
+            logits = logits.index_put((rows, within), m.text_logits(h[:, :-1][rows, cols]).float())
+            tokens[rows, within] = labels[rows, cols]
+            mask[rows, within] = True
+        return logits, tokens, mask
+
+    def token_logps(self, samples, reflect_images=None, temperature: float = 1.0) -> torch.Tensor:
+        """Teacher-forced log_softmax(logits / temperature) at each sample's recorded tokens, [B, T]."""
+        logits, tokens, mask = self.token_logits(samples, reflect_images)
+        logp = torch.log_softmax(logits / temperature, dim=-1).gather(-1, tokens[..., None])[..., 0]
+        return logp * mask
 
     def step_velocities(self, samples, k, with_uncond, reflect_images=None):
         """(v_cond, v_uncond) [B, 3, H, W] at window step k, in one full forward pass per branch."""
@@ -274,6 +286,8 @@ class TinyPolicy(Policy):
     # ---- weights ------------------------------------------------------------------------------------
     def enable_lora(self, rank: int = 8, alpha: float = 16.0) -> None:
         """Wraps every attention and MLP projection with a LoRA adapter (base weights frozen)."""
+        if not rank >= 1:
+            raise ValueError(f"LoRA rank must be >= 1, got {rank}")
         for blk in self.model.blocks:
             blk.qkv = LoRALinear(blk.qkv, rank, alpha)
             blk.proj = LoRALinear(blk.proj, rank, alpha)
@@ -283,12 +297,39 @@ class TinyPolicy(Policy):
             if "lora_" in n:
                 p.requires_grad_(True)
 
+    @property
+    def lora_enabled(self) -> bool:
+        return any(isinstance(blk.qkv, LoRALinear) for blk in self.model.blocks)
+
+    def _named_tensors(self) -> Dict[str, torch.Tensor]:
+        """The state dict under canonical names: a LoRA-wrapped layer's base weight keeps the name it
+        has without LoRA, so full weights travel the same way whether or not either side uses LoRA."""
+        return {k.replace(".base.", "."): v for k, v in self.model.state_dict().items()}
+
     def export_weights(self, lora: bool = False) -> Dict[str, torch.Tensor]:
-        sd = self.model.state_dict()
-        return {k: v.detach().clone() for k, v in sd.items() if ("lora_" in k) == lora}
+        """Full weights (lora=False) or the LoRA adapters with their scale folded into lora_B, so a
+        receiver applies them at scale 1 whatever alpha the sender trains with."""
+        out = {}
+        for k, v in self._named_tensors().items():
+            if ("lora_" in k) != lora:
+                continue
+            v = v.detach().clone()
+            if k.endswith("lora_B"):
+                v = v * self.model.get_submodule(k.rsplit(".", 1)[0]).scale
+            out[k] = v
+        return out
+
+    def merged_weights(self) -> Dict[str, torch.Tensor]:
+        """Full weights with every LoRA adapter merged in (W + scale * B A): a plain TinyUMM state dict."""
+        out = {k: v for k, v in self.export_weights(lora=False).items()}
+        for n, mod in self.model.named_modules():
+            if isinstance(mod, LoRALinear):
+                w = f"{n}.weight"
+                out[w] = (out[w] + mod.scale * (mod.lora_B @ mod.lora_A)).detach()
+        return out
 
     def import_weights(self, tensors: Dict[str, torch.Tensor], lora: bool = False) -> None:
-        current = self.model.state_dict()
+        current = self._named_tensors()
         for name, t in tensors.items():
             if name not in current:
                 raise KeyError(f"unknown tensor name {name!r}")
@@ -303,4 +344,7 @@ class TinyPolicy(Policy):
         with torch.no_grad():  # all checks passed: apply every tensor
             for name, t in tensors.items():
                 current[name].copy_(t)
+            if lora:  # received adapters carry their scale in lora_B
+                for blk in self.model.blocks:
+                    blk.qkv.scale = blk.proj.scale = 1.0
         self.version += 1

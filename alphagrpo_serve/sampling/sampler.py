@@ -81,7 +81,8 @@ def sample_images(velocity: VelocityFn, noise0: torch.Tensor, cfg: SamplingConfi
     """
     B = noise0.shape[0]
     sig = shifted_sigmas(cfg.steps, cfg.shift)
-    sigma_max = float(sig[1]) if cfg.steps > 1 else 0.5
+    # stands in for sigma == 1 in the std formula; stored in the trajectory exactly as used
+    sigma_max = min(max(float(sig[1]) if cfg.steps > 1 else 0.5, 1e-3), 0.999)
     window = cfg.window()
     x = noise0
     chain = [x] if len(window) and window[0] == 0 else []
@@ -99,7 +100,7 @@ def sample_images(velocity: VelocityFn, noise0: torch.Tensor, cfg: SamplingConfi
         else:
             noise = torch.zeros_like(x)
         out = flow_sde_step(x, v_cond, s, sn, noise_level=cfg.noise_level if in_window else 0.0,
-                            sigma_max=min(max(sigma_max, 1e-3), 0.999), noise=noise,
+                            sigma_max=sigma_max, noise=noise,
                             v_uncond=v_uncond if use_cfg else None, cfg_scale=cfg.cfg_scale)
         x = out.x_next
         if in_window:

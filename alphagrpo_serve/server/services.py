@@ -202,8 +202,12 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
                                                     bytes_received=received)
 
     def _apply(self, tensors, lora):
-        if lora and not any("lora_" in n for n in self.policy.model.state_dict()):
-            self.policy.enable_lora()
+        if lora and not self.policy.lora_enabled:
+            ranks = {int(t.shape[0]) for n, t in tensors.items() if n.endswith("lora_A") and t.dim() == 2}
+            if len(ranks) != 1:
+                raise ValueError(f"LoRA update needs lora_A tensors of one rank, got ranks {sorted(ranks)}")
+            rank = ranks.pop()
+            self.policy.enable_lora(rank=rank, alpha=float(rank))  # scale 1: senders fold theirs into lora_B
         self.policy.import_weights(tensors, lora=lora)
 
     async def _receive(self, request_iterator):

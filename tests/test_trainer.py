@@ -1,0 +1,313 @@
+"""The GRPO trainer: the SRR rectification rule on hand-made rewards, the loss and advantages against
+a plain float64 computation, and runs against a real `alphagrpo serve` subprocess on 127.0.0.1 (a
+small random tiny UMM in a real safetensors file keeps them fast): two steps change the served
+weights, kill -9 and --resume repeat the next step exactly, two torchrun ranks equal one rank."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from alphagrpo_serve import kernels
+from alphagrpo_serve.client import Client
+from alphagrpo_serve.models.pretrain import export_safetensors
+from alphagrpo_serve.models.tiny_policy import TinyPolicy
+from alphagrpo_serve.models.tiny_umm import TinyUMM, TinyUMMConfig
+from alphagrpo_serve.models.tokenizer import Tokenizer
+from alphagrpo_serve.sampling.sampler import SamplingConfig
+from alphagrpo_trainer.config import TrainConfig, load_config
+from alphagrpo_trainer.data import PromptSource, shard
+from alphagrpo_trainer.loss import grpo_backward
+from alphagrpo_trainer.rollout import rectify
+from alphagrpo_trainer.servers import LocalServer, ServerError, ServerPool
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.path.join(REPO, "trainer")]), OMP_NUM_THREADS="1")
+
+
+# ---- pure pieces ---------------------------------------------------------------------------------
+def test_rectify_rule_on_hand_made_rewards():
+    stage1 = torch.tensor([[0.2, 0.5, 0.9], [0.4, 0.45, 0.6]])
+    chosen = torch.tensor([0, 0])  # the lowest-reward image of each group is refined
+    stage2 = torch.tensor([[0.1, 0.2, 0.95], [0.4, 0.41, 0.3]])
+    # a refinement not better than its stage-1 image (0.2 resp. 0.4) gets the group's stage-1 minimum
+    assert torch.equal(rectify(stage1, chosen, stage2), torch.tensor([[0.2, 0.2, 0.95], [0.4, 0.41, 0.4]]))
+    # with a margin, a marginal "improvement" (0.41 vs 0.4) counts as none
+    assert torch.equal(rectify(stage1, chosen, stage2, margin=0.05), torch.tensor([[0.2, 0.2, 0.95], [0.4, 0.4, 0.4]]))
+    # refining another image than the minimum: its own reward is the bar, the group minimum the floor
+    out = rectify(stage1, torch.tensor([1, 2]), torch.tensor([[0.5, 0.51, 0.3], [0.7, 0.6, 0.61]]))
+    assert torch.equal(out, torch.tensor([[0.2, 0.51, 0.2], [0.7, 0.4, 0.61]]))
+    with pytest.raises(ValueError, match="share P"):
+        rectify(stage1, chosen, torch.zeros(3, 3))
+
+
+def test_config_validation_and_yaml(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("task: srr\ngroup_size: 4\n")
+    assert load_config(str(p)).task == "srr"
+    p.write_text("task: srr\ngroup_sise: 4\n")
+    with pytest.raises(ValueError, match="unknown field.*group_sise"):
+        load_config(str(p))
+    with pytest.raises(ValueError, match="group_size must be >= 2"):
+        load_config(None, {"group_size": 1})
+    with pytest.raises(ValueError, match="sde_window"):
+        load_config(None, {"steps": 4, "sde_window_range": [0, 6]})
+    for name in sorted(os.listdir(os.path.join(REPO, "configs"))):  # every shipped example loads
+        load_config(os.path.join(REPO, "configs", name))
+
+
+def test_prompts_depend_only_on_step_and_skip_heldout():
+    from alphagrpo_serve.shapes.grammar import is_heldout
+
+    a, b = PromptSource(3, 8), PromptSource(3, 8)
+    assert a.prompts_for(41) == b.prompts_for(41)  # b never saw steps 0..40
+    assert a.prompts_for(0) != a.prompts_for(1)
+    seen = [p for s in range(60) for p in a.prompts_for(s)]
+    assert not any(is_heldout(p) for p in seen)
+    assert shard(list(range(8)), 1, 2) == [4, 5, 6, 7]
+    with pytest.raises(ValueError, match="split evenly"):
+        shard(list(range(7)), 0, 2)
+
+
+# ---- the loss against a plain float64 computation ---------------------------------------------------
+def small_policy(seed=0):
+    torch.manual_seed(seed)
+    return TinyPolicy(TinyUMM(TinyUMMConfig(vocab_size=len(Tokenizer()), width=32, layers=1, heads=1)))
+
+
+def _plain_gaussian_logp(x_next, mean, scale):
+    return (-(x_next - mean) ** 2 / (2 * scale**2) - torch.log(scale) - 0.5 * math.log(2 * math.pi)).mean(dim=(1, 2, 3))
+
+
+def test_loss_and_advantages_match_plain_pytorch():
+    torch.manual_seed(0)
+    pol = small_policy()
+    cfg = TrainConfig(group_size=3, prompts_per_step=2, steps=4, sde_window_size=2, sde_window_range=[1, 4],
+                      cfg_scale=2.5, clip_image=2e-3, clip_text=[0.2, 0.28], text_weight=0.7)
+    sc = SamplingConfig(steps=4, mode="sde", sde_window=(1, 2), noise_level=cfg.noise_level, cfg_scale=cfg.cfg_scale)
+    prompts = ["a red circle"] * 3 + ["two blue squares"] * 3
+    with torch.no_grad():
+        samples = pol.generate(prompts, list(range(6)), sc, think=True, max_thought_tokens=5)
+    rewards = torch.tensor([[0.1, 0.5, 0.9], [0.3, 0.3, 0.8]])
+    adv = kernels.grpo_advantages(rewards, std_scope="batch").reshape(-1)
+    r = rewards.double()
+    expect_adv = (r - r.mean(1, keepdim=True)) / ((r - r.mean()).pow(2).mean().sqrt() + 1e-4)  # the batch's std (ddof 0)
+    assert torch.allclose(adv.double(), expect_adv.reshape(-1), atol=1e-6)
+    # move the weights so that ratios differ from 1 and some clip
+    with torch.no_grad():
+        for p in pol.model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    params = list(pol.model.parameters())
+    for p in params:
+        p.grad = None
+    metrics = grpo_backward(pol, samples, adv, cfg)
+    ours = [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in params]
+
+    # plain PyTorch: the same policy forward, then every formula written out here in float64
+    for p in params:
+        p.grad = None
+    logits, tokens, mask = pol.token_logits(samples)
+    logp = torch.log_softmax(logits.double(), -1).gather(-1, tokens[..., None])[..., 0]
+    old = torch.zeros_like(logp)
+    for i, s in enumerate(samples):
+        old[i, :len(s.text.logps)] = torch.tensor(s.text.logps, dtype=torch.float64)
+    ratio = torch.exp(logp - old)
+    A = adv.double()[:, None]
+    per_tok = -torch.minimum(ratio * A, ratio.clamp(0.8, 1.28) * A)
+    text_loss = (per_tok * mask).sum() / mask.sum()
+    img_loss = 0.0
+    for k in range(2):
+        x = torch.stack([s.trajectory.latents[k] for s in samples]).double()
+        xn = torch.stack([s.trajectory.latents[k + 1] for s in samples]).double()
+        sig, sign = float(samples[0].trajectory.sigmas[k]), float(samples[0].trajectory.sigma_nexts[k])
+        smax = samples[0].trajectory.sigma_max
+        vc, vu = pol.step_velocities(samples, k, True)
+        v = vu.double() + cfg.cfg_scale * (vc.double() - vu.double())
+        dt = sign - sig
+        s_ = smax if sig == 1.0 else sig
+        std = cfg.noise_level * math.sqrt(sig / (1 - s_))
+        mean = x * (1 + std**2 / (2 * sig) * dt) + v * (1 + std**2 * (1 - sig) / (2 * sig)) * dt
+        lp = _plain_gaussian_logp(xn, mean, torch.tensor(std * math.sqrt(-dt), dtype=torch.float64))
+        old_k = torch.tensor([float(s.trajectory.log_probs[k]) for s in samples], dtype=torch.float64)
+        rk = torch.exp(lp - old_k)
+        a = adv.double()
+        img_loss = img_loss + torch.maximum(-a * rk, -a * rk.clamp(1 - cfg.clip_image, 1 + cfg.clip_image)).mean() / 2
+    total = cfg.text_weight * text_loss + img_loss
+    total.backward()
+    assert abs(metrics["loss"] - float(total.detach())) < 1e-5, (metrics["loss"], float(total.detach()))
+    assert 0 < metrics["image_clip_frac"] < 1, "the test should exercise clipping"
+    for p, g in zip(params, ours):
+        ref = p.grad if p.grad is not None else torch.zeros_like(p)
+        assert torch.allclose(g, ref.float(), atol=1e-5, rtol=1e-3), float((g - ref).abs().max())
+
+
+# ---- runs against a real server --------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """A small random tiny UMM in a safetensors file, served by a real `alphagrpo serve` subprocess."""
+    d = tmp_path_factory.mktemp("grpo")
+    weights = str(d / "base.safetensors")
+    torch.manual_seed(1)
+    export_safetensors(TinyUMM(TinyUMMConfig(vocab_size=len(Tokenizer()), width=32, layers=1, heads=1)), weights)
+    old = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = "1"
+    try:
+        server = LocalServer(weights, log_path=str(d / "server.log"))
+    finally:
+        os.environ.pop("OMP_NUM_THREADS") if old is None else os.environ.__setitem__("OMP_NUM_THREADS", old)
+    yield server.address, weights, d
+    server.stop()
+
+
+def write_cfg(path, weights, out, **kw):
+    cfg = dict(task="mixed", mixed_rt2i_steps=1, group_size=3, prompts_per_step=2, steps=4, sde_window_size=2,
+               sde_window_range=[0, 4], max_thought_tokens=6, max_steps=2, checkpoint_every=1, eval_final_limit=6,
+               eval_steps=3, eval_srr=False, lr=1e-3, base_weights=weights, out_dir=str(out))
+    cfg.update(kw)
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+def train_cmd(cfg, server, *extra):
+    return [sys.executable, "-m", "alphagrpo_serve.cli", "train", "--config", cfg, "--server", server, "--no-progress", *extra]
+
+
+def metrics(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_two_steps_change_the_served_weights_and_bump_the_version(served, tmp_path):
+    addr, weights, _ = served
+    out = tmp_path / "run"
+    cfg = write_cfg(tmp_path / "c.yaml", weights, out)
+    with Client(addr) as c:
+        v0 = c.model_info().policy_version
+        before = c.generate(["a red circle"], seed=5, steps=3, think=True, max_thought_tokens=4)[0].image
+    res = subprocess.run(train_cmd(cfg, addr), env=ENV, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "report:" in res.stdout and "overall before" in res.stdout
+    rows = metrics(out)
+    assert [r["step"] for r in rows] == [1, 2] and [r["task"] for r in rows] == ["rt2i", "srr"]
+    assert all(r["off_policy_count"] == 0 for r in rows)
+    assert rows[0]["image_logp_dev"] < 1e-4 and rows[0]["text_logp_dev"] < 1e-4  # trainer recompute = server's record
+    with Client(addr) as c:
+        info = c.model_info()
+        after = c.generate(["a red circle"], seed=5, steps=3, think=True, max_thought_tokens=4)[0].image
+    assert info.policy_version == v0 + 3  # the initial push and one per step
+    assert not np.array_equal(before, after)
+    # the server holds exactly the trainer's final weights: same image for the same seed in-process
+    trained = TinyPolicy.load(str(out / "policy.safetensors"))
+    sc = SamplingConfig(steps=3, mode="ode", cfg_scale=3.0)
+    local = trained.generate(["a red circle"], [5], sc, think=True, max_thought_tokens=4)[0].image
+    assert np.array_equal(local, after)
+    for f in ("report.md", "grid_before.png", "grid_after.png", "reward_curve.png", "checkpoint.pt", "config.yaml"):
+        assert (out / f).exists(), f
+    assert any(n.startswith("events.out.tfevents") for n in os.listdir(out / "tb"))
+
+
+def test_kill_and_resume_repeats_the_next_step_exactly(served, tmp_path):
+    addr, weights, _ = served
+    ref_out, out = tmp_path / "ref", tmp_path / "killed"
+    ref_cfg = write_cfg(tmp_path / "ref.yaml", weights, ref_out, max_steps=3, task="rt2i")
+    cfg = write_cfg(tmp_path / "c.yaml", weights, out, max_steps=3, task="rt2i")
+    res = subprocess.run(train_cmd(ref_cfg, addr), env=ENV, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    proc = subprocess.Popen(train_cmd(cfg, addr), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    ckpt = out / "checkpoint.pt"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:  # kill as soon as step 2 is checkpointed
+        if ckpt.exists() and torch.load(ckpt, weights_only=False)["step"] >= 2:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert torch.load(ckpt, weights_only=False)["step"] == 2
+    res = subprocess.run(train_cmd(cfg, addr, "--resume"), env=ENV, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    a, b = metrics(ref_out), metrics(out)
+    assert [r["step"] for r in b] == [1, 2, 3]
+    for key in ("prompts", "seeds", "window", "task"):
+        assert a[2][key] == b[2][key], key
+    assert abs(a[2]["reward_mean"] - b[2]["reward_mean"]) < 1e-6
+    wa = TinyPolicy.load(str(ref_out / "policy.safetensors")).export_weights()
+    wb = TinyPolicy.load(str(out / "policy.safetensors")).export_weights()
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
+
+
+def test_two_torchrun_ranks_equal_one_rank(served, tmp_path):
+    addr, weights, _ = served
+    kw = dict(task="rt2i", max_steps=2, prompts_per_step=4, text_aggregation="seq-mean-token-mean", eval_final_limit=3)
+    one = write_cfg(tmp_path / "one.yaml", weights, tmp_path / "one", **kw)
+    two = write_cfg(tmp_path / "two.yaml", weights, tmp_path / "two", **kw)
+    res = subprocess.run(train_cmd(one, addr), env=ENV, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "alphagrpo_serve.cli", "train", "--config", two, "--server", addr, "--no-progress"]
+    res = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    a, b = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    assert [r["prompts"] for r in a] == [r["prompts"] for r in b]
+    assert all(abs(x["reward_mean"] - y["reward_mean"]) < 1e-5 for x, y in zip(a, b))
+    wa = TinyPolicy.load(str(tmp_path / "one" / "policy.safetensors")).export_weights()
+    wb = TinyPolicy.load(str(tmp_path / "two" / "policy.safetensors")).export_weights()
+    base = TinyPolicy.load(weights).export_weights()
+    moved = max(float((wa[k] - base[k]).abs().max()) for k in wa)
+    diff = max(float((wa[k] - wb[k]).abs().max()) for k in wa)
+    assert moved > 1e-4 and diff < 1e-2 * moved, (moved, diff)  # Adam: every weight moves ~lr a step
+
+
+def test_unreachable_server_names_the_address(tmp_path, served):
+    _, weights, _ = served
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    pool = ServerPool([f"127.0.0.1:{port}"], timeout_s=5, retries=2, backoff_s=0.05)
+    try:
+        with pytest.raises(ServerError, match=f"127.0.0.1:{port}.*after 2 retries"):
+            pool.info()
+    finally:
+        pool.close()
+    cfg = write_cfg(tmp_path / "c.yaml", weights, tmp_path / "run", server_retries=1, server_backoff_s=0.05,
+                    eval_final_limit=2)
+    res = subprocess.run(train_cmd(cfg, f"127.0.0.1:{port}"), env=ENV, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 1 and f"127.0.0.1:{port}" in res.stderr, res.stderr[-2000:]
+
+
+def test_a_restarted_server_gets_the_current_weights_before_rollouts(tmp_path, served):
+    from alphagrpo_trainer.train import Trainer
+
+    _, weights, _ = served
+    server = LocalServer(weights, log_path=str(tmp_path / "s1.log"))
+    port = int(server.address.rsplit(":", 1)[1])
+    cfg = load_config(None, dict(task="rt2i", group_size=3, prompts_per_step=2, steps=4, sde_window_size=2,
+                                 sde_window_range=[0, 4], max_thought_tokens=6, max_steps=3, lr=1e-3,
+                                 base_weights=weights, out_dir=str(tmp_path / "run")))
+    tr = Trainer(cfg, [server.address], progress=False, log=lambda *a: None)
+    try:
+        tr.sync_servers(force=True)
+        m1 = tr.train_step()
+        boot1 = tr.pool.known[server.address][0]
+        server.stop()
+        server = LocalServer(weights, log_path=str(tmp_path / "s2.log"), port=port)  # back with the base weights
+        m2 = tr.train_step()
+        assert tr.restarts == 1 and tr.pool.known[server.address][0] != boot1
+        assert m1["off_policy_count"] == 0 and m2["off_policy_count"] == 0
+        assert m2["image_logp_dev"] < 1e-4  # rollouts came from the trainer's weights, not the base
+        with Client(server.address) as c:
+            assert c.model_info().policy_version == 2  # the catch-up push, then the step's push
+    finally:
+        tr.close()
+        server.stop()

@@ -1,0 +1,130 @@
+"""TrainConfig: every setting of a GRPO run, loadable from YAML (unknown keys are errors).
+
+Each field's comment is its documentation; `alphagrpo train --print-config` prints the defaults
+as YAML. Shipped examples: configs/demo.yaml (the README's main job), configs/rt2i.yaml,
+configs/srr.yaml, configs/lora.yaml.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+TASKS = ("rt2i", "srr", "mixed")
+STD_SCOPES = ("group", "batch", "none")
+AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+SCHEDULES = ("constant", "cosine")
+OFF_POLICY = ("importance", "drop")
+
+
+@dataclass
+class TrainConfig:
+    # ---- what to train -------------------------------------------------------------------------
+    task: str = "rt2i"  # rt2i: reasoning text-to-image; srr: self-reflective refinement (stage 2 trained); mixed: rt2i for the first mixed_rt2i_steps steps, then srr and rt2i alternating
+    mixed_rt2i_steps: int = 0  # mixed only: RT2I-only steps before SRR starts
+    group_size: int = 8  # G: samples per prompt
+    prompts_per_step: int = 8  # prompts per optimiser step, over all ranks (a multiple of the world size)
+    prompts_file: Optional[str] = None  # JSONL of {"prompt": ...} rows; default: ShapesWorld's training split
+    category_weights: dict = field(default_factory=dict)  # ShapesWorld prompt mix by category (incl. implicit); empty = uniform over categories
+    think_fraction: float = 1.0  # RT2I: share of prompts sampled in think mode (<think> text, then the image)
+    # ---- sampling (rollouts) -------------------------------------------------------------------
+    steps: int = 10  # denoising steps per rollout
+    cfg_scale: float = 3.0  # classifier-free guidance, identical at sampling and in the recompute
+    noise_level: float = 0.7  # SDE noise inside the window
+    sde_window_size: int = 2  # SDE steps per rollout (the rest are ODE)
+    sde_window_range: List[int] = field(default_factory=lambda: [0, 6])  # the window's start is drawn per step in [lo, hi - size]
+    temperature: float = 1.0  # thought/critique sampling temperature
+    max_thought_tokens: int = 40
+    # ---- loss -----------------------------------------------------------------------------------
+    clip_text: List[float] = field(default_factory=lambda: [0.2, 0.28])  # [eps_low, eps_high] of the token ratio
+    clip_image: float = 1e-3  # clip range of the per-step image ratio
+    kl_text: float = 0.0  # beta of the k3 KL to the base policy on text tokens (needs a reference forward)
+    kl_image: float = 0.0  # beta of the KL between step means of policy and base policy
+    adv_std_scope: str = "batch"  # group | batch | none: what the advantages are divided by (the paper: batch)
+    adv_clip: Optional[float] = None  # clamp advantages to [-c, c]
+    text_weight: float = 1.0  # weight of the text loss beside the image loss
+    text_aggregation: str = "token-mean"  # see kernels.grpo_token_loss
+    updates_per_batch: int = 1  # optimiser steps on each batch of rollouts (>1: the clipped ratios matter)
+    off_policy: str = "importance"  # a rollout from another policy version: importance (its recorded log-probs as the behaviour policy, clipped ratio) | drop
+    srr_margin: float = 0.0  # SRR rectification: a refinement whose reward is not above its stage-1 image's by more than this gets the group's minimum stage-1 reward
+    # ---- optimiser --------------------------------------------------------------------------------
+    lr: float = 3e-5
+    lr_schedule: str = "constant"  # constant | cosine (to 10% at max_steps), after warmup_steps
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    lora_rank: int = 0  # 0: full fine-tuning; >0: LoRA on every attention projection (pushes only the adapters)
+    lora_alpha: float = 16.0
+    # ---- run ----------------------------------------------------------------------------------------
+    max_steps: int = 100
+    eval_every: int = 0  # evaluate every K steps (0: only before and after)
+    eval_limit: int = 0  # held-out rows in the periodic evaluations (0: all 360)
+    eval_final_limit: int = 0  # held-out rows of the before/after evaluations (0: all 360; tests use fewer)
+    eval_steps: int = 20  # denoising steps of every evaluation (ODE)
+    eval_srr: bool = True  # evaluate think + one round of SRR at inference too
+    checkpoint_every: int = 10  # checkpoint cadence in steps (and always at the end)
+    seed: int = 0
+    base_weights: Optional[str] = None  # policy weights to start from (default: the shipped tiny UMM)
+    out_dir: str = "runs/train"
+    server_timeout_s: float = 300.0  # deadline of one server call
+    server_retries: int = 5  # retries of an unreachable server, with exponential backoff
+    server_backoff_s: float = 0.5
+
+    def validate(self) -> "TrainConfig":
+        def need(ok, msg):
+            if not ok:
+                raise ValueError(f"config: {msg}")
+
+        need(self.task in TASKS, f"task must be one of {TASKS}, got {self.task!r}")
+        need(self.group_size >= 2, f"group_size must be >= 2 (GRPO compares samples within a group), got {self.group_size}")
+        need(self.prompts_per_step >= 1, f"prompts_per_step must be >= 1, got {self.prompts_per_step}")
+        need(0.0 <= self.think_fraction <= 1.0, f"think_fraction must be in [0, 1], got {self.think_fraction}")
+        need(1 <= self.steps <= 100, f"steps must be in [1, 100], got {self.steps}")
+        need(len(self.sde_window_range) == 2, f"sde_window_range must be [lo, hi], got {self.sde_window_range}")
+        lo, hi = self.sde_window_range
+        need(1 <= self.sde_window_size and 0 <= lo and lo + self.sde_window_size <= hi <= self.steps,
+             f"need 1 <= sde_window_size and 0 <= lo, lo + size <= hi <= steps; got size {self.sde_window_size}, "
+             f"range {self.sde_window_range}, steps {self.steps}")
+        need(self.noise_level > 0, f"noise_level must be > 0 (the SDE window needs noise), got {self.noise_level}")
+        need(len(self.clip_text) == 2 and 0 <= self.clip_text[0] < 1 and self.clip_text[1] >= 0,
+             f"clip_text must be [eps_low in [0, 1), eps_high >= 0], got {self.clip_text}")
+        need(self.clip_image > 0, f"clip_image must be > 0, got {self.clip_image}")
+        need(self.kl_text >= 0 and self.kl_image >= 0, "kl_text and kl_image must be >= 0")
+        need(self.adv_std_scope in STD_SCOPES, f"adv_std_scope must be one of {STD_SCOPES}, got {self.adv_std_scope!r}")
+        need(self.text_aggregation in AGGREGATIONS, f"text_aggregation must be one of {AGGREGATIONS}")
+        need(self.off_policy in OFF_POLICY, f"off_policy must be one of {OFF_POLICY}, got {self.off_policy!r}")
+        need(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        need(self.lr_schedule in SCHEDULES, f"lr_schedule must be one of {SCHEDULES}, got {self.lr_schedule!r}")
+        need(self.lora_rank >= 0, f"lora_rank must be >= 0, got {self.lora_rank}")
+        need(self.max_steps >= 0, f"max_steps must be >= 0, got {self.max_steps}")
+        need(self.updates_per_batch >= 1, f"updates_per_batch must be >= 1, got {self.updates_per_batch}")
+        need(self.checkpoint_every >= 1, f"checkpoint_every must be >= 1, got {self.checkpoint_every}")
+        need(self.server_retries >= 0 and self.server_backoff_s >= 0, "server_retries and server_backoff_s must be >= 0")
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def load_config(path: Optional[str] = None, overrides: Optional[dict] = None) -> TrainConfig:
+    """TrainConfig from a YAML file (None: the defaults) with optional overrides; validated."""
+    import yaml
+
+    data = {}
+    if path:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: the config must be a mapping of field: value")
+    data.update(overrides or {})
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"{path or 'config'}: unknown field(s) {unknown}; valid fields: {sorted(names)}")
+    return TrainConfig(**data).validate()
+
+
+def config_yaml(cfg: TrainConfig) -> str:
+    import yaml
+
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

@@ -1,0 +1,93 @@
+"""Prompts for training: ShapesWorld's training split (every prompt the held-out rule does not
+reserve, implicit prompts included) or a JSONL file, in seeded epochs.
+
+The prompts of step s depend only on (seed, s): the run visits the pool in shuffled epochs and
+step s takes the next prompts_per_step of that order, so a resumed run draws exactly the prompts
+the uninterrupted run would have drawn. Category weights resample the pool (with replacement
+inside an epoch) when given.
+"""
+from __future__ import annotations
+
+import json
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+
+from alphagrpo_serve.shapes.grammar import CATEGORIES, all_prompts, is_heldout
+
+ALL_CATEGORIES = tuple(CATEGORIES) + ("implicit",)
+
+
+def shapes_training_prompts() -> Dict[str, List[str]]:
+    """{category: prompts that training may draw} (the held-out fifth removed)."""
+    return {c: [p for p in all_prompts(c) if not is_heldout(p)] for c in ALL_CATEGORIES}
+
+
+def read_prompts_file(path: str) -> List[str]:
+    prompts = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}:{n}: not JSON ({exc.msg})") from None
+            if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
+                raise ValueError(f"{path}:{n}: each row must be an object with a non-empty string 'prompt'")
+            prompts.append(row["prompt"])
+    if not prompts:
+        raise ValueError(f"{path}: no prompts")
+    return prompts
+
+
+class PromptSource:
+    """Deterministic prompts per step: prompts_for(step) -> list of prompts_per_step prompts."""
+
+    EPOCH_LEN = 4096  # prompts per (weighted) epoch
+
+    def __init__(self, seed: int, prompts_per_step: int, prompts_file: Optional[str] = None,
+                 category_weights: Optional[Dict[str, float]] = None):
+        self.seed, self.per_step = int(seed), int(prompts_per_step)
+        if prompts_file:
+            self.pools = {"file": read_prompts_file(prompts_file)}
+            weights = {"file": 1.0}
+        else:
+            self.pools = shapes_training_prompts()
+            weights = dict(category_weights or {c: 1.0 for c in ALL_CATEGORIES})
+            bad = sorted(set(weights) - set(ALL_CATEGORIES))
+            if bad:
+                raise ValueError(f"category_weights: unknown categories {bad}; valid: {list(ALL_CATEGORIES)}")
+        cats = [c for c, w in weights.items() if w > 0]
+        if not cats:
+            raise ValueError("category_weights: at least one category needs a weight > 0")
+        p = np.asarray([weights[c] for c in cats], dtype=np.float64)
+        self.cats, self.p = cats, p / p.sum()
+        self._epochs: Dict[int, List[str]] = {}
+
+    def _epoch(self, e: int) -> List[str]:
+        if e not in self._epochs:
+            rng = np.random.default_rng([self.seed, 7919, e])
+            pick = rng.choice(len(self.cats), size=self.EPOCH_LEN, p=self.p)
+            self._epochs = {e: [self.pools[self.cats[k]][rng.integers(len(self.pools[self.cats[k]]))] for k in pick]}
+        return self._epochs[e]
+
+    def position(self, step: int) -> int:
+        """Index of the first prompt of `step` in the run's prompt stream (the data position)."""
+        return step * self.per_step
+
+    def prompts_for(self, step: int) -> List[str]:
+        out, pos = [], self.position(step)
+        while len(out) < self.per_step:
+            e, i = divmod(pos, self.EPOCH_LEN)
+            out.append(self._epoch(e)[i])
+            pos += 1
+        return out
+
+
+def shard(items: Sequence, rank: int, world: int) -> List:
+    """rank's contiguous share of items (len(items) must be a multiple of world)."""
+    if len(items) % world:
+        raise ValueError(f"{len(items)} items do not split evenly over {world} ranks")
+    n = len(items) // world
+    return list(items[rank * n:(rank + 1) * n])

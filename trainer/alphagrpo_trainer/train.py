@@ -1,0 +1,415 @@
+"""The GRPO training loop: rollouts from the servers, advantages, the loss on the trainer's own copy
+of the policy, AdamW, weight push; metrics, evaluation, checkpoints, resume, and torchrun ranks.
+
+One step (rank r of N):
+  prompts_for(step) -> rank r's share -> RT2I or SRR rollouts (rollout.py) -> rewards of all ranks
+  gathered -> kernels.grpo_advantages over the whole batch -> loss.grpo_backward -> gradients
+  averaged over ranks -> clip -> AdamW -> rank 0 pushes the weights (LoRA adapters when LoRA) to
+  every server, all ranks learn the new policy versions -> next step.
+Everything random in a step derives from (seed, step), so a resumed run repeats the uninterrupted
+run's prompts and seeds exactly.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from alphagrpo_serve import kernels
+from alphagrpo_serve.models.evaluate_policy import EVAL_MODES, GRID_PROMPTS, draw_grid, evaluate_modes
+from alphagrpo_serve.models.tiny_policy import TinyPolicy
+from alphagrpo_serve.sampling.sampler import SamplingConfig
+
+from .config import TrainConfig, config_yaml
+from .data import PromptSource, shard
+from .loss import grpo_backward
+from .report import before_after_table, plot_curves, write_report
+from .rollout import RolloutRunner, Rollouts
+from .servers import ServerPool
+
+
+def save_atomic(obj, path: str) -> None:
+    """torch.save to a temporary file in the same folder, fsync, then rename over `path`."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_json_atomic(obj, path: str) -> None:
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+class Trainer:
+    CKPT = "checkpoint.pt"
+
+    def __init__(self, cfg: TrainConfig, addresses: Sequence[str], resume: bool = False, progress: bool = True,
+                 log=print):
+        self.cfg = cfg
+        self.distributed = dist.is_available() and dist.is_initialized()
+        self.rank = dist.get_rank() if self.distributed else 0
+        self.world = dist.get_world_size() if self.distributed else 1
+        if cfg.prompts_per_step % self.world:
+            raise ValueError(f"config: prompts_per_step ({cfg.prompts_per_step}) must be a multiple of the "
+                             f"number of ranks ({self.world})")
+        self.log = log if self.rank == 0 else (lambda *a, **k: None)
+        self.progress = progress and self.rank == 0
+        self.out = cfg.out_dir
+        os.makedirs(self.out, exist_ok=True)
+        torch.manual_seed(cfg.seed)
+        self.policy = TinyPolicy.load(cfg.base_weights)
+        if cfg.lora_rank:
+            self.policy.enable_lora(cfg.lora_rank, cfg.lora_alpha)
+        self.ref = TinyPolicy.load(cfg.base_weights) if (cfg.kl_text > 0 or cfg.kl_image > 0) else None
+        self.params = [p for p in self.policy.model.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
+        self.source = PromptSource(cfg.seed, cfg.prompts_per_step, cfg.prompts_file, cfg.category_weights)
+        self.pool = ServerPool(addresses, cfg.server_timeout_s, cfg.server_retries, cfg.server_backoff_s,
+                               offset=self.rank)
+        self.runner = RolloutRunner(self.pool, cfg)
+        self.step = 0
+        self.history: List[Dict] = []  # per-step metrics (rank 0)
+        self.periodic: List[Dict] = []  # periodic evaluations
+        self.before: Optional[Dict] = None
+        self.restarts = 0
+        self.elapsed0 = 0.0
+        if resume:
+            self._load()
+        self._writer = None
+
+    # ---- checkpoints ------------------------------------------------------------------------------
+    @property
+    def ckpt_path(self) -> str:
+        return os.path.join(self.out, self.CKPT)
+
+    def checkpoint(self) -> None:
+        if self.rank != 0:
+            return
+        state = {
+            "format": "alphagrpo-train-1",
+            "step": self.step,
+            "data_position": self.source.position(self.step),
+            "model": self.policy.model.state_dict(),
+            "optimizer": self.opt.state_dict(),
+            "schedule": {"lr": self.lr_at(self.step), "kind": self.cfg.lr_schedule},
+            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+            "policy_version": self.policy.version,
+            "config": self.cfg.to_dict(),
+            "history": self.history,
+            "periodic": self.periodic,
+            "before": self.before,
+            "restarts": self.restarts,
+            "elapsed_s": self.elapsed(),
+        }
+        save_atomic(state, self.ckpt_path)
+
+    def _load(self) -> None:
+        if not os.path.exists(self.ckpt_path):
+            raise FileNotFoundError(f"--resume: no checkpoint at {self.ckpt_path}")
+        state = torch.load(self.ckpt_path, weights_only=False)
+        if state.get("format") != "alphagrpo-train-1":
+            raise ValueError(f"{self.ckpt_path} is not a trainer checkpoint")
+        changed = {k for k in ("task", "group_size", "prompts_per_step", "seed", "lora_rank", "base_weights")
+                   if state["config"].get(k) != getattr(self.cfg, k)}
+        if changed:
+            raise ValueError(f"--resume: the config differs from the checkpoint's in {sorted(changed)}")
+        self.policy.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"]["torch"])
+        np.random.set_state(state["rng"]["numpy"])
+        random.setstate(state["rng"]["python"])
+        self.step = state["step"]
+        self.policy.version = state["policy_version"]
+        self.history, self.periodic = state["history"], state["periodic"]
+        self.before, self.restarts = state["before"], state["restarts"]
+        self.elapsed0 = state["elapsed_s"]
+        # metrics written after the checkpoint by the interrupted run are replaced by the rerun
+        path = os.path.join(self.out, "metrics.jsonl")
+        if self.rank == 0 and os.path.exists(path):
+            with open(path) as f:
+                keep = [ln for ln in f if ln.strip() and json.loads(ln)["step"] <= self.step]
+            with open(path, "w") as f:
+                f.writelines(keep)
+        self.log(f"resumed from {self.ckpt_path} at step {self.step}")
+
+    # ---- helpers -----------------------------------------------------------------------------------
+    def elapsed(self) -> float:
+        return self.elapsed0 + time.time() - self._t0 if hasattr(self, "_t0") else self.elapsed0
+
+    def lr_at(self, step: int) -> float:
+        c = self.cfg
+        if step < c.warmup_steps:
+            return c.lr * (step + 1) / c.warmup_steps
+        if c.lr_schedule == "constant":
+            return c.lr
+        frac = (step - c.warmup_steps) / max(1, c.max_steps - c.warmup_steps)
+        return c.lr * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * min(1.0, frac))))
+
+    def task_at(self, step: int) -> str:
+        c = self.cfg
+        if c.task != "mixed":
+            return c.task
+        if step < c.mixed_rt2i_steps:
+            return "rt2i"
+        return "srr" if (step - c.mixed_rt2i_steps) % 2 == 0 else "rt2i"
+
+    def step_inputs(self, step: int) -> Dict:
+        """Everything random about a step, from (seed, step) only: prompts, think flags, window, seeds."""
+        c = self.cfg
+        rng = np.random.default_rng([c.seed, 104729, step])
+        lo, hi = c.sde_window_range
+        start = int(rng.integers(lo, hi - c.sde_window_size + 1))
+        prompts = self.source.prompts_for(step)
+        think = [bool(x) for x in rng.random(len(prompts)) < c.think_fraction]
+        base_seed = int(rng.integers(0, 2**31 - 1))
+        per_rank = len(prompts) // self.world  # sample (i, g) of the step has seed base + i * G + g on any rank count
+        return {"step": step, "task": self.task_at(step), "prompts": prompts, "think": think,
+                "window": (start, c.sde_window_size),
+                "seeds": [base_seed + r * per_rank * c.group_size for r in range(self.world)]}
+
+    def _broadcast(self, obj):
+        if not self.distributed:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def _gather_rewards(self, r: torch.Tensor) -> torch.Tensor:
+        if not self.distributed:
+            return r
+        parts = [torch.empty_like(r) for _ in range(self.world)]
+        dist.all_gather(parts, r.contiguous())
+        return torch.cat(parts, 0)
+
+    def _reduce_metrics(self, m: Dict[str, float]) -> Dict[str, float]:
+        """Means over ranks (sums for *_count); a key only some ranks have (a category one rank did not
+        draw) is averaged over those ranks."""
+        if not self.distributed:
+            return m
+        parts = [None] * self.world
+        dist.all_gather_object(parts, m)
+        out = {}
+        for k in {k for p in parts for k in p}:
+            vals = [p[k] for p in parts if k in p]
+            out[k] = sum(vals) if k.endswith("_count") else sum(vals) / len(vals)
+        return out
+
+    def weight_sets(self, full: bool) -> List[tuple]:
+        """What goes to a server: full weights (first push, restarted server), else the LoRA
+        adapters when training LoRA, else the full weights."""
+        sets = []
+        if full or not self.cfg.lora_rank:
+            sets.append((self.policy.export_weights(lora=False), False))
+        if self.cfg.lora_rank:
+            sets.append((self.policy.export_weights(lora=True), True))
+        return sets
+
+    def sync_servers(self, force: bool = False) -> None:
+        """Rank 0 pushes the current weights to every server that does not hold them (all when
+        force); every rank then learns the servers' (boot id, version)."""
+        if self.rank == 0:
+            stale = list(range(len(self.pool.addresses))) if force else self.pool.stale()
+            if stale:
+                if not force:
+                    self.restarts += len(stale)
+                    self.log(f"server(s) {[self.pool.addresses[i] for i in stale]} restarted or changed: "
+                             f"pushing the current weights (policy version {self.policy.version})")
+                self.pool.push(self.weight_sets(full=True), only=stale)
+        self.pool.known = self._broadcast(self.pool.known)
+
+    # ---- evaluation ------------------------------------------------------------------------------------
+    def evaluate(self, limit: int = 0, modes=None) -> Dict[str, Dict]:
+        c = self.cfg
+        modes = modes or [m for m in EVAL_MODES if c.eval_srr or not m[2]]
+        sc = SamplingConfig(steps=c.eval_steps, mode="ode", cfg_scale=c.cfg_scale)
+        self.policy.model.eval()
+        with torch.no_grad():
+            return evaluate_modes(self.policy, sc, modes=modes, limit=limit)
+
+    def grid(self, name: str) -> str:
+        sc = SamplingConfig(steps=self.cfg.eval_steps, mode="ode", cfg_scale=self.cfg.cfg_scale)
+        with torch.no_grad():
+            return draw_grid(self.policy, os.path.join(self.out, name), GRID_PROMPTS, range(4), sc)
+
+    # ---- one step ---------------------------------------------------------------------------------------
+    def rollouts(self, inp: Dict) -> Rollouts:
+        prompts = shard(inp["prompts"], self.rank, self.world)
+        think = shard(inp["think"], self.rank, self.world)
+        seed = inp["seeds"][self.rank]
+        if inp["task"] == "srr":
+            return self.runner.srr(prompts, seed, inp["window"])
+        return self.runner.rt2i(prompts, think, seed, inp["window"])
+
+    def train_step(self) -> Dict:
+        c = self.cfg
+        t0 = time.time()
+        self.sync_servers()
+        inp = self.step_inputs(self.step)
+        roll = self.rollouts(inp)
+        t_roll = time.time() - t0
+        t_gen, t_ver = self.runner.timing.pop("generate", 0.0), self.runner.timing.pop("verify", 0.0)
+        # advantages over the whole batch (all ranks), then this rank's rows
+        rewards_all = self._gather_rewards(roll.rewards)
+        adv_all = kernels.grpo_advantages(rewards_all, std_scope=c.adv_std_scope, clip=c.adv_clip)
+        P = roll.rewards.shape[0]
+        adv = adv_all[self.rank * P:(self.rank + 1) * P].reshape(-1)
+        # rollouts from another policy version: corrected (recorded log-probs as behaviour policy) or dropped
+        off = [i for i, (s, a) in enumerate(zip(roll.samples, roll.addresses))
+               if s.policy_version != self.pool.expected_version(a)]
+        keep = list(range(len(roll.samples)))
+        if off and c.off_policy == "drop":
+            keep = [i for i in keep if i not in set(off)]
+        samples = [roll.samples[i] for i in keep]
+        refl = None if roll.reflect_images is None else [roll.reflect_images[i] for i in keep]
+        t1 = time.time()
+        self.policy.model.train()
+        lm: Dict[str, float] = {}
+        for u in range(c.updates_per_batch):
+            for g in self.opt.param_groups:
+                g["lr"] = self.lr_at(self.step)
+            self.opt.zero_grad(set_to_none=False)
+            for p in self.params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            if samples:
+                lm = grpo_backward(self.policy, samples, adv[keep], c, refl, self.ref)
+            if self.distributed:
+                for p in self.params:
+                    dist.all_reduce(p.grad)
+                    p.grad /= self.world
+            gnorm = float(torch.nn.utils.clip_grad_norm_(self.params, c.grad_clip))
+            self.opt.step()
+        self.policy.model.eval()
+        t_train = time.time() - t1
+        t2 = time.time()
+        if self.rank == 0:
+            versions = self.pool.push(self.weight_sets(full=False))
+            self.policy.version = max(versions.values())
+        self.pool.known = self._broadcast(self.pool.known)
+        self.policy.version = self._broadcast(self.policy.version)
+        t_push = time.time() - t2
+        self.step += 1
+        m = {"reward_mean": float(roll.rewards.mean()), "reward_std": float(roll.rewards.std(unbiased=False)),
+             "reward_raw_mean": float(roll.raw_rewards.mean()), "reward_semantic": float(roll.semantic.mean()),
+             "reward_quality": float(roll.quality.mean()), "grad_norm": gnorm, "lr": self.lr_at(self.step - 1),
+             "off_policy_count": float(len(off)), "dropped_count": float(len(roll.samples) - len(keep)),
+             "time_generate_s": t_gen, "time_verify_s": t_ver, "time_rollout_s": t_roll, "time_train_s": t_train,
+             "time_push_s": t_push, **lm}
+        if roll.kind == "srr":
+            m["srr_stage1_mean"] = float(roll.stage1_rewards.mean())
+            m["srr_improved_frac"] = float((roll.raw_rewards > roll.stage1_rewards.min(1, keepdim=True).values).float().mean())
+        m.update(self._accuracy(roll))
+        m = self._reduce_metrics(m)
+        m.update(step=self.step, task=roll.kind, policy_version=self.policy.version, elapsed_s=round(self.elapsed(), 2),
+                 prompts=inp["prompts"], seeds=inp["seeds"], window=list(inp["window"]))
+        return m
+
+    @staticmethod
+    def _accuracy(roll: Rollouts) -> Dict[str, float]:
+        """GenEval-rule accuracy of the rollout images per category (ShapesWorld prompts only)."""
+        from alphagrpo_serve.shapes.evaluate import evaluate
+
+        try:
+            rep = evaluate([s.prompt for s in roll.samples], np.stack([s.image for s in roll.samples]))
+        except ValueError:  # prompts outside ShapesWorld's grammar
+            return {}
+        return {f"acc_{k}": v for k, v in rep.accuracy.items()}
+
+    # ---- the run -------------------------------------------------------------------------------------------
+    def _tb(self, m: Dict) -> None:
+        if self.rank != 0:
+            return
+        if self._writer is None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._writer = SummaryWriter(os.path.join(self.out, "tb"))
+            except ImportError:
+                self._writer = False
+                self.log("tensorboard is not installed: metrics go to metrics.jsonl only")
+        if self._writer:
+            for k, v in m.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    self._writer.add_scalar(k.replace("_", "/", 1) if k.startswith(("reward_", "acc_", "time_", "text_", "image_")) else k,
+                                            v, m["step"])
+            self._writer.flush()
+
+    def run(self) -> Dict:
+        c = self.cfg
+        self._t0 = time.time()
+        files: Dict[str, str] = {}
+        if self.rank == 0:
+            with open(os.path.join(self.out, "config.yaml"), "w") as f:
+                f.write(config_yaml(c))
+            if self.before is None and c.max_steps > 0:
+                self.log("evaluating the base policy on the held-out split ...")
+                self.before = self.evaluate(limit=c.eval_final_limit)
+                write_json_atomic(self.before, os.path.join(self.out, "eval_before.json"))
+                self.grid("grid_before.png")
+        if self.distributed:
+            dist.barrier()
+        self.sync_servers(force=True)
+        from tqdm import tqdm
+
+        bar = tqdm(total=c.max_steps, initial=self.step, desc="grpo", disable=not self.progress, dynamic_ncols=True)
+        metrics_path = os.path.join(self.out, "metrics.jsonl")
+        while self.step < c.max_steps:
+            m = self.train_step()
+            if self.rank == 0:
+                self.history.append({k: v for k, v in m.items() if k not in ("prompts", "seeds")})
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(m) + "\n")
+                self._tb(m)
+                bar.update(1)
+                bar.set_postfix(task=m["task"], reward=f"{m['reward_mean']:.3f}", S=f"{m['reward_semantic']:.2f}",
+                                Q=f"{m['reward_quality']:.2f}")
+            if c.eval_every and self.step % c.eval_every == 0 and self.step < c.max_steps and self.rank == 0:
+                res = self.evaluate(limit=c.eval_limit, modes=[m_ for m_ in EVAL_MODES if not m_[2]])
+                self.periodic.append({"step": self.step, "results": res})
+                self._tb({"step": self.step, **{f"eval_{k}/overall": v["overall"] for k, v in res.items()}})
+                bar.write(f"step {self.step}: held-out " + ", ".join(f"{k} {v['overall']:.3f}" for k, v in res.items()))
+            if self.step % c.checkpoint_every == 0 or self.step == c.max_steps:
+                self.checkpoint()
+            if self.distributed:
+                dist.barrier()
+        bar.close()
+        summary = {"steps": self.step, "restarts": self.restarts}
+        if self.rank == 0:
+            self.checkpoint()
+            self.policy.model.eval()
+            after = self.evaluate(limit=c.eval_final_limit)
+            write_json_atomic(after, os.path.join(self.out, "eval_after.json"))
+            files["grid before training"] = os.path.join(self.out, "grid_before.png")
+            files["grid after training"] = self.grid("grid_after.png")
+            files["reward curve"] = plot_curves(self.history, os.path.join(self.out, "reward_curve.png"))
+            files["metrics (JSONL)"] = metrics_path
+            files["checkpoint"] = self.ckpt_path
+            from safetensors.torch import save_file
+
+            weights = os.path.join(self.out, "policy.safetensors")
+            meta = {"config": json.dumps(self.policy.model.cfg.to_dict()), "grpo_steps": str(self.step)}
+            save_file({k: v.contiguous() for k, v in self.policy.merged_weights().items()}, weights, meta)
+            files["trained weights (full, safetensors)"] = weights
+            report = write_report(self.out, c.to_dict(), self.before, after, self.history, self.periodic, files,
+                                  self.elapsed())
+            summary.update(before=self.before, after=after, report=report,
+                           table=before_after_table(self.before, after) if self.before else "")
+            if self._writer:
+                self._writer.close()
+        if self.distributed:
+            dist.barrier()
+        return summary
+
+    def close(self) -> None:
+        self.pool.close()
