@@ -11,6 +11,7 @@
     alphagrpo serve [--port 50051 ...]      gRPC PolicyService + RewardService (see --help)
     alphagrpo generate --server H:P ...     draw through a running server
     alphagrpo verify --server H:P --prompt P --image I               reward breakdown from a server
+    alphagrpo decompose --in P.txt --out Q.jsonl --url U --model M   questions from an OpenAI-compatible LLM
     alphagrpo train --config configs/demo.yaml [--server local|H:P,...] [--resume]   GRPO training
 
 Run `alphagrpo COMMAND --help` for every flag.
@@ -92,6 +93,27 @@ def cmd_reward(args) -> int:
         raise SystemExit(f"error: {exc}")
     print(result.table())
     return 0
+
+
+def cmd_decompose(args) -> int:
+    import asyncio
+
+    from .reward.openai_backend import Endpoint, OpenAIDecomposer, decompose_file
+
+    try:
+        with open(args.inp) as f:
+            lines = [ln.strip() for ln in f if ln.strip()]
+        prompts = [json.loads(ln)["prompt"] if ln.startswith("{") else ln for ln in lines]
+        ep = Endpoint(args.url, args.model, os.environ.get(args.api_key_env) if args.api_key_env else None,
+                      args.concurrency, args.timeout, args.retries)
+        dec = OpenAIDecomposer(ep, attempts=args.attempts)
+    except (OSError, ValueError, KeyError) as exc:
+        raise SystemExit(f"error: {exc}")
+    ok, skipped, failed = asyncio.run(decompose_file(dec, prompts, args.out))
+    print(f"decomposed {ok}, already in {args.out}: {skipped}, failed: {len(failed)}")
+    for p, why in failed[:20]:
+        print(f"  failed: {why}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def cmd_pretrain(args) -> int:
@@ -225,7 +247,11 @@ def cmd_serve(args) -> int:
     from .server.app import ServeConfig, main as serve_main
     from .server.services import Limits
 
+    api_key = os.environ.get(args.api_key_env) if args.api_key_env else None
     cfg = ServeConfig(host=args.host, port=args.port, policy=args.policy, weights=args.weights, reward=args.reward,
+                      decomposer_url=args.decomposer_url, decomposer_model=args.decomposer_model,
+                      verifier_url=args.verifier_url, verifier_model=args.verifier_model, reward_api_key=api_key,
+                      reward_concurrency=args.reward_concurrency, decomposition_cache=args.decomposition_cache,
                       max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
                       max_message_mb=args.max_message_mb, auth_token_file=args.auth_token_file,
                       tls_cert=args.tls_cert, tls_key=args.tls_key, metrics_port=args.metrics_port,
@@ -306,7 +332,15 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--port", type=int, default=50051, help="port (default 50051; 0 picks a free one)")
     sv.add_argument("--policy", default="tiny", help="policy model (default: tiny, the embedded tiny UMM)")
     sv.add_argument("--weights", default=None, help="policy weights (default: the shipped tiny UMM)")
-    sv.add_argument("--reward", default="embedded", help="reward backend (default: embedded ShapesWorld DVReward)")
+    sv.add_argument("--reward", default="embedded", choices=["embedded", "openai"],
+                    help="reward backend: embedded ShapesWorld DVReward (default) or OpenAI-compatible servers")
+    sv.add_argument("--decomposer-url", default=None, help="--reward openai: API base of the decomposer LLM, e.g. http://h:8000/v1")
+    sv.add_argument("--decomposer-model", default=None, help="--reward openai: the decomposer's model name")
+    sv.add_argument("--verifier-url", default=None, help="--reward openai: API base of the verifier MLLM")
+    sv.add_argument("--verifier-model", default=None, help="--reward openai: the verifier's model name")
+    sv.add_argument("--api-key-env", default=None, help="environment variable holding the reward servers' API key")
+    sv.add_argument("--reward-concurrency", type=int, default=16, help="requests in flight per reward server (default 16)")
+    sv.add_argument("--decomposition-cache", default=None, help="JSONL cache of decompositions (read, then appended to)")
     sv.add_argument("--max-batch", type=int, default=64, help="samples per model batch (default 64)")
     sv.add_argument("--max-wait-ms", type=float, default=5.0, help="longest wait for a batch to fill (default 5)")
     sv.add_argument("--max-queue", type=int, default=1024,
@@ -335,6 +369,18 @@ def build_parser() -> argparse.ArgumentParser:
     vf.add_argument("--token-file", default=None, help="bearer token file")
     vf.add_argument("--timeout", type=float, default=60.0, help="deadline in seconds (default 60)")
     vf.set_defaults(fn=cmd_verify)
+
+    dc = sub.add_parser("decompose", help="decompose a prompt file into yes/no questions on an OpenAI-compatible LLM")
+    dc.add_argument("--in", dest="inp", required=True, help="prompts: a text file (one per line) or JSONL with 'prompt'")
+    dc.add_argument("--out", required=True, help="questions JSONL; prompts already in it are skipped (resume)")
+    dc.add_argument("--url", required=True, help="API base, e.g. http://127.0.0.1:8000/v1")
+    dc.add_argument("--model", required=True, help="model name on that server")
+    dc.add_argument("--concurrency", type=int, default=16, help="requests in flight (default 16)")
+    dc.add_argument("--attempts", type=int, default=3, help="tries per prompt on invalid output (default 3)")
+    dc.add_argument("--timeout", type=float, default=60.0, help="seconds per request (default 60)")
+    dc.add_argument("--retries", type=int, default=3, help="retries on transient errors (default 3)")
+    dc.add_argument("--api-key-env", default=None, help="environment variable holding the API key")
+    dc.set_defaults(fn=cmd_decompose)
 
     rw = sub.add_parser("reward", help="embedded DVReward of one image, with its question breakdown")
     rw.add_argument("--prompt", required=True, help="a ShapesWorld prompt, explicit or implicit")

@@ -17,16 +17,23 @@ YES = {"yes"}
 NO = {"no"}
 _QUESTION = re.compile(r"^(is|are|does|do|did|can|could|has|have|was|were|will|would|should)\b.*\?$", re.I)
 
+# The form a question must have (validate_decomposition checks it; the schema asks the server's
+# structured-output engine to enforce it while decoding).
+QUESTION_PATTERN = r"^(Is|Are|Does|Do|Can|Has|Have) [^?]{1,150}\?$"
+MAX_SEMANTIC, MAX_QUALITY = 12, 6
+
 DECOMPOSITION_SCHEMA = {
     "type": "object",
     "properties": {
-        "semantic": {"type": "array", "items": {
+        "semantic": {"type": "array", "minItems": 1, "maxItems": MAX_SEMANTIC, "items": {
             "type": "object",
-            "properties": {"question": {"type": "string"}, "tag": {"type": "string", "enum": list(SEMANTIC_TAGS)}},
+            "properties": {"question": {"type": "string", "pattern": QUESTION_PATTERN},
+                           "tag": {"type": "string", "enum": list(SEMANTIC_TAGS)}},
             "required": ["question", "tag"], "additionalProperties": False}},
-        "quality": {"type": "array", "items": {
+        "quality": {"type": "array", "maxItems": MAX_QUALITY, "items": {
             "type": "object",
-            "properties": {"question": {"type": "string"}, "aspect": {"type": "string", "enum": list(QUALITY_TAGS)}},
+            "properties": {"question": {"type": "string", "pattern": QUESTION_PATTERN},
+                           "aspect": {"type": "string", "enum": list(QUALITY_TAGS)}},
             "required": ["question", "aspect"], "additionalProperties": False}},
     },
     "required": ["semantic", "quality"],

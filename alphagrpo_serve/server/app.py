@@ -32,7 +32,14 @@ class ServeConfig:
     port: int = 50051  # 0 picks a free port
     policy: str = "tiny"
     weights: Optional[str] = None  # tiny UMM safetensors (default: the shipped weights)
-    reward: str = "embedded"
+    reward: str = "embedded"  # embedded | openai
+    decomposer_url: Optional[str] = None  # --reward openai: OpenAI-compatible API base of the decomposer LLM
+    decomposer_model: Optional[str] = None
+    verifier_url: Optional[str] = None  # ... and of the verifier MLLM
+    verifier_model: Optional[str] = None
+    reward_api_key: Optional[str] = None
+    reward_concurrency: int = 16  # requests in flight per reward backend
+    decomposition_cache: Optional[str] = None  # JSONL cache of decompositions (read at start, appended to)
     max_batch: int = 64  # samples per model batch
     max_wait_ms: float = 5.0  # longest wait for a batch to fill
     max_queue: int = 1024  # samples queued per request kind before RESOURCE_EXHAUSTED
@@ -154,11 +161,22 @@ class Server:
         return TinyPolicy.load(self.cfg.weights)
 
     def _load_reward(self):
-        if self.cfg.reward != "embedded":
-            raise ValueError(f"unknown --reward {self.cfg.reward!r}; available: embedded")
-        from ..reward import embedded_reward
+        c = self.cfg
+        if c.reward == "embedded":
+            from ..reward import embedded_reward
 
-        return embedded_reward()
+            return embedded_reward()
+        if c.reward == "openai":
+            from ..reward.openai_backend import Endpoint, openai_reward
+
+            missing = [f"--{n.replace('_', '-')}" for n in ("decomposer_url", "decomposer_model", "verifier_url",
+                                                            "verifier_model") if not getattr(c, n)]
+            if missing:
+                raise ValueError(f"--reward openai needs {', '.join(missing)}")
+            dec = Endpoint(c.decomposer_url, c.decomposer_model, c.reward_api_key, c.reward_concurrency)
+            ver = Endpoint(c.verifier_url, c.verifier_model, c.reward_api_key, c.reward_concurrency)
+            return openai_reward(dec, ver, cache_path=c.decomposition_cache)
+        raise ValueError(f"unknown --reward {c.reward!r}; available: embedded, openai")
 
     @staticmethod
     def _check_prompt(prompt: str) -> None:

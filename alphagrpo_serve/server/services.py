@@ -83,7 +83,13 @@ def _deadline(context) -> Optional[float]:
     return None if remaining is None else time.monotonic() + remaining
 
 
+class Upstream(RuntimeError):
+    """A backend this server depends on (an OpenAI-compatible reward server) failed."""
+
+
 async def _abort_for(context, exc: BaseException):
+    if isinstance(exc, Upstream):
+        await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
     if isinstance(exc, BadRequest):
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
     if isinstance(exc, QueueFull):
@@ -283,7 +289,9 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
                     results = await loop.run_in_executor(self.executor, self.reward, prompts, np.stack(images))
                 except (PromptError, ValueError, TypeError) as exc:
                     raise BadRequest(str(exc)) from None
-            except BadRequest as exc:
+                except RuntimeError as exc:  # reward backend failures (openai_backend.BackendError)
+                    raise Upstream(f"reward backend: {exc}") from None
+            except (BadRequest, Upstream) as exc:
                 await _abort_for(context, exc)
             return reward_pb2.VerifyResponse(rewards=[_reward_proto(r) for r in results])
 
@@ -296,7 +304,9 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
                     qs = await loop.run_in_executor(self.executor, self.reward.decompose, prompts)
                 except (PromptError, ValueError) as exc:
                     raise BadRequest(str(exc)) from None
-            except BadRequest as exc:
+                except RuntimeError as exc:
+                    raise Upstream(f"reward backend: {exc}") from None
+            except (BadRequest, Upstream) as exc:
                 await _abort_for(context, exc)
             return reward_pb2.DecomposeResponse(decompositions=[
                 reward_pb2.Decomposition(prompt=p, questions=[_question_proto(q) for q in qq]) for p, qq in zip(prompts, qs)])
