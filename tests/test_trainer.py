@@ -311,3 +311,21 @@ def test_a_restarted_server_gets_the_current_weights_before_rollouts(tmp_path, s
     finally:
         tr.close()
         server.stop()
+
+
+def test_lora_run_pushes_adapters_that_the_server_applies_exactly(served, tmp_path):
+    addr, weights, _ = served
+    out = tmp_path / "lora"
+    cfg = write_cfg(tmp_path / "c.yaml", weights, out, task="rt2i", max_steps=2, lora_rank=2, lora_alpha=8.0, lr=1e-2)
+    res = subprocess.run(train_cmd(cfg, addr), env=ENV, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    with Client(addr) as c:
+        info = c.model_info()
+        served_img = c.generate(["two blue squares"], seed=3, steps=3, think=True, max_thought_tokens=4)[0].image
+    assert info.lora_enabled
+    merged = TinyPolicy.load(str(out / "policy.safetensors"))  # adapters merged into the base weights
+    base = TinyPolicy.load(weights).export_weights()
+    assert any(not torch.equal(merged.export_weights()[k], base[k]) for k in base)
+    sc = SamplingConfig(steps=3, mode="ode", cfg_scale=3.0)
+    local = merged.generate(["two blue squares"], [3], sc, think=True, max_thought_tokens=4)[0].image
+    assert np.abs(local.astype(int) - served_img.astype(int)).max() <= 1  # merged vs adapter form: rounding only
