@@ -65,6 +65,19 @@ def test_config_validation_and_yaml(tmp_path):
         load_config(os.path.join(REPO, "configs", name))
 
 
+def test_prompts_file(tmp_path):
+    f = tmp_path / "p.jsonl"
+    f.write_text('{"prompt": "a red circle"}\n\n{"prompt": "two blue squares"}\n')
+    src = PromptSource(0, 3, prompts_file=str(f))
+    assert set(src.prompts_for(0)) <= {"a red circle", "two blue squares"}
+    f.write_text('{"prompt": "a red circle"}\n{"prompt": \n')
+    with pytest.raises(ValueError, match=r"p\.jsonl:2: not JSON"):
+        PromptSource(0, 3, prompts_file=str(f))
+    f.write_text('{"text": "a red circle"}\n')
+    with pytest.raises(ValueError, match=r"p\.jsonl:1: each row must be an object with a non-empty string 'prompt'"):
+        PromptSource(0, 3, prompts_file=str(f))
+
+
 def test_prompts_depend_only_on_step_and_skip_heldout():
     from alphagrpo_serve.shapes.grammar import is_heldout
 

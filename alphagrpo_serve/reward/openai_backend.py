@@ -224,16 +224,14 @@ class OpenAIDecomposer:
 
 
 def read_questions_jsonl(path: str) -> Dict[str, List[Question]]:
+    from ..jsonl import iter_jsonl
+
     out = {}
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                out[row["prompt"]] = [Question(q["id"], q["text"], q["kind"], q["tag"]) for q in row["questions"]]
-            except (ValueError, KeyError, TypeError) as exc:
-                raise ValueError(f"{path}:{n}: not a decomposition row ({exc})") from None
+    for n, row in iter_jsonl(path):
+        try:
+            out[row["prompt"]] = [Question(q["id"], q["text"], q["kind"], q["tag"]) for q in row["questions"]]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"{path}:{n}: not a decomposition row ({exc})") from None
     return out
 
 

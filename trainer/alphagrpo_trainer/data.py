@@ -8,7 +8,6 @@ inside an epoch) when given.
 """
 from __future__ import annotations
 
-import json
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
@@ -24,18 +23,13 @@ def shapes_training_prompts() -> Dict[str, List[str]]:
 
 
 def read_prompts_file(path: str) -> List[str]:
+    from alphagrpo_serve.jsonl import iter_jsonl
+
     prompts = []
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{n}: not JSON ({exc.msg})") from None
-            if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
-                raise ValueError(f"{path}:{n}: each row must be an object with a non-empty string 'prompt'")
-            prompts.append(row["prompt"])
+    for n, row in iter_jsonl(path):
+        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
+            raise ValueError(f"{path}:{n}: each row must be an object with a non-empty string 'prompt'")
+        prompts.append(row["prompt"])
     if not prompts:
         raise ValueError(f"{path}: no prompts")
     return prompts
