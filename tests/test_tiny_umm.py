@@ -203,3 +203,26 @@ def test_conv_decoder_recompute_matches_sampling():
     assert abs(rec.item() - tr.log_probs[1].item()) <= 1e-5
     with pytest.raises(ValueError, match="decoder must be"):
         TinyUMM(TinyUMMConfig(vocab_size=len(TOK), decoder="deconv"))
+
+
+def test_reflect_evaluation_keeps_images_the_critique_finds_correct():
+    from types import SimpleNamespace
+
+    from alphagrpo_serve.models.evaluate_policy import evaluate_policy
+    from alphagrpo_serve.shapes.evaluate import ground_truth_images
+
+    rows = [{"prompt": "a red circle", "category": "single_object", "seed": 0},
+            {"prompt": "a blue square", "category": "single_object", "seed": 1}]
+    good = ground_truth_images([r["prompt"] for r in rows])
+    blank = np.zeros_like(good[0])
+
+    class Scripted:  # first draws are right; the redraws are blank, the first critique says "correct"
+        def generate(self, prompts, seeds, sampling, think=False, temperature=1.0):
+            return [SimpleNamespace(image=good[i], thought="") for i in range(len(prompts))]
+
+        def reflect(self, prompts, images, seeds, sampling, temperature=1.0):
+            return [SimpleNamespace(image=blank, thought=t) for t in
+                    ("i see a red circle . it is correct . draw a red circle", "i see a blue square . draw a red circle")]
+
+    res = evaluate_policy(Scripted(), rows=rows, reflect=True)
+    assert res.report.correct == [True, False]  # kept the judged-correct image, took the (blank) redraw otherwise

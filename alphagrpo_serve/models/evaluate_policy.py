@@ -32,11 +32,16 @@ def thought_explicit(thought: str) -> str:
     return text.strip(" .")
 
 
+def judged_correct(critique: str) -> bool:
+    """True when a reflect-mode critique says the image already satisfies the prompt."""
+    return "it is correct" in critique
+
+
 def evaluate_policy(policy: Policy, rows: Optional[Sequence[Dict]] = None, think: bool = False, reflect: bool = False,
                     sampling: Optional[SamplingConfig] = None, batch: int = 64, limit: int = 0) -> PolicyEval:
     rows = list(rows if rows is not None else load_heldout())
-    if limit:
-        rows = rows[:limit]
+    if limit and limit < len(rows):  # evenly spaced: the split is grouped by category, so every category keeps its share
+        rows = [rows[i * len(rows) // limit] for i in range(limit)]
     sampling = sampling or SamplingConfig(mode="ode")
     prompts = [r["prompt"] for r in rows]
     seeds = [int(r.get("seed", i)) for i, r in enumerate(rows)]
@@ -44,8 +49,11 @@ def evaluate_policy(policy: Policy, rows: Optional[Sequence[Dict]] = None, think
     for i in range(0, len(rows), batch):
         out = policy.generate(prompts[i:i + batch], seeds[i:i + batch], sampling, think=think, temperature=1e-4 if think else 1.0)
         if reflect:
-            out = policy.reflect(prompts[i:i + batch], [s.image for s in out], seeds[i:i + batch], sampling,
+            first = out
+            out = policy.reflect(prompts[i:i + batch], [s.image for s in first], seeds[i:i + batch], sampling,
                                  temperature=1e-4)
+            # the policy's own verdict: a critique that finds the image correct keeps it
+            out = [f if judged_correct(s.thought) else s for f, s in zip(first, out)]
         images += [s.image for s in out]
         thoughts += [s.thought for s in out]
     images = np.stack(images)
