@@ -316,12 +316,13 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--width", type=int, default=160, help="transformer width (default 160)")
     pt.add_argument("--layers", type=int, default=5, help="transformer layers (default 5)")
     pt.add_argument("--heads", type=int, default=5, help="attention heads (default 5)")
-    pt.add_argument("--decoder", default="linear", choices=["linear", "conv"],
-                    help="velocity decoder: per-patch linear head (shipped weights) or joint convolutional (default linear)")
+    pt.add_argument("--decoder", default="conv", choices=["linear", "conv"],
+                    help="velocity decoder: joint convolutional (default; the shipped weights) or per-patch linear head")
     pt.add_argument("--seed", type=int, default=0, help="data and init seed (default 0)")
     pt.add_argument("--ckpt-every", type=int, default=250, help="checkpoint cadence in steps (default 250)")
-    pt.add_argument("--time-budget-min", type=float, default=0.0,
-                    help="stop, checkpoint and export after this many minutes (default 0: no limit)")
+    pt.add_argument("--time-budget-min", type=float, default=56.0,
+                    help="stop, checkpoint and export after this many minutes of training, resumed runs counted "
+                         "(default 56, the shipped model's budget; 0: no limit)")
     pt.add_argument("--stop-at", type=int, default=0,
                     help="stop, checkpoint and export at this step; the schedule still spans --steps (default 0: off)")
     pt.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")

@@ -36,7 +36,7 @@ class PretrainConfig:
     width: int = 160
     layers: int = 5
     heads: int = 5
-    decoder: str = "linear"  # TinyUMMConfig.decoder
+    decoder: str = "conv"  # TinyUMMConfig.decoder (the shipped weights use conv)
     time_budget_s: float = 0.0  # stop early (and save) after this many seconds; 0 = no limit
     stop_at: int = 0  # stop (and save) at this step, schedule unchanged; 0 = run to `steps`
 
