@@ -342,3 +342,16 @@ def test_lora_run_pushes_adapters_that_the_server_applies_exactly(served, tmp_pa
     sc = SamplingConfig(steps=3, mode="ode", cfg_scale=3.0)
     local = merged.generate(["two blue squares"], [3], sc, think=True, max_thought_tokens=4)[0].image
     assert np.abs(local.astype(int) - served_img.astype(int)).max() <= 1  # merged vs adapter form: rounding only
+
+
+def test_every_config_field_is_documented_and_print_config_round_trips(tmp_path):
+    import dataclasses
+
+    from alphagrpo_trainer.config import config_yaml, field_docs
+
+    docs = field_docs()
+    assert [f.name for f in dataclasses.fields(TrainConfig) if f.name not in docs] == []
+    cfg = load_config(os.path.join(REPO, "configs", "demo.yaml"))
+    p = tmp_path / "printed.yaml"
+    p.write_text(config_yaml(cfg, docs=True))
+    assert load_config(str(p)) == cfg

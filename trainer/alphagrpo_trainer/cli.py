@@ -19,7 +19,7 @@ def add_parser(sub) -> None:
     tr.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                     help="override one config field (YAML value), repeatable: --set lr=1e-4 --set task=srr")
     tr.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt exactly")
-    tr.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+    tr.add_argument("--print-config", action="store_true", help="print the resolved config as YAML, each field with its documentation, and exit")
     tr.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
     tr.set_defaults(fn=run)
 
@@ -57,7 +57,7 @@ def run(args) -> int:
     except (ValueError, TypeError, OSError) as exc:
         raise SystemExit(f"error: {exc}")
     if args.print_config:
-        print(config_yaml(cfg), end="")
+        print(config_yaml(cfg, docs=True), end="")
         return 0
 
     import torch.distributed as dist

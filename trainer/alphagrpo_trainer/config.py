@@ -34,7 +34,7 @@ class TrainConfig:
     sde_window_size: int = 2  # SDE steps per rollout (the rest are ODE)
     sde_window_range: List[int] = field(default_factory=lambda: [0, 6])  # the window's start is drawn per step in [lo, hi - size]
     temperature: float = 1.0  # thought/critique sampling temperature
-    max_thought_tokens: int = 40
+    max_thought_tokens: int = 40  # longest thought or critique, tokens
     # ---- loss -----------------------------------------------------------------------------------
     clip_text: List[float] = field(default_factory=lambda: [0.2, 0.28])  # [eps_low, eps_high] of the token ratio
     clip_image: float = 1e-3  # clip range of the per-step image ratio
@@ -48,27 +48,27 @@ class TrainConfig:
     off_policy: str = "importance"  # a rollout from another policy version: importance (its recorded log-probs as the behaviour policy, clipped ratio) | drop
     srr_margin: float = 0.0  # SRR rectification: a refinement whose reward is not above its stage-1 image's by more than this gets the group's minimum stage-1 reward
     # ---- optimiser --------------------------------------------------------------------------------
-    lr: float = 3e-5
+    lr: float = 3e-5  # AdamW peak learning rate
     lr_schedule: str = "constant"  # constant | cosine (to 10% at max_steps), after warmup_steps
-    warmup_steps: int = 0
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
+    warmup_steps: int = 0  # linear warm-up steps
+    weight_decay: float = 0.0  # AdamW weight decay
+    grad_clip: float = 1.0  # gradient-norm clip (over all ranks' averaged gradient)
     lora_rank: int = 0  # 0: full fine-tuning; >0: LoRA on every attention projection (pushes only the adapters)
-    lora_alpha: float = 16.0
+    lora_alpha: float = 16.0  # LoRA scale = alpha / rank
     # ---- run ----------------------------------------------------------------------------------------
-    max_steps: int = 100
+    max_steps: int = 100  # optimiser steps of the run
     eval_every: int = 0  # evaluate every K steps (0: only before and after)
     eval_limit: int = 0  # held-out rows in the periodic evaluations (0: all 360)
     eval_final_limit: int = 0  # held-out rows of the before/after evaluations (0: all 360; tests use fewer)
     eval_steps: int = 20  # denoising steps of every evaluation (ODE)
     eval_srr: bool = True  # evaluate think + one round of SRR at inference too
     checkpoint_every: int = 10  # checkpoint cadence in steps (and always at the end)
-    seed: int = 0
+    seed: int = 0  # prompts, think flags, windows and sample seeds of every step derive from (seed, step)
     base_weights: Optional[str] = None  # policy weights to start from (default: the shipped tiny UMM)
-    out_dir: str = "runs/train"
+    out_dir: str = "runs/train"  # checkpoint, metrics, TensorBoard, evaluations, report
     server_timeout_s: float = 300.0  # deadline of one server call
     server_retries: int = 5  # retries of an unreachable server, with exponential backoff
-    server_backoff_s: float = 0.5
+    server_backoff_s: float = 0.5  # first retry delay, doubled each retry
 
     def validate(self) -> "TrainConfig":
         def need(ok, msg):
@@ -124,7 +124,29 @@ def load_config(path: Optional[str] = None, overrides: Optional[dict] = None) ->
     return TrainConfig(**data).validate()
 
 
-def config_yaml(cfg: TrainConfig) -> str:
+def field_docs() -> dict:
+    """{field: its comment in TrainConfig's source}: the documentation --print-config shows."""
+    import inspect
+    import re
+
+    docs = {}
+    for line in inspect.getsource(TrainConfig).splitlines():
+        m = re.match(r"\s+(\w+): [^=]+=.*?#\s*(.+)$", line)
+        if m:
+            docs[m.group(1)] = m.group(2).strip()
+    return docs
+
+
+def config_yaml(cfg: TrainConfig, docs: bool = False) -> str:
+    """The config as YAML (loadable by load_config); with docs, each field's documentation as a comment."""
     import yaml
 
-    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    if not docs:
+        return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    notes = field_docs()
+    out = []
+    for k, v in cfg.to_dict().items():
+        line = yaml.safe_dump({k: v}, default_flow_style=True, sort_keys=False).strip()
+        line = line[1:-1] if line.startswith("{") else line
+        out.append(f"{line}  # {notes[k]}" if k in notes else line)
+    return "\n".join(out) + "\n"
