@@ -214,9 +214,10 @@ class OpenAIDecomposer:
                 f.write(json.dumps(row) + "\n")
 
     async def adecompose(self, prompts: Sequence[str], return_exceptions: bool = False):
-        out = await asyncio.gather(*[self.decompose_one(p) for p in prompts], return_exceptions=return_exceptions)
-        await self.chat.aclose()
-        return out
+        try:
+            return await asyncio.gather(*[self.decompose_one(p) for p in prompts], return_exceptions=return_exceptions)
+        finally:
+            await self.chat.aclose()
 
     def decompose(self, prompts: Sequence[str]) -> List[List[Question]]:
         """The Decomposer interface: raises ValueError (DecompositionFailed) naming a failed prompt."""
@@ -293,8 +294,10 @@ class OpenAIVerifier:
             raise ValueError(f"got {len(images)} images but {len(questions)} question lists")
         urls = [png_data_url(im) for im in images]
         tasks = [[self.answer(u, q) for q in qs] for u, qs in zip(urls, questions)]
-        flat = await asyncio.gather(*[t for ts in tasks for t in ts])
-        await self.chat.aclose()
+        try:
+            flat = await asyncio.gather(*[t for ts in tasks for t in ts])
+        finally:
+            await self.chat.aclose()
         out, i = [], 0
         for ts in tasks:
             out.append(list(flat[i:i + len(ts)]))
@@ -335,7 +338,9 @@ async def decompose_file(dec: OpenAIDecomposer, prompts: Sequence[str], out_path
         bar.update(1)
         bar.set_postfix(failed=len(failed))
 
-    await asyncio.gather(*[one(p) for p in todo])
-    await dec.chat.aclose()
-    bar.close()
+    try:
+        await asyncio.gather(*[one(p) for p in todo])
+    finally:
+        await dec.chat.aclose()
+        bar.close()
     return ok, len(prompts) - len(todo), failed

@@ -386,8 +386,8 @@ class Trainer:
         bar.close()
         summary = {"steps": self.step, "restarts": self.restarts}
         if self.rank == 0:
-            self.checkpoint()
-            self.policy.model.eval()
+            if not os.path.exists(self.ckpt_path):  # the loop checkpoints its last step; a 0-step run has none
+                self.checkpoint()
             after = self.evaluate(limit=c.eval_final_limit)
             write_json_atomic(after, os.path.join(self.out, "eval_after.json"))
             files["grid before training"] = os.path.join(self.out, "grid_before.png")
