@@ -81,11 +81,11 @@ class RolloutRunner:
         return dict(think=think, mode=mode, steps=c.steps, cfg_scale=c.cfg_scale, noise_level=c.noise_level,
                     sde_window=window, temperature=c.temperature, max_thought_tokens=c.max_thought_tokens)
 
-    def _spread(self, what: str, runs: Sequence[tuple], call) -> List:
-        """runs: (start, indices); call(client, run) -> list. Run k goes to server (offset + k) % n,
-        all concurrently; results in run order."""
-        jobs = [lambda c, run=run: call(c, run) for run in runs]
-        return self.pool.map(what, jobs)
+    def _spread(self, what: str, runs: Sequence[tuple], call) -> List[tuple]:
+        """runs: (start, indices); call(client, run) -> list of items. All runs concurrently over the
+        servers; [(address, item)] flattened in run order."""
+        out = self.pool.map(what, [lambda c, run=run: call(c, run) for run in runs])
+        return [(addr, item) for addr, items in out for item in items]
 
     def _runs(self, flags: Sequence) -> List[tuple]:
         """Contiguous runs of equal flags, each split so every server gets work: [(start, [indices])]."""
@@ -104,39 +104,29 @@ class RolloutRunner:
         gets seed + i * G + g whatever the split over requests and servers (and ranks, whose seed
         is offset by their first prompt's global index)."""
         runs = self._runs(think)
-        n = len(self.pool.clients)
 
         def call(c, run):
             start, ix = run
             return c.generate([prompts[i] for i in ix], group_size=G, seed=seed + start * G, return_trajectory=trajectory,
                               **self._params(mode, bool(think[start]), window))
 
-        out = self._timed("generate", lambda: self._spread("Generate", runs, call))
-        res = []
-        for k, samples in enumerate(out):
-            res += [(self.pool.addresses[(self.pool.offset + k) % n], s) for s in samples]
-        return res
+        return self._timed("generate", lambda: self._spread("Generate", runs, call))
 
     def reflect(self, prompts, images, G, seed, window):
         runs = self._runs([True] * len(prompts))
-        n = len(self.pool.clients)
 
         def call(c, run):
             start, ix = run
             return c.reflect([prompts[i] for i in ix], [images[i] for i in ix], group_size=G, seed=seed + start * G,
                              return_trajectory=True, **self._params("sde", True, window))
 
-        out = self._timed("generate", lambda: self._spread("Reflect", runs, call))
-        res = []
-        for k, samples in enumerate(out):
-            res += [(self.pool.addresses[(self.pool.offset + k) % n], s) for s in samples]
-        return res
+        return self._timed("generate", lambda: self._spread("Reflect", runs, call))
 
     def verify(self, prompts: Sequence[str], images: Sequence[np.ndarray]):
         runs = self._runs([0] * len(prompts))
         out = self._timed("verify", lambda: self._spread(
             "Verify", runs, lambda c, run: c.verify([prompts[i] for i in run[1]], [images[i] for i in run[1]])))
-        return [r for rr in out for r in rr]
+        return [r for _, r in out]
 
     @staticmethod
     def _grid(results, P, G):

@@ -104,11 +104,12 @@ class ServerPool:
             raise ServerError(f"server {self.addresses[i]}: {what} failed{tried} ({name}: "
                               f"{exc.details() if hasattr(exc, 'details') else exc})") from None
 
-    def map(self, what: str, jobs: Sequence[Callable]) -> List:
-        """Runs job k on address (offset + k) % n, concurrently; results in job order."""
+    def map(self, what: str, jobs: Sequence[Callable]) -> List[tuple]:
+        """Runs job k on address (offset + k) % n, concurrently; [(address, result)] in job order."""
         n = len(self.clients)
-        futs = [self._pool.submit(self._call, (self.offset + k) % n, what, job) for k, job in enumerate(jobs)]
-        return [f.result() for f in futs]
+        idx = [(self.offset + k) % n for k in range(len(jobs))]
+        futs = [self._pool.submit(self._call, i, what, job) for i, job in zip(idx, jobs)]
+        return [(self.addresses[i], f.result()) for i, f in zip(idx, futs)]
 
     def info(self) -> List:
         return [self._call(i, "GetModelInfo", lambda c: c.model_info()) for i in range(len(self.clients))]
