@@ -63,9 +63,14 @@ def training_loss(model: TinyUMM, batch, generator: Optional[torch.Generator] = 
     return img_loss + text_weight * text_loss, img_loss, text_loss
 
 
-def _save_atomic(obj, path: str) -> None:
-    tmp = path + ".tmp"
-    torch.save(obj, tmp)
+def save_atomic(obj, path: str) -> None:
+    """torch.save to a temporary file in the same folder, fsync, then rename over `path`: a reader
+    (or a run killed mid-write) sees the old file or the new one, never a torn one."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
@@ -118,7 +123,7 @@ def pretrain(cfg: PretrainConfig, out_dir: str, resume: bool = False, progress: 
         return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
 
     def checkpoint():
-        _save_atomic({"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "log": log,
+        save_atomic({"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "log": log,
                       "maker_rng": maker.rng.bit_generator.state, "sampler_rng": maker.sampler.rng.bit_generator.state,
                       "torch_gen": gen.get_state(), "pools": pools, "config": cfg.__dict__}, ckpt_path)
 

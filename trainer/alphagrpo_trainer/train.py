@@ -23,6 +23,7 @@ import torch.distributed as dist
 
 from alphagrpo_serve import kernels
 from alphagrpo_serve.models.evaluate_policy import EVAL_MODES, GRID_PROMPTS, draw_grid, evaluate_modes
+from alphagrpo_serve.models.pretrain import save_atomic
 from alphagrpo_serve.models.tiny_policy import TinyPolicy
 from alphagrpo_serve.sampling.sampler import SamplingConfig
 
@@ -32,16 +33,6 @@ from .loss import grpo_backward
 from .report import before_after_table, plot_curves, write_report
 from .rollout import RolloutRunner, Rollouts
 from .servers import ServerPool
-
-
-def save_atomic(obj, path: str) -> None:
-    """torch.save to a temporary file in the same folder, fsync, then rename over `path`."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def write_json_atomic(obj, path: str) -> None:
