@@ -1,0 +1,411 @@
+"""BAGEL's functional core: prefill a batch of contexts into a KV cache, decode text one token at a
+time, and predict flow velocities for latent tokens against a cache.
+
+Sequences are batched by right-padding; attention is one boolean mask per call:
+- a query sees every valid cached key (the cache's `valid` [B, L]);
+- inside the new chunk, a text token sees the chunk's earlier tokens (causal); a token of an image
+  segment (start marker, image tokens, end marker) also sees its whole segment (full attention);
+- padding is never seen (a padding query sees only itself, so no row is all -inf).
+Position ids follow BAGEL: text tokens count up; every token of one image segment (markers
+included) shares one id, and the next segment starts one after it. The velocity query (start
+marker, N noisy latent tokens, end marker) sits at the cache's next position without advancing it.
+Text, ViT tokens and markers take the understanding expert, VAE latent tokens the generation one.
+
+Nothing here is wrapped in no_grad: under autograd every output is differentiable in the weights,
+so the trainer recomputes with the same functions the sampler ran.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
+
+from .images import grid_position_ids, patchify
+from .modeling import BagelModel, Routing
+
+
+# ----------------------------------------------------------------------------------------------
+# context segments
+
+@dataclass
+class Text:
+    """Text token ids (understanding expert, causal). Wrapping (<|im_start|> ... <|im_end|>, as the
+    official prepare_prompts does) is the caller's choice: see tokens.BagelTokens.wrap."""
+    ids: Union[Sequence[int], torch.Tensor]
+
+
+@dataclass
+class VitImage:
+    """An image for understanding: pixels [3, H, W] in [-1, 1], H and W multiples of the ViT patch
+    (images.preprocess makes them). Becomes <|vision_start|>, (H/p)(W/p) ViT tokens, <|vision_end|>."""
+    pixels: torch.Tensor
+
+
+@dataclass
+class VaeImage:
+    """An image as VAE latent tokens (generation expert): tokens [h*w, 64] (packed 2x2 patches of the
+    normalised latent) on grid (h, w). timestep 0 is a clean image (the official editing context)."""
+    tokens: torch.Tensor
+    grid: Tuple[int, int]
+    timestep: float = 0.0
+
+    @classmethod
+    def from_latent(cls, latent: torch.Tensor, timestep: float = 0.0, patch: int = 2) -> "VaeImage":
+        """latent [16, 2h, 2w] (normalised, as FluxVAE.encode returns) -> VaeImage."""
+        c, hh, ww = latent.shape
+        return cls(patchify(latent, patch), (hh // patch, ww // patch), timestep)
+
+
+Segment = Union[Text, VitImage, VaeImage]
+
+
+@dataclass(frozen=True)
+class SpecialTokens:
+    """The marker ids the core inserts around image segments."""
+    start_of_image: int
+    end_of_image: int
+
+
+# ----------------------------------------------------------------------------------------------
+# KV cache
+
+@dataclass
+class KVCache:
+    """Per-layer keys/values [B, Hkv, L, Dh] (after k_norm and RoPE), which columns hold real
+    tokens (valid [B, L]) and each row's next RoPE position (next_pos [B])."""
+    keys: List[torch.Tensor]
+    values: List[torch.Tensor]
+    valid: torch.Tensor
+    next_pos: torch.Tensor
+
+    @property
+    def batch_size(self) -> int:
+        return self.valid.shape[0]
+
+    @property
+    def length(self) -> int:
+        return self.valid.shape[1]
+
+    @classmethod
+    def empty(cls, model: BagelModel, batch: int, device=None, dtype=None) -> "KVCache":
+        p = model.language_model.lm_head.weight
+        device, dtype = device or p.device, dtype or p.dtype
+        attn = model.language_model.model.layers[0].self_attn
+        shape = (batch, attn.num_kv_heads, 0, attn.head_dim)
+        n = len(model.language_model.model.layers)
+        return cls([torch.zeros(shape, device=device, dtype=dtype) for _ in range(n)],
+                   [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n)],
+                   torch.zeros(batch, 0, dtype=torch.bool, device=device),
+                   torch.zeros(batch, dtype=torch.long, device=device))
+
+    def index(self, rows: Union[Sequence[int], torch.Tensor]) -> "KVCache":
+        """The cache of rows `rows` (any order, repeats allowed; copies)."""
+        idx = torch.as_tensor(rows, dtype=torch.long, device=self.valid.device)
+        return KVCache([k.index_select(0, idx) for k in self.keys], [v.index_select(0, idx) for v in self.values],
+                       self.valid.index_select(0, idx), self.next_pos.index_select(0, idx))
+
+    def expand(self, g: int) -> "KVCache":
+        """Each row repeated g times (row i -> rows i*g .. i*g+g-1): G samples share one prefill.
+        With one row this is a view (no copy); the prefix is read by every later step."""
+        if self.batch_size == 1:
+            def ex(t):
+                return t.expand(g, *t.shape[1:])
+            return KVCache([ex(k) for k in self.keys], [ex(v) for v in self.values], ex(self.valid), ex(self.next_pos))
+        return self.index(torch.arange(self.batch_size, device=self.valid.device).repeat_interleave(g))
+
+    def detach(self) -> "KVCache":
+        return KVCache([k.detach() for k in self.keys], [v.detach() for v in self.values], self.valid, self.next_pos)
+
+    @staticmethod
+    def concat(caches: Sequence["KVCache"]) -> "KVCache":
+        """Rows of all caches in order, right-padded (invalid columns) to the longest: e.g. the three
+        guidance contexts stacked for one velocity call."""
+        L = max(c.length for c in caches)
+
+        def pad(t, n):  # pad dim 2 (keys/values) or dim 1 (valid) to L
+            return t if n == L else F.pad(t, (0, 0, 0, L - n) if t.ndim == 4 else (0, L - n))
+
+        n_layers = len(caches[0].keys)
+        keys = [torch.cat([pad(c.keys[i], c.length) for c in caches]) for i in range(n_layers)]
+        values = [torch.cat([pad(c.values[i], c.length) for c in caches]) for i in range(n_layers)]
+        valid = torch.cat([pad(c.valid, c.length) for c in caches])
+        return KVCache(keys, values, valid, torch.cat([c.next_pos for c in caches]))
+
+
+# ----------------------------------------------------------------------------------------------
+# the transformer over a padded chunk
+
+def forward_embeds(model: BagelModel, embeds: torch.Tensor, positions: torch.Tensor, gen: torch.Tensor,
+                   attend: torch.Tensor, valid: torch.Tensor, cache: Optional[KVCache] = None,
+                   ) -> Tuple[torch.Tensor, KVCache]:
+    """The MoT language model over a new chunk.
+
+    embeds [B, T, D]; positions [B, T] RoPE ids; gen [B, T] True for generation-expert tokens;
+    attend [B, T, T] which new keys each new query sees (the caller's mask inside the chunk);
+    valid [B, T] real tokens (padding False); cache: the prefix (every valid key is seen).
+    Returns hidden [B, T, D] after the final norm of each token's expert, and the cache extended by
+    the chunk (its valid = cache.valid ++ valid; next_pos unchanged: the caller sets it).
+    """
+    lm = model.language_model.model
+    B, T, _ = embeds.shape
+    if cache is None:
+        cache = KVCache.empty(model, B, embeds.device, embeds.dtype)
+    if cache.batch_size != B:
+        raise ValueError(f"cache has {cache.batch_size} rows, the chunk {B}")
+    routing = Routing(gen)
+    eye = torch.eye(T, dtype=torch.bool, device=embeds.device)
+    inner = (attend & valid[:, None, :]) | eye  # padding keys unseen; every query sees itself
+    mask = torch.cat([cache.valid[:, None, :].expand(B, T, cache.length), inner], dim=2)[:, None]
+    cos, sin = lm.rotary_emb(embeds, positions)
+    x = embeds
+    keys, values = [], []
+    for i, layer in enumerate(lm.layers):
+        attn = layer.self_attn
+        q, k, v = attn.qkv(layer.input_norm(x, routing), routing)
+        q, k = apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1)
+        k_all = torch.cat([cache.keys[i], k], dim=2)
+        v_all = torch.cat([cache.values[i], v], dim=2)
+        keys.append(k_all)
+        values.append(v_all)
+        a = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask,
+                                           enable_gqa=attn.num_heads != attn.num_kv_heads)
+        x = x + attn.out(a.transpose(1, 2).reshape(B, T, -1), routing)
+        x = x + layer.ffn(x, routing)
+    hidden = lm.final_norm(x, routing)
+    return hidden, KVCache(keys, values, torch.cat([cache.valid, valid], dim=1), cache.next_pos)
+
+
+# ----------------------------------------------------------------------------------------------
+# prefill
+
+@dataclass
+class Span:
+    """Where a segment's content landed in the prefill chunk: kind 'text' | 'vit' | 'vae', the first
+    content column (after the start marker for images) and the number of content tokens."""
+    kind: str
+    start: int
+    length: int
+
+
+@dataclass
+class Prefill:
+    cache: KVCache  # the contexts' cache (next_pos advanced)
+    hidden: torch.Tensor  # [B, T, D] final-normed hidden states of the chunk
+    valid: torch.Tensor  # [B, T] real tokens
+    spans: List[List[Span]] = field(default_factory=list)  # per row, per segment
+
+    def last_hidden(self) -> torch.Tensor:
+        """[B, D] hidden state of each row's last real token (its next-token logits come from it)."""
+        last = self.valid.long().cumsum(1).argmax(1)
+        return self.hidden[torch.arange(self.hidden.shape[0], device=last.device), last]
+
+
+def _special(model: BagelModel, special: Optional[SpecialTokens]) -> SpecialTokens:
+    special = special or getattr(model, "special_tokens", None)
+    if special is None:
+        raise ValueError("no start/end-of-image token ids: pass special=... or load the model with load_bagel")
+    return special
+
+
+def vit_embeds(model: BagelModel, images: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+    """ViT tokens in LLM space for each image: pixels [3, H, W] -> [(H/p)(W/p), D]
+    (SigLIP, connector, + vit_pos_embed); images of different sizes are padded and masked."""
+    cfg = model.config
+    p, side = cfg.vit.patch_size, cfg.vit_max_num_patch_per_side
+    w = model.vit_model.vision_model.embeddings.patch_embedding.weight
+    patches, pos, lens = [], [], []
+    for px in images:
+        grid = (px.shape[1] // p, px.shape[2] // p)
+        patches.append(patchify(px.to(w.device, w.dtype), p))
+        pos.append(grid_position_ids(grid, side, device=w.device))
+        lens.append(patches[-1].shape[0])
+    n_max = max(lens)
+    x = torch.stack([F.pad(t, (0, 0, 0, n_max - t.shape[0])) for t in patches])
+    ids = torch.stack([F.pad(t, (0, n_max - t.shape[0])) for t in pos])
+    key_mask = None
+    if min(lens) != n_max:
+        key_mask = torch.arange(n_max, device=w.device)[None, :] < torch.tensor(lens, device=w.device)[:, None]
+    h = model.vit_model.vision_model(x, ids, key_mask)
+    h = model.connector(h) + model.vit_pos_embed(ids)
+    return [h[i, :n] for i, n in enumerate(lens)]
+
+
+def latent_embeds(model: BagelModel, tokens: torch.Tensor, timesteps: torch.Tensor, grid: Tuple[int, int]):
+    """Latent tokens in LLM space: tokens [..., N, 64], timesteps [...] -> [..., N, D]
+    (vae2llm + time_embedder(t) + latent_pos_embed of the (h, w) grid)."""
+    pos = grid_position_ids(grid, model.config.max_latent_size, device=tokens.device)
+    w = model.vae2llm.weight
+    return (model.vae2llm(tokens.to(w.dtype)) + model.time_embedder(timesteps.to(w.device))[..., None, :]
+            + model.latent_pos_embed(pos))
+
+
+def prefill(model: BagelModel, contexts: Sequence[Sequence[Segment]], cache: Optional[KVCache] = None,
+            special: Optional[SpecialTokens] = None) -> Prefill:
+    """Append one list of segments per row to `cache` (None: empty), in one forward.
+    Returns the extended cache (next_pos advanced), the chunk's hidden states, validity and spans."""
+    special = _special(model, special)
+    B = len(contexts)
+    dev = model.language_model.lm_head.weight.device
+    dtype = model.language_model.lm_head.weight.dtype
+    start_pos = cache.next_pos.tolist() if cache is not None else [0] * B
+    rows = []  # per row: list of (kind, payload, count, full) tokens plan
+    text_ids, text_at = [], []  # ids and flat positions of text/marker tokens
+    vit_imgs, vit_at = [], []
+    vae_items, vae_at = [], []
+    positions, gens, segs, fulls, spans, next_pos = [], [], [], [], [], []
+    for b, segments in enumerate(contexts):
+        pos, col = start_pos[b], 0
+        r_pos, r_gen, r_seg, r_full, r_spans = [], [], [], [], []
+
+        def put(n, p, gen, seg, full):
+            r_pos.extend([p] * n if full else range(p, p + n))
+            r_gen.extend([gen] * n)
+            r_seg.extend([seg] * n)
+            r_full.extend([full] * n)
+
+        for s_i, seg in enumerate(segments):
+            if isinstance(seg, Text):
+                ids = seg.ids.tolist() if isinstance(seg.ids, torch.Tensor) else list(seg.ids)
+                text_ids.extend(ids)
+                text_at.extend((b, col + j) for j in range(len(ids)))
+                put(len(ids), pos, False, s_i, False)
+                r_spans.append(Span("text", col, len(ids)))
+                col, pos = col + len(ids), pos + len(ids)
+                continue
+            if isinstance(seg, VitImage):
+                n = (seg.pixels.shape[1] // model.config.vit.patch_size) * (seg.pixels.shape[2] // model.config.vit.patch_size)
+                vit_imgs.append(seg.pixels)
+                vit_at.append((b, col + 1, n))
+                kind, gen = "vit", False
+            elif isinstance(seg, VaeImage):
+                n = seg.tokens.shape[0]
+                vae_items.append(seg)
+                vae_at.append((b, col + 1, n))
+                kind, gen = "vae", True
+            else:
+                raise TypeError(f"unknown segment type {type(seg).__name__}")
+            text_ids.extend([special.start_of_image, special.end_of_image])
+            text_at.extend([(b, col), (b, col + n + 1)])
+            put(1, pos, False, s_i, True)
+            put(n, pos, gen, s_i, True)
+            put(1, pos, False, s_i, True)
+            r_spans.append(Span(kind, col + 1, n))
+            col, pos = col + n + 2, pos + 1
+        positions.append(r_pos)
+        gens.append(r_gen)
+        segs.append(r_seg)
+        fulls.append(r_full)
+        spans.append(r_spans)
+        next_pos.append(pos)
+
+    T = max(len(p) for p in positions)
+    if T == 0:
+        raise ValueError("prefill: every context is empty")
+
+    def padded(rows_, fill, dt):
+        return torch.tensor([r + [fill] * (T - len(r)) for r in rows_], dtype=dt, device=dev)
+
+    pos_t = padded(positions, 0, torch.long)
+    gen_t = padded(gens, False, torch.bool)
+    seg_t = padded(segs, -1, torch.long)
+    full_t = padded(fulls, False, torch.bool)
+    valid = padded([[True] * len(p) for p in positions], False, torch.bool)
+
+    flat = lambda bc: bc[0] * T + bc[1]  # noqa: E731
+    D = model.config.hidden_size
+    emb = torch.zeros(B * T, D, device=dev, dtype=dtype)
+    if text_ids:
+        idx = torch.tensor([flat(bc) for bc in text_at], device=dev)
+        emb = emb.index_copy(0, idx, model.language_model.model.embed_tokens(torch.tensor(text_ids, device=dev)))
+    if vit_imgs:
+        out = vit_embeds(model, vit_imgs)
+        idx = torch.tensor([b * T + c + j for (b, c, n) in vit_at for j in range(n)], device=dev)
+        emb = emb.index_copy(0, idx, torch.cat(out).to(dtype))
+    if vae_items:
+        out = [latent_embeds(model, it.tokens.to(dev), torch.tensor(float(it.timestep), device=dev), it.grid)
+               for it in vae_items]
+        idx = torch.tensor([b * T + c + j for (b, c, n) in vae_at for j in range(n)], device=dev)
+        emb = emb.index_copy(0, idx, torch.cat(out).to(dtype))
+    emb = emb.reshape(B, T, D)
+
+    ar = torch.arange(T, device=dev)
+    causal = ar[None, :, None] >= ar[None, None, :]
+    same_full = (seg_t[:, :, None] == seg_t[:, None, :]) & full_t[:, :, None] & full_t[:, None, :]
+    attend = causal | same_full
+    hidden, new_cache = forward_embeds(model, emb, pos_t, gen_t, attend, valid, cache)
+    new_cache.next_pos = torch.tensor(next_pos, dtype=torch.long, device=dev)
+    return Prefill(new_cache, hidden, valid, spans)
+
+
+# ----------------------------------------------------------------------------------------------
+# text decoding
+
+def lm_head_weight(model: BagelModel) -> torch.Tensor:
+    """[V, D]: logits = hidden @ W.T (for fused linear losses)."""
+    return model.language_model.lm_head.weight
+
+
+def text_step_hidden(model: BagelModel, cache: KVCache, ids: torch.Tensor,
+                     active: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, KVCache]:
+    """Feed one token per row (ids [B]) at each row's next position with the understanding expert.
+    active [B] bool (default all): inactive rows still compute, but their new key is marked
+    invalid and their position does not advance (finished rows in a batch).
+    Returns hidden [B, D] (final-normed) and the extended cache."""
+    B = ids.shape[0]
+    dev = cache.valid.device
+    active = torch.ones(B, dtype=torch.bool, device=dev) if active is None else active.to(dev)
+    emb = model.language_model.model.embed_tokens(ids.to(dev))[:, None, :]
+    pos = cache.next_pos[:, None]
+    ones = torch.ones(B, 1, 1, dtype=torch.bool, device=dev)
+    hidden, new_cache = forward_embeds(model, emb, pos, torch.zeros(B, 1, dtype=torch.bool, device=dev), ones,
+                                       active[:, None], cache)
+    new_cache.next_pos = cache.next_pos + active.long()
+    return hidden[:, 0], new_cache
+
+
+def text_step(model: BagelModel, cache: KVCache, ids: torch.Tensor,
+              active: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, KVCache]:
+    """text_step_hidden, then the LM head: logits [B, V] for the token after `ids`, and the cache."""
+    hidden, new_cache = text_step_hidden(model, cache, ids, active)
+    return model.language_model.lm_head(hidden), new_cache
+
+
+def text_logits(model: BagelModel, hidden: torch.Tensor) -> torch.Tensor:
+    return model.language_model.lm_head(hidden)
+
+
+# ----------------------------------------------------------------------------------------------
+# flow velocity
+
+def velocity(model: BagelModel, cache: KVCache, x_t: torch.Tensor, t: Union[torch.Tensor, float],
+             grid: Tuple[int, int], special: Optional[SpecialTokens] = None) -> torch.Tensor:
+    """The model's flow velocity (pointing from data to noise) for latent tokens.
+
+    x_t [B, N, 64] noisy latent tokens (packed 2x2 patches) on grid (h, w) with N = h * w;
+    t [B] (or a float) in [0, 1]; cache with B rows (the context; not modified).
+    The query is <|vision_start|>, N latent tokens (vae2llm + time embedding + latent position
+    embedding, generation expert), <|vision_end|>, all at the cache's next position with full
+    attention among themselves and to the whole context. Returns v [B, N, 64] (llm2vae)."""
+    special = _special(model, special)
+    B, N, _ = x_t.shape
+    dev = cache.valid.device
+    dtype = model.vae2llm.weight.dtype
+    if cache.batch_size != B:
+        raise ValueError(f"x_t has {B} rows, the cache {cache.batch_size}")
+    t = torch.as_tensor(t, dtype=torch.float32, device=dev)
+    t = t.expand(B) if t.ndim == 0 else t
+    markers = model.language_model.model.embed_tokens(
+        torch.tensor([special.start_of_image, special.end_of_image], device=dev))
+    lat = latent_embeds(model, x_t.to(dev), t, grid)
+    emb = torch.cat([markers[0].expand(B, 1, -1), lat.to(dtype), markers[1].expand(B, 1, -1)], dim=1)
+    T = N + 2
+    pos = cache.next_pos[:, None].expand(B, T)
+    gen = torch.ones(B, T, dtype=torch.bool, device=dev)
+    gen[:, 0] = gen[:, -1] = False
+    full = torch.ones(B, T, T, dtype=torch.bool, device=dev)
+    valid = torch.ones(B, T, dtype=torch.bool, device=dev)
+    hidden, _ = forward_embeds(model, emb, pos, gen, full, valid, cache)
+    return model.llm2vae(hidden[:, 1:-1])

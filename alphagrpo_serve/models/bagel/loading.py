@@ -1,0 +1,119 @@
+"""Streaming safetensors into meta-built modules, and load_bagel (the official folder, unchanged).
+
+Modules are built on the meta device; the file's header is checked against the module's
+state_dict first (every missing, extra and mis-shaped key is named in one CheckpointError, before
+any data is read); then tensors are read one at a time from the memory-mapped file, cast, moved
+and assigned in place of the meta tensors. Peak memory: the model plus one tensor.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Dict, Optional
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not fit the module; the message names every offending key."""
+
+
+def _same_up_to_unit_dims(a, b) -> bool:
+    return [d for d in a if d != 1] == [d for d in b if d != 1]
+
+
+def assign_tensors(module: nn.Module, path: str, name_map: Optional[Dict[str, str]] = None, *,
+                   device="cpu", dtype: torch.dtype = torch.float32, label: Optional[str] = None) -> None:
+    """Fill `module`'s state_dict entries from the safetensors file `path`.
+
+    name_map: module name -> file key (None: the same names). A file key may differ from its
+    target only by unit dimensions (e.g. a 1x1 conv stored for a linear layer). Floating tensors
+    are cast to `dtype`; parameters keep their requires_grad."""
+    label = label or os.path.basename(path)
+    targets = module.state_dict(keep_vars=True)
+    name_map = name_map if name_map is not None else {k: k for k in targets}
+    dev = torch.device(device)
+    with safe_open(path, framework="pt", device="cpu") as f:
+        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        problems = []
+        for name in targets:
+            src = name_map.get(name)
+            if src is None or src not in shapes:
+                problems.append(f"missing key {src or name!r}")
+        used = {name_map[n] for n in targets if n in name_map}
+        problems += [f"unexpected key {k!r}" for k in sorted(shapes) if k not in used]
+        for name, t in targets.items():
+            src = name_map.get(name)
+            if src in shapes and not _same_up_to_unit_dims(shapes[src], tuple(t.shape)):
+                problems.append(f"key {src!r} has shape {list(shapes[src])}, expected {list(t.shape)}")
+        if problems:
+            raise CheckpointError(f"{label} does not fit the model ({len(problems)} problems): " + "; ".join(problems))
+        for name, old in targets.items():
+            value = f.get_tensor(name_map[name]).reshape(old.shape)
+            value = value.to(device=dev, dtype=dtype if value.is_floating_point() else value.dtype)
+            owner_name, _, leaf = name.rpartition(".")
+            owner = module.get_submodule(owner_name)
+            if leaf in owner._parameters:
+                owner._parameters[leaf] = nn.Parameter(value, requires_grad=old.requires_grad)
+            else:
+                owner._buffers[leaf] = value
+
+
+def default_dtype(device) -> torch.dtype:
+    """float32 on CPU, bfloat16 on CUDA."""
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
+@dataclass
+class Bagel:
+    """A loaded checkpoint: the ema modules, the autoencoder, the config and the tokenizer."""
+    model: "BagelModel"  # noqa: F821
+    vae: "FluxVAE"  # noqa: F821
+    config: "BagelConfig"  # noqa: F821
+    tokenizer: object
+    tokens: "BagelTokens"  # noqa: F821
+
+
+def build_model(config, device="cpu", dtype: torch.dtype = torch.float32):
+    """A BagelModel with random weights (tests, tools): built directly on `device`."""
+    from .modeling import BagelModel
+
+    with torch.device(device):
+        model = BagelModel(config)
+    return model.to(dtype)
+
+
+def load_model(path: str, config=None, device="cpu", dtype: Optional[torch.dtype] = None):
+    """ema.safetensors -> BagelModel on `device` in `dtype` (default: float32 on CPU, bf16 on CUDA)."""
+    from .config import BagelConfig
+    from .modeling import BagelModel
+
+    config = config or BagelConfig.from_folder(path)
+    dtype = dtype or default_dtype(device)
+    with torch.device("meta"):
+        model = BagelModel(config)
+    assign_tensors(model, os.path.join(path, "ema.safetensors"), device=device, dtype=dtype)
+    model.reset_rotary(device)
+    return model.eval()
+
+
+def load_bagel(path: str, device="cpu", dtype: Optional[torch.dtype] = None,
+               vae_dtype: Optional[torch.dtype] = None) -> Bagel:
+    """The official BAGEL folder -> Bagel(model, vae, config, tokenizer, tokens)."""
+    from .config import BagelConfig
+    from .core import SpecialTokens
+    from .tokens import BagelTokens, load_tokenizer
+    from .vae import load_flux_vae
+
+    config = BagelConfig.from_folder(path)
+    dtype = dtype or default_dtype(device)
+    tokenizer = load_tokenizer(path)
+    tokens = BagelTokens.from_tokenizer(tokenizer)
+    if max(tokens.ids()) >= config.llm.vocab_size:
+        raise CheckpointError(f"special token ids {tokens} exceed vocab_size {config.llm.vocab_size}")
+    model = load_model(path, config, device, dtype)
+    model.special_tokens = SpecialTokens(tokens.start_of_image, tokens.end_of_image)
+    vae = load_flux_vae(os.path.join(path, "ae.safetensors"), device, vae_dtype or dtype)
+    return Bagel(model, vae, config, tokenizer, tokens)
