@@ -7,7 +7,7 @@ llm_config.json, vit_config.json, ema.safetensors (official key names, written h
 naming scheme - this tool does not import the model package), ae.safetensors (FLUX VAE in Black
 Forest Labs' key names with the real geometry: 16 latent channels, /8, but 32-64 channels and one
 res block per level), a byte-level BPE tokenizer trained here with BAGEL's special tokens, a
-SigLIP preprocessor config and a generation config. Sizes: LLM hidden 64, 2 MoT layers, 4 heads
+SigLIP preprocessor config and a generation config. Sizes: LLM hidden 128, 2 MoT layers, 4 heads of 32
 (2 KV heads); ViT hidden 32 on 32x32 images with 8x8 patches (vit_max_num_patch_per_side 4 =
 image_size / patch_size, which vLLM needs); latent grid up to 8x8 tokens (128 px). About 2 MB.
 
@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-HIDDEN, INTER, LAYERS, HEADS, KV_HEADS = 64, 128, 2, 4, 2
+HIDDEN, INTER, LAYERS, HEADS, KV_HEADS = 128, 256, 2, 4, 2  # head_dim 32: the smallest vLLM CPU attention takes
 HEAD_DIM = HIDDEN // HEADS
 VIT_HIDDEN, VIT_INTER, VIT_LAYERS, VIT_HEADS, VIT_PATCH, VIT_SIDE = 32, 64, 2, 2, 8, 4
 MAX_LATENT, LATENT_PATCH, Z = 8, 2, 16

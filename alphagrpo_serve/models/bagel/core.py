@@ -138,6 +138,16 @@ class KVCache:
 # ----------------------------------------------------------------------------------------------
 # the transformer over a padded chunk
 
+def attention_mask(cache_valid: torch.Tensor, attend: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """[B, T, L + T] bool, True = may attend: every valid cached key (cache_valid [B, L]), then the
+    chunk's keys per `attend` [B, T, T] that are real (valid [B, T]); each query always sees itself
+    (a padding query then has one key and no NaN)."""
+    B, T = valid.shape
+    eye = torch.eye(T, dtype=torch.bool, device=valid.device)
+    inner = (attend & valid[:, None, :]) | eye
+    return torch.cat([cache_valid[:, None, :].expand(B, T, cache_valid.shape[1]), inner], dim=2)
+
+
 def forward_embeds(model: BagelModel, embeds: torch.Tensor, positions: torch.Tensor, gen: torch.Tensor,
                    attend: torch.Tensor, valid: torch.Tensor, cache: Optional[KVCache] = None,
                    ) -> Tuple[torch.Tensor, KVCache]:
@@ -156,9 +166,7 @@ def forward_embeds(model: BagelModel, embeds: torch.Tensor, positions: torch.Ten
     if cache.batch_size != B:
         raise ValueError(f"cache has {cache.batch_size} rows, the chunk {B}")
     routing = Routing(gen)
-    eye = torch.eye(T, dtype=torch.bool, device=embeds.device)
-    inner = (attend & valid[:, None, :]) | eye  # padding keys unseen; every query sees itself
-    mask = torch.cat([cache.valid[:, None, :].expand(B, T, cache.length), inner], dim=2)[:, None]
+    mask = attention_mask(cache.valid, attend, valid)[:, None]
     cos, sin = lm.rotary_emb(embeds, positions)
     x = embeds
     keys, values = [], []
@@ -242,102 +250,127 @@ def latent_embeds(model: BagelModel, tokens: torch.Tensor, timesteps: torch.Tens
             + model.latent_pos_embed(pos))
 
 
+@dataclass
+class Plan:
+    """Where every token of a prefill chunk goes (padded [B, T] tensors) - no model needed."""
+    positions: torch.Tensor  # RoPE ids
+    gen: torch.Tensor  # generation-expert tokens (VAE latents)
+    segment: torch.Tensor  # segment index within the row (-1 padding)
+    full: torch.Tensor  # tokens of image segments (markers included): full attention inside
+    valid: torch.Tensor  # real tokens
+    next_pos: torch.Tensor  # [B]
+    spans: List[List[Span]]
+    text_ids: List[int]  # ids of text and marker tokens, in order ...
+    text_at: List[int]  # ... and their flat indices b * T + col
+    vit: List[Tuple[torch.Tensor, int]]  # (pixels, flat index of the first ViT token)
+    vae: List[Tuple[VaeImage, int]]
+
+
+def plan_contexts(contexts: Sequence[Sequence[Segment]], start_pos: Sequence[int], special: SpecialTokens,
+                  vit_patch: int, device=None) -> Plan:
+    """Lay out one list of segments per row: text tokens count positions up one by one; an image
+    segment is start marker + content + end marker, all at one position, and advances it by one."""
+    B = len(contexts)
+    rows = []
+    text_ids, text_at, vit, vae, spans, next_pos = [], [], [], [], [], []
+    for b, segments in enumerate(contexts):
+        pos, col = int(start_pos[b]), 0
+        r = dict(pos=[], gen=[], seg=[], full=[])
+        r_text, r_vit, r_vae, r_spans = [], [], [], []
+
+        def put(n, p, gen, seg, full):
+            r["pos"].extend([p] * n if full else range(p, p + n))
+            r["gen"].extend([gen] * n)
+            r["seg"].extend([seg] * n)
+            r["full"].extend([full] * n)
+
+        for s_i, seg in enumerate(segments):
+            if isinstance(seg, Text):
+                ids = seg.ids.tolist() if isinstance(seg.ids, torch.Tensor) else [int(i) for i in seg.ids]
+                r_text.extend((i, col + j) for j, i in enumerate(ids))
+                put(len(ids), pos, False, s_i, False)
+                r_spans.append(Span("text", col, len(ids)))
+                col, pos = col + len(ids), pos + len(ids)
+                continue
+            if isinstance(seg, VitImage):
+                n = (seg.pixels.shape[-2] // vit_patch) * (seg.pixels.shape[-1] // vit_patch)
+                r_vit.append((seg.pixels, col + 1))
+                kind, gen = "vit", False
+            elif isinstance(seg, VaeImage):
+                n = seg.tokens.shape[0]
+                r_vae.append((seg, col + 1))
+                kind, gen = "vae", True
+            else:
+                raise TypeError(f"unknown segment type {type(seg).__name__}")
+            r_text.extend([(special.start_of_image, col), (special.end_of_image, col + n + 1)])
+            put(1, pos, False, s_i, True)
+            put(n, pos, gen, s_i, True)
+            put(1, pos, False, s_i, True)
+            r_spans.append(Span(kind, col + 1, n))
+            col, pos = col + n + 2, pos + 1
+        rows.append((r, r_text, r_vit, r_vae))
+        spans.append(r_spans)
+        next_pos.append(pos)
+    T = max(len(r["pos"]) for r, *_ in rows)
+    if T == 0:
+        raise ValueError("prefill: every context is empty")
+    for b, (r, r_text, r_vit, r_vae) in enumerate(rows):
+        text_ids.extend(i for i, _ in r_text)
+        text_at.extend(b * T + c for _, c in r_text)
+        vit.extend((px, b * T + c) for px, c in r_vit)
+        vae.extend((it, b * T + c) for it, c in r_vae)
+
+    def padded(key, fill, dt):
+        return torch.tensor([r[key] + [fill] * (T - len(r[key])) for r, *_ in rows], dtype=dt, device=device)
+
+    valid = torch.tensor([[True] * len(r["pos"]) + [False] * (T - len(r["pos"])) for r, *_ in rows],
+                         dtype=torch.bool, device=device)
+    return Plan(padded("pos", 0, torch.long), padded("gen", False, torch.bool), padded("seg", -1, torch.long),
+                padded("full", False, torch.bool), valid, torch.tensor(next_pos, dtype=torch.long, device=device),
+                spans, text_ids, text_at, vit, vae)
+
+
+def chunk_attend(plan: Plan) -> torch.Tensor:
+    """[B, T, T]: query i sees key j of the chunk when j <= i, or when both lie in the same image
+    segment (full attention inside an image)."""
+    T = plan.positions.shape[1]
+    ar = torch.arange(T, device=plan.positions.device)
+    causal = ar[None, :, None] >= ar[None, None, :]
+    same_image = (plan.segment[:, :, None] == plan.segment[:, None, :]) & plan.full[:, :, None] & plan.full[:, None, :]
+    return causal | same_image
+
+
 def prefill(model: BagelModel, contexts: Sequence[Sequence[Segment]], cache: Optional[KVCache] = None,
             special: Optional[SpecialTokens] = None) -> Prefill:
     """Append one list of segments per row to `cache` (None: empty), in one forward.
     Returns the extended cache (next_pos advanced), the chunk's hidden states, validity and spans."""
     special = _special(model, special)
     B = len(contexts)
+    if cache is not None and cache.batch_size != B:
+        raise ValueError(f"{B} contexts for a cache of {cache.batch_size} rows")
     dev = model.language_model.lm_head.weight.device
     dtype = model.language_model.lm_head.weight.dtype
-    start_pos = cache.next_pos.tolist() if cache is not None else [0] * B
-    rows = []  # per row: list of (kind, payload, count, full) tokens plan
-    text_ids, text_at = [], []  # ids and flat positions of text/marker tokens
-    vit_imgs, vit_at = [], []
-    vae_items, vae_at = [], []
-    positions, gens, segs, fulls, spans, next_pos = [], [], [], [], [], []
-    for b, segments in enumerate(contexts):
-        pos, col = start_pos[b], 0
-        r_pos, r_gen, r_seg, r_full, r_spans = [], [], [], [], []
+    start = cache.next_pos.tolist() if cache is not None else [0] * B
+    plan = plan_contexts(contexts, start, special, model.config.vit.patch_size, dev)
+    T, D = plan.positions.shape[1], model.config.hidden_size
 
-        def put(n, p, gen, seg, full):
-            r_pos.extend([p] * n if full else range(p, p + n))
-            r_gen.extend([gen] * n)
-            r_seg.extend([seg] * n)
-            r_full.extend([full] * n)
-
-        for s_i, seg in enumerate(segments):
-            if isinstance(seg, Text):
-                ids = seg.ids.tolist() if isinstance(seg.ids, torch.Tensor) else list(seg.ids)
-                text_ids.extend(ids)
-                text_at.extend((b, col + j) for j in range(len(ids)))
-                put(len(ids), pos, False, s_i, False)
-                r_spans.append(Span("text", col, len(ids)))
-                col, pos = col + len(ids), pos + len(ids)
-                continue
-            if isinstance(seg, VitImage):
-                n = (seg.pixels.shape[1] // model.config.vit.patch_size) * (seg.pixels.shape[2] // model.config.vit.patch_size)
-                vit_imgs.append(seg.pixels)
-                vit_at.append((b, col + 1, n))
-                kind, gen = "vit", False
-            elif isinstance(seg, VaeImage):
-                n = seg.tokens.shape[0]
-                vae_items.append(seg)
-                vae_at.append((b, col + 1, n))
-                kind, gen = "vae", True
-            else:
-                raise TypeError(f"unknown segment type {type(seg).__name__}")
-            text_ids.extend([special.start_of_image, special.end_of_image])
-            text_at.extend([(b, col), (b, col + n + 1)])
-            put(1, pos, False, s_i, True)
-            put(n, pos, gen, s_i, True)
-            put(1, pos, False, s_i, True)
-            r_spans.append(Span(kind, col + 1, n))
-            col, pos = col + n + 2, pos + 1
-        positions.append(r_pos)
-        gens.append(r_gen)
-        segs.append(r_seg)
-        fulls.append(r_full)
-        spans.append(r_spans)
-        next_pos.append(pos)
-
-    T = max(len(p) for p in positions)
-    if T == 0:
-        raise ValueError("prefill: every context is empty")
-
-    def padded(rows_, fill, dt):
-        return torch.tensor([r + [fill] * (T - len(r)) for r in rows_], dtype=dt, device=dev)
-
-    pos_t = padded(positions, 0, torch.long)
-    gen_t = padded(gens, False, torch.bool)
-    seg_t = padded(segs, -1, torch.long)
-    full_t = padded(fulls, False, torch.bool)
-    valid = padded([[True] * len(p) for p in positions], False, torch.bool)
-
-    flat = lambda bc: bc[0] * T + bc[1]  # noqa: E731
-    D = model.config.hidden_size
     emb = torch.zeros(B * T, D, device=dev, dtype=dtype)
-    if text_ids:
-        idx = torch.tensor([flat(bc) for bc in text_at], device=dev)
-        emb = emb.index_copy(0, idx, model.language_model.model.embed_tokens(torch.tensor(text_ids, device=dev)))
-    if vit_imgs:
-        out = vit_embeds(model, vit_imgs)
-        idx = torch.tensor([b * T + c + j for (b, c, n) in vit_at for j in range(n)], device=dev)
+    if plan.text_ids:
+        ids = torch.tensor(plan.text_ids, device=dev)
+        emb = emb.index_copy(0, torch.tensor(plan.text_at, device=dev), model.language_model.model.embed_tokens(ids))
+    if plan.vit:
+        out = vit_embeds(model, [px for px, _ in plan.vit])
+        idx = torch.cat([torch.arange(at, at + o.shape[0], device=dev) for (_, at), o in zip(plan.vit, out)])
         emb = emb.index_copy(0, idx, torch.cat(out).to(dtype))
-    if vae_items:
+    if plan.vae:
         out = [latent_embeds(model, it.tokens.to(dev), torch.tensor(float(it.timestep), device=dev), it.grid)
-               for it in vae_items]
-        idx = torch.tensor([b * T + c + j for (b, c, n) in vae_at for j in range(n)], device=dev)
+               for it, _ in plan.vae]
+        idx = torch.cat([torch.arange(at, at + o.shape[0], device=dev) for (_, at), o in zip(plan.vae, out)])
         emb = emb.index_copy(0, idx, torch.cat(out).to(dtype))
-    emb = emb.reshape(B, T, D)
-
-    ar = torch.arange(T, device=dev)
-    causal = ar[None, :, None] >= ar[None, None, :]
-    same_full = (seg_t[:, :, None] == seg_t[:, None, :]) & full_t[:, :, None] & full_t[:, None, :]
-    attend = causal | same_full
-    hidden, new_cache = forward_embeds(model, emb, pos_t, gen_t, attend, valid, cache)
-    new_cache.next_pos = torch.tensor(next_pos, dtype=torch.long, device=dev)
-    return Prefill(new_cache, hidden, valid, spans)
+    hidden, new_cache = forward_embeds(model, emb.reshape(B, T, D), plan.positions, plan.gen, chunk_attend(plan),
+                                       plan.valid, cache)
+    new_cache.next_pos = plan.next_pos
+    return Prefill(new_cache, hidden, plan.valid, plan.spans)
 
 
 # ----------------------------------------------------------------------------------------------
