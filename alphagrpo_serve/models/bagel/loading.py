@@ -40,8 +40,10 @@ def assign_tensors(module: nn.Module, path: str, name_map: Optional[Dict[str, st
         problems = []
         for name in targets:
             src = name_map.get(name)
-            if src is None or src not in shapes:
-                problems.append(f"missing key {src or name!r}")
+            if src is None:  # a renamed checkpoint (the VAE): name the module's key
+                problems.append(f"missing key for {name!r} (no tensor of the file maps to it)")
+            elif src not in shapes:
+                problems.append(f"missing key {src!r}")
         used = {name_map[n] for n in targets if n in name_map}
         problems += [f"unexpected key {k!r}" for k in sorted(shapes) if k not in used]
         for name, t in targets.items():
