@@ -270,3 +270,57 @@ def test_velocity_checks_its_inputs(tiny_bagel):
         velocity(tiny_bagel.model, cache, torch.zeros(3, 4, 64), 0.5, (2, 2))
     with pytest.raises(ValueError, match="position table"):
         velocity(tiny_bagel.model, cache, torch.zeros(2, 81, 64), 0.5, (9, 9))  # max_latent_size is 8
+
+
+# ------------------------------------------------------------------------------------------------
+# images and an end-to-end draw
+
+def test_vit_images_of_different_sizes_batch_like_alone(tiny_bagel):
+    from alphagrpo_serve.models.bagel import vit_embeds
+
+    a, b = image(5, 32, 32), image(6, 16, 24)
+    both = vit_embeds(tiny_bagel.model, [a, b])
+    assert both[0].shape == (16, tiny_bagel.config.hidden_size) and both[1].shape == (6, tiny_bagel.config.hidden_size)
+    assert_close(both[0], vit_embeds(tiny_bagel.model, [a])[0], what="32x32 image")
+    assert_close(both[1], vit_embeds(tiny_bagel.model, [b])[0], what="16x24 image (padded in the batch)")
+
+
+def test_resize_rule_and_preprocessing():
+    import numpy as np
+
+    from alphagrpo_serve.models.bagel import resize_dims, vit_pixels, vit_sizes
+
+    # BAGEL-7B-MoT's ViT transform (980, 224, 14): 640x480 keeps its scale, rounded to multiples of 14
+    assert resize_dims(640, 480, 980, 224, 14) == (644, 476)
+    # a small image is scaled up until its short edge is 224
+    assert resize_dims(100, 50, 980, 224, 14) == (448, 224)
+    # VAE transform (1024, 512, 16): a 2:1 panorama ends at 1024 x 512
+    assert resize_dims(2000, 1000, 1024, 512, 16) == (1024, 512)
+
+    class Cfg:  # the official numbers come out of the official config values
+        class vit:
+            patch_size = 14
+        vit_max_num_patch_per_side = 70
+    assert vit_sizes(Cfg) == (980, 224, 14)
+    px = vit_pixels(Cfg, np.full((30, 40, 3), 255, np.uint8))
+    assert px.shape == (3, 224, 294) and torch.allclose(px, torch.ones_like(px), atol=1e-5)
+
+
+def test_a_guided_ode_draw_end_to_end(tiny_bagel):
+    """What the policy does: three contexts (full, no text = empty, no image = full here), a shared
+    prefill, 4 guided Euler steps on a 32x32 canvas, VAE decode."""
+    from alphagrpo_serve.models.bagel import cfg_active, cfg_combine, timestep_schedule, unpatchify
+
+    model, tok = tiny_bagel.model, tiny_bagel.tokens
+    with torch.no_grad():
+        full = prefill(model, [[Text(tok.wrap(tiny_bagel.tokenizer.encode("a red circle")))]]).cache.expand(2)
+        empty = KVCache.empty(model, 2)
+        x = torch.randn(2, 4, 64, generator=torch.Generator().manual_seed(0))
+        ts = timestep_schedule(5, shift=3.0)
+        for t, t_next in zip(ts[:-1].tolist(), ts[1:].tolist()):
+            scale = 4.0 if cfg_active(t, (0.4, 1.0)) else 1.0
+            v = velocity(model, KVCache.concat([full, empty]), x.repeat(2, 1, 1), t, (2, 2))
+            x = x - cfg_combine(v[:2], v[2:], None, scale, 1.0, "global") * (t - t_next)
+        img = tiny_bagel.vae.decode(unpatchify(x, (2, 2), 2, 16))
+    assert img.shape == (2, 32, 32, 3) and img.dtype == torch.uint8
+    assert not torch.equal(img[0], img[1])  # the two samples started from different noise

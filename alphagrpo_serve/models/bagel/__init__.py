@@ -6,7 +6,8 @@ from .core import (KVCache, Prefill, Span, SpecialTokens, Text, VaeImage, VitIma
                    latent_embeds, lm_head_weight, prefill, text_logits, text_step, text_step_hidden, velocity,
                    vit_embeds)
 from .guidance import cfg_active, cfg_combine, euler_step, timestep_schedule
-from .images import grid_position_ids, patchify, preprocess, resize_dims, to_pixels, unpatchify
+from .images import (grid_position_ids, patchify, preprocess, resize_dims, resize_pixels, to_pixels, unpatchify,
+                     vae_sizes, vit_pixels, vit_sizes)
 from .loading import Bagel, CheckpointError, assign_tensors, build_model, load_bagel, load_model
 from .modeling import BagelModel
 from .tokens import BagelTokens, load_tokenizer
@@ -17,6 +18,6 @@ __all__ = [
     "KVCache", "Prefill", "Span", "SpecialTokens", "Text", "VaeImage", "VitImage", "assign_tensors", "build_model",
     "cfg_active", "cfg_combine", "euler_step", "forward_embeds", "grid_position_ids", "latent_embeds",
     "lm_head_weight", "load_bagel", "load_flux_vae", "load_model", "load_tokenizer", "patchify", "prefill",
-    "preprocess", "resize_dims", "text_logits", "text_step", "text_step_hidden", "timestep_schedule", "to_pixels",
-    "unpatchify", "velocity", "vit_embeds",
+    "preprocess", "resize_dims", "resize_pixels", "text_logits", "text_step", "text_step_hidden", "timestep_schedule", "to_pixels",
+    "unpatchify", "vae_sizes", "velocity", "vit_embeds", "vit_pixels", "vit_sizes",
 ]

@@ -82,3 +82,24 @@ def preprocess(image, max_size: int, min_size: int, stride: int) -> torch.Tensor
     pixels = to_pixels(image)
     new_w, new_h = resize_dims(pixels.shape[2], pixels.shape[1], max_size, min_size, stride)
     return resize_pixels(pixels, (new_h, new_w))
+
+
+def vit_sizes(cfg) -> Tuple[int, int, int]:
+    """(max_size, min_size, stride) of BAGEL's ViT transform: (980, 224, 14) for BAGEL-7B-MoT
+    (vit_max_num_patch_per_side x patch, 224, patch), clipped for smaller towers."""
+    p = cfg.vit.patch_size
+    top = cfg.vit_max_num_patch_per_side * p
+    return top, min(224, top), p
+
+
+def vae_sizes(cfg) -> Tuple[int, int, int]:
+    """(max_size, min_size, stride) of BAGEL's VAE transform: (1024, 512, 16) for BAGEL-7B-MoT
+    (max_latent_size x 16, 512, 16), clipped for smaller latent tables."""
+    s = cfg.pixels_per_latent_token
+    top = cfg.max_latent_size * s
+    return top, min(512, top), s
+
+
+def vit_pixels(cfg, image) -> torch.Tensor:
+    """uint8 [H, W, 3] -> ViT input [3, h, w] in [-1, 1] as BAGEL's vit_transform prepares it."""
+    return preprocess(image, *vit_sizes(cfg))
