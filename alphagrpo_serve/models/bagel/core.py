@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
 
+from .cache import KVCache
 from .images import grid_position_ids, patchify
 from .modeling import BagelModel, Routing
 
@@ -67,72 +68,6 @@ class SpecialTokens:
     """The marker ids the core inserts around image segments."""
     start_of_image: int
     end_of_image: int
-
-
-# ----------------------------------------------------------------------------------------------
-# KV cache
-
-@dataclass
-class KVCache:
-    """Per-layer keys/values [B, Hkv, L, Dh] (after k_norm and RoPE), which columns hold real
-    tokens (valid [B, L]) and each row's next RoPE position (next_pos [B])."""
-    keys: List[torch.Tensor]
-    values: List[torch.Tensor]
-    valid: torch.Tensor
-    next_pos: torch.Tensor
-
-    @property
-    def batch_size(self) -> int:
-        return self.valid.shape[0]
-
-    @property
-    def length(self) -> int:
-        return self.valid.shape[1]
-
-    @classmethod
-    def empty(cls, model: BagelModel, batch: int, device=None, dtype=None) -> "KVCache":
-        p = model.language_model.lm_head.weight
-        device, dtype = device or p.device, dtype or p.dtype
-        attn = model.language_model.model.layers[0].self_attn
-        shape = (batch, attn.num_kv_heads, 0, attn.head_dim)
-        n = len(model.language_model.model.layers)
-        return cls([torch.zeros(shape, device=device, dtype=dtype) for _ in range(n)],
-                   [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n)],
-                   torch.zeros(batch, 0, dtype=torch.bool, device=device),
-                   torch.zeros(batch, dtype=torch.long, device=device))
-
-    def index(self, rows: Union[Sequence[int], torch.Tensor]) -> "KVCache":
-        """The cache of rows `rows` (any order, repeats allowed; copies)."""
-        idx = torch.as_tensor(rows, dtype=torch.long, device=self.valid.device)
-        return KVCache([k.index_select(0, idx) for k in self.keys], [v.index_select(0, idx) for v in self.values],
-                       self.valid.index_select(0, idx), self.next_pos.index_select(0, idx))
-
-    def expand(self, g: int) -> "KVCache":
-        """Each row repeated g times (row i -> rows i*g .. i*g+g-1): G samples share one prefill.
-        With one row this is a view (no copy); the prefix is read by every later step."""
-        if self.batch_size == 1:
-            def ex(t):
-                return t.expand(g, *t.shape[1:])
-            return KVCache([ex(k) for k in self.keys], [ex(v) for v in self.values], ex(self.valid), ex(self.next_pos))
-        return self.index(torch.arange(self.batch_size, device=self.valid.device).repeat_interleave(g))
-
-    def detach(self) -> "KVCache":
-        return KVCache([k.detach() for k in self.keys], [v.detach() for v in self.values], self.valid, self.next_pos)
-
-    @staticmethod
-    def concat(caches: Sequence["KVCache"]) -> "KVCache":
-        """Rows of all caches in order, right-padded (invalid columns) to the longest: e.g. the three
-        guidance contexts stacked for one velocity call."""
-        L = max(c.length for c in caches)
-
-        def pad(t, n):  # pad dim 2 (keys/values) or dim 1 (valid) to L
-            return t if n == L else F.pad(t, (0, 0, 0, L - n) if t.ndim == 4 else (0, L - n))
-
-        n_layers = len(caches[0].keys)
-        keys = [torch.cat([pad(c.keys[i], c.length) for c in caches]) for i in range(n_layers)]
-        values = [torch.cat([pad(c.values[i], c.length) for c in caches]) for i in range(n_layers)]
-        valid = torch.cat([pad(c.valid, c.length) for c in caches])
-        return KVCache(keys, values, valid, torch.cat([c.next_pos for c in caches]))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -270,7 +205,6 @@ def plan_contexts(contexts: Sequence[Sequence[Segment]], start_pos: Sequence[int
                   vit_patch: int, device=None) -> Plan:
     """Lay out one list of segments per row: text tokens count positions up one by one; an image
     segment is start marker + content + end marker, all at one position, and advances it by one."""
-    B = len(contexts)
     rows = []
     text_ids, text_at, vit, vae, spans, next_pos = [], [], [], [], [], []
     for b, segments in enumerate(contexts):

@@ -9,11 +9,17 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Dict, Optional
+from typing import TYPE_CHECKING, Dict, Optional
 
 import torch
 from safetensors import safe_open
 from torch import nn
+
+if TYPE_CHECKING:
+    from .config import BagelConfig
+    from .modeling import BagelModel
+    from .tokens import BagelTokens
+    from .vae import FluxVAE
 
 
 class CheckpointError(ValueError):
@@ -71,11 +77,11 @@ def default_dtype(device) -> torch.dtype:
 @dataclass
 class Bagel:
     """A loaded checkpoint: the ema modules, the autoencoder, the config and the tokenizer."""
-    model: "BagelModel"  # noqa: F821
-    vae: "FluxVAE"  # noqa: F821
-    config: "BagelConfig"  # noqa: F821
+    model: "BagelModel"
+    vae: "FluxVAE"
+    config: "BagelConfig"
     tokenizer: object
-    tokens: "BagelTokens"  # noqa: F821
+    tokens: "BagelTokens"
 
 
 def build_model(config, device="cpu", dtype: torch.dtype = torch.float32):
