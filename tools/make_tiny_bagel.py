@@ -7,9 +7,10 @@ llm_config.json, vit_config.json, ema.safetensors (official key names, written h
 naming scheme - this tool does not import the model package), ae.safetensors (FLUX VAE in Black
 Forest Labs' key names with the real geometry: 16 latent channels, /8, but 32-64 channels and one
 res block per level), a byte-level BPE tokenizer trained here with BAGEL's special tokens, a
-SigLIP preprocessor config and a generation config. Sizes: LLM hidden 128, 2 MoT layers, 4 heads of 32
-(2 KV heads); ViT hidden 32 on 32x32 images with 8x8 patches (vit_max_num_patch_per_side 4 =
-image_size / patch_size, which vLLM needs); latent grid up to 8x8 tokens (128 px). About 2 MB.
+SigLIP preprocessor config and a generation config. Sizes: LLM hidden 128, 2 MoT layers, 4 heads
+of 32 (2 KV heads); ViT hidden 32 on 32x32 images with 8x8 patches (vit_max_num_patch_per_side
+4 = image_size / patch_size, which vLLM needs); latent grid up to 8x8 tokens (128 px). About 8 MB,
+written in a few seconds.
 
 The ViT depth trap: the official loader builds vit_config.json's num_hidden_layers - 1 layers,
 vLLM builds the inline vit_config's count and drops one only when it says 27. So vit_config.json
