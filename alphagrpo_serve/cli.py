@@ -127,13 +127,20 @@ def cmd_pretrain(args) -> int:
     return 0
 
 
-def _sampling(args):
-    from .sampling.sampler import SamplingConfig
+def _overrides(args) -> dict:
+    """The sampling fields a command line set (None: the policy's default)."""
+    return {k: v for k, v in dict(steps=args.steps, cfg_scale=args.cfg, width=getattr(args, "width", None),
+                                  height=getattr(args, "height", None)).items() if v is not None}
 
+
+def _settings(pol, args, reflect: bool = False):
+    """(SamplingConfig, TextConfig) of an in-process command: its flags over the policy's defaults."""
     try:
-        return SamplingConfig(steps=args.steps, cfg_scale=args.cfg, mode="ode")
+        sc = pol.resolve_sampling(dict(_overrides(args), mode="ode"), reflect=reflect)
+        text = pol.resolve_text({} if args.temperature is None else {"temperature": args.temperature})
     except ValueError as exc:
         raise SystemExit(f"error: {exc}")
+    return sc, text
 
 
 def _save_images(images, path: str, upscale: int) -> None:
@@ -148,11 +155,11 @@ def _save_images(images, path: str, upscale: int) -> None:
 
 
 def _policy(args):
-    from .models.tiny_policy import TinyPolicy
+    from .models.registry import load_policy
 
     try:
-        return TinyPolicy.load(args.weights)
-    except (FileNotFoundError, ValueError) as exc:
+        return load_policy(args.policy, args.model, args.device, args.dtype)
+    except (FileNotFoundError, ValueError, KeyError) as exc:
         raise SystemExit(f"error: {exc}")
 
 
@@ -173,14 +180,17 @@ def cmd_generate(args) -> int:
         with _client(args) as c:
             try:
                 out = c.generate([args.prompt], group_size=args.grid, seed=args.seed, think=args.think,
-                                 steps=args.steps, cfg_scale=args.cfg, temperature=args.temperature)
+                                 temperature=args.temperature, **_overrides(args))
             except grpc.RpcError as exc:
                 raise SystemExit(f"error: {args.server}: {exc.code().name}: {exc.details()}")
     else:
         pol = _policy(args)
         seeds = [args.seed + i for i in range(args.grid)]
-        out = pol.generate([args.prompt] * len(seeds), seeds, _sampling(args), think=args.think,
-                           temperature=args.temperature)
+        sc, text = _settings(pol, args)
+        try:
+            out = pol.generate([args.prompt] * len(seeds), seeds, sc, text, think=args.think)
+        except ValueError as exc:
+            raise SystemExit(f"error: {exc}")
     for s in out:
         if args.think:
             print(f"seed {s.seed}: <think> {s.thought} </think>")
@@ -193,9 +203,9 @@ def cmd_reflect(args) -> int:
     pol = _policy(args)
     image = _load_png(args.image)
     seeds = [args.seed + i for i in range(args.grid)]
+    sc, text = _settings(pol, args, reflect=True)
     try:
-        out = pol.reflect([args.prompt] * len(seeds), [image] * len(seeds), seeds, _sampling(args),
-                          temperature=args.temperature)
+        out = pol.reflect([args.prompt] * len(seeds), [image] * len(seeds), seeds, sc, text)
     except ValueError as exc:
         raise SystemExit(f"error: {exc}")
     for s in out:
@@ -206,10 +216,15 @@ def cmd_reflect(args) -> int:
 
 
 def cmd_eval_policy(args) -> int:
-    from .models.evaluate_policy import evaluate_policy
+    pol = _policy(args)
+    task_name = args.task or pol.info.prompt_domain or "open"
+    if task_name != "shapes":
+        raise SystemExit(f"error: task {task_name!r} has no built-in held-out suite (only 'shapes' has one); "
+                         "evaluate against a reward server with `alphagrpo train` and a heldout_file")
+    from .shapes.policy_eval import evaluate_policy
 
-    res = evaluate_policy(_policy(args), think=args.think, reflect=args.reflect, sampling=_sampling(args),
-                          limit=args.limit)
+    sc, _ = _settings(pol, args)
+    res = evaluate_policy(pol, think=args.think, reflect=args.reflect, sampling=sc, limit=args.limit)
     print(res.report.table())
     if res.thought_parse_rate is not None:
         print(f"implicit thoughts that parse: {res.thought_parse_rate:.3f}; "
@@ -221,13 +236,30 @@ def cmd_eval_policy(args) -> int:
     return 0
 
 
+def _add_model_flags(p):
+    """--policy, --model, --device, --dtype: which policy to load and where (serve and in-process commands)."""
+    from .models.registry import DTYPES, available
+
+    p.add_argument("--policy", default="tiny",
+                   help=f"policy from the registry: {', '.join(available())} (default: tiny, the embedded tiny UMM)")
+    p.add_argument("--model", "--weights", dest="model", default=None, metavar="PATH",
+                   help="the policy's weights: a file or checkpoint folder (default: the policy's default; the tiny "
+                        "UMM ships its weights)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+    p.add_argument("--dtype", default=None, choices=list(DTYPES),
+                   help="weights' dtype (default: the policy's default for the device: float32 on the CPU)")
+
+
 def _add_policy_flags(p, out_default=None):
-    p.add_argument("--weights", default=None, help="tiny UMM safetensors (default: the shipped weights)")
-    p.add_argument("--steps", type=int, default=20, help="sampling steps (default 20)")
-    p.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale (default 3.0)")
+    _add_model_flags(p)
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the policy's, 20 for tiny)")
+    p.add_argument("--cfg", type=float, default=None, help="text guidance scale (default: the policy's, 3.0 for tiny)")
+    p.add_argument("--width", type=int, default=None, help="canvas width in pixels (default: the policy's)")
+    p.add_argument("--height", type=int, default=None, help="canvas height in pixels (default: the policy's)")
     p.add_argument("--seed", type=int, default=0, help="seed of the first image (default 0)")
     p.add_argument("--grid", type=int, default=1, help="images in a row, seeds seed..seed+N-1 (default 1)")
-    p.add_argument("--temperature", type=float, default=1.0, help="text sampling temperature (default 1.0)")
+    p.add_argument("--temperature", type=float, default=None,
+                   help="text sampling temperature, 0 = greedy (default: the policy's, 1.0 for tiny)")
     p.add_argument("--upscale", type=int, default=8, help="nearest-neighbour upscale of the saved PNG (default 8)")
 
 
@@ -245,10 +277,11 @@ def cmd_verify(args) -> int:
 
 def cmd_serve(args) -> int:
     from .server.app import ServeConfig, main as serve_main
-    from .server.services import Limits
+    from .server.validation import Limits
 
     api_key = os.environ.get(args.api_key_env) if args.api_key_env else None
-    cfg = ServeConfig(host=args.host, port=args.port, policy=args.policy, weights=args.weights, reward=args.reward,
+    cfg = ServeConfig(host=args.host, port=args.port, policy=args.policy, model=args.model, device=args.device,
+                      dtype=args.dtype, task=args.task, reward=args.reward,
                       decomposer_url=args.decomposer_url, decomposer_model=args.decomposer_model,
                       verifier_url=args.verifier_url, verifier_model=args.verifier_model, reward_api_key=api_key,
                       reward_concurrency=args.reward_concurrency, decomposition_cache=args.decomposition_cache,
@@ -282,8 +315,9 @@ def build_parser() -> argparse.ArgumentParser:
     shapes.add_argument("--json", metavar="FILE", help="also write the report as JSON")
     shapes.set_defaults(fn=cmd_eval_shapes)
 
-    gen = sub.add_parser("generate", help="draw an image with the tiny UMM (in-process, no server)")
-    gen.add_argument("--prompt", required=True, help="a ShapesWorld prompt, explicit or implicit")
+    gen = sub.add_parser("generate", help="draw images with a policy (in-process, or through --server)")
+    gen.add_argument("--prompt", required=True, help="the prompt (for the tiny UMM: a ShapesWorld prompt, explicit or "
+                                                     "implicit)")
     gen.add_argument("--out", required=True, help="PNG to write (a row of --grid images)")
     gen.add_argument("--think", action="store_true", help="write a <think> thought first and print it")
     gen.add_argument("--server", default=None, metavar="HOST:PORT[,HOST:PORT]",
@@ -295,12 +329,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     ref = sub.add_parser("reflect", help="critique an image and draw a refined one (in-process)")
     ref.add_argument("--prompt", required=True, help="the prompt the image should show")
-    ref.add_argument("--image", required=True, help="PNG of the image to refine (32x32)")
+    ref.add_argument("--image", required=True, help="PNG of the image to refine (a canvas size the policy draws)")
     ref.add_argument("--out", required=True, help="PNG to write")
     _add_policy_flags(ref)
     ref.set_defaults(fn=cmd_reflect)
 
-    pol = ev.add_parser("policy", help="held-out GenEval-rule accuracy of the tiny UMM (ODE, fixed seeds)")
+    pol = ev.add_parser("policy", help="held-out accuracy of a policy on its task's suite (ShapesWorld: GenEval rule, "
+                                       "ODE, fixed seeds)")
+    pol.add_argument("--task", default=None, help="task whose held-out suite to run (default: the policy's)")
     pol.add_argument("--think", action="store_true", help="think mode: write a thought before drawing")
     pol.add_argument("--reflect", action="store_true", help="then one round of self-reflective refinement")
     pol.add_argument("--limit", type=int, default=0, help="first N held-out rows only (default: all 360)")
@@ -331,10 +367,12 @@ def build_parser() -> argparse.ArgumentParser:
     sv = sub.add_parser("serve", help="serve PolicyService and RewardService over gRPC")
     sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     sv.add_argument("--port", type=int, default=50051, help="port (default 50051; 0 picks a free one)")
-    sv.add_argument("--policy", default="tiny", help="policy model (default: tiny, the embedded tiny UMM)")
-    sv.add_argument("--weights", default=None, help="policy weights (default: the shipped tiny UMM)")
+    _add_model_flags(sv)
+    sv.add_argument("--task", default=None, help="prompt domain the server accepts: shapes (ShapesWorld's grammar) "
+                                                 "or open (any prompt); default: the policy's own, else open")
     sv.add_argument("--reward", default="embedded", choices=["embedded", "openai"],
-                    help="reward backend: embedded ShapesWorld DVReward (default) or OpenAI-compatible servers")
+                    help="reward backend: the task's embedded DVReward (default; ShapesWorld's detector) or "
+                         "OpenAI-compatible servers")
     sv.add_argument("--decomposer-url", default=None, help="--reward openai: API base of the decomposer LLM, e.g. http://h:8000/v1")
     sv.add_argument("--decomposer-model", default=None, help="--reward openai: the decomposer's model name")
     sv.add_argument("--verifier-url", default=None, help="--reward openai: API base of the verifier MLLM")

@@ -21,19 +21,15 @@ import torch
 
 from ._proto.alphagrpo.v1 import policy_pb2, policy_pb2_grpc, reward_pb2, reward_pb2_grpc
 from .reward.types import Answer, Question, RewardResult
-from .server.codec import NAMES, image_to_proto, proto_to_image, proto_to_tensor
+from .sampling.sampler import ImageTrajectory, SamplingConfig, TextConfig
+from .wire import MODES, NAMES, image_to_proto, params_to_config, proto_to_image, proto_to_trajectory
 
 
 @dataclass
 class Trajectory:
     token_ids: List[int]
     token_logprobs: List[float]
-    latents: torch.Tensor  # [K + 1, C, H, W]
-    sigmas: torch.Tensor
-    sigma_nexts: torch.Tensor
-    step_logprobs: torch.Tensor
-    window_start: int
-    sigma_max: float
+    image: ImageTrajectory  # latents [K + 1, ...], sigmas, sigma_nexts, step log-probs, window start, sigma_max
 
 
 @dataclass
@@ -46,6 +42,8 @@ class GeneratedImage:
     seed: int
     policy_version: int
     trajectory: Optional[Trajectory] = None
+    sampling: Optional[SamplingConfig] = None  # the settings the server resolved and drew with
+    text_config: Optional[TextConfig] = None
 
 
 class AsyncClient:
@@ -97,28 +95,44 @@ class AsyncClient:
 
     # ---- policy ------------------------------------------------------------------------------
     @staticmethod
-    def params(think=False, mode="ode", steps=20, cfg_scale=3.0, noise_level=0.7, sde_window=(0, 4),
-               temperature=1.0, top_p=1.0, max_thought_tokens=40) -> policy_pb2.SamplingParams:
-        modes = {"ode": policy_pb2.SAMPLING_MODE_ODE, "sde": policy_pb2.SAMPLING_MODE_SDE}
-        if mode not in modes:
-            raise ValueError(f"mode must be 'ode' or 'sde', got {mode!r}")
-        return policy_pb2.SamplingParams(mode=modes[mode], think=think, steps=steps, cfg_scale=cfg_scale,
-                                         noise_level=noise_level, sde_window_start=sde_window[0],
-                                         sde_window_size=sde_window[1], temperature=temperature, top_p=top_p,
-                                         max_thought_tokens=max_thought_tokens)
+    def params(think: bool = False, mode: Optional[str] = None, **fields) -> policy_pb2.SamplingParams:
+        """SamplingParams with only the given fields set (the rest take the policy's defaults).
+
+        fields: steps, cfg_scale, cfg_interval=(low, high), sde_window=(start, size), noise_level,
+        temperature, top_p, max_thought_tokens, width, height, cfg_img_scale, cfg_renorm_type,
+        cfg_renorm_min, timestep_shift; None means unset."""
+        msg = policy_pb2.SamplingParams(think=think)
+        if mode is not None:
+            if mode not in MODES:
+                raise ValueError(f"mode must be 'ode' or 'sde', got {mode!r}")
+            msg.mode = MODES[mode]
+        pairs = {"sde_window": ("sde_window_start", "sde_window_size"),
+                 "cfg_interval": ("cfg_interval_low", "cfg_interval_high")}
+        for name, value in fields.items():
+            if value is None:
+                continue
+            if name in pairs:
+                setattr(msg, pairs[name][0], value[0])
+                setattr(msg, pairs[name][1], value[1])
+            elif name in policy_pb2.SamplingParams.DESCRIPTOR.fields_by_name:
+                setattr(msg, name, value)
+            else:
+                raise TypeError(f"unknown sampling parameter {name!r}")
+        return msg
 
     @staticmethod
-    def _samples(prompts, samples) -> List[GeneratedImage]:
+    def _samples(prompts, res) -> List[GeneratedImage]:
+        sc = tc = None
+        if res.HasField("resolved_params"):
+            sc, tc = params_to_config(res.resolved_params)
         out = []
-        for s in samples:
+        for s in res.samples:
             traj = None
             if s.HasField("trajectory"):
-                t = s.trajectory
-                traj = Trajectory(list(t.token_ids), list(t.token_logprobs), proto_to_tensor(t.latents, "latents"),
-                                  torch.tensor(list(t.sigmas)), torch.tensor(list(t.sigma_nexts)),
-                                  torch.tensor(list(t.step_logprobs)), t.window_start, t.sigma_max)
+                ids, logps, image_traj = proto_to_trajectory(s.trajectory)
+                traj = Trajectory(ids, logps, image_traj)
             out.append(GeneratedImage(prompts[s.prompt_index], s.prompt_index, s.sample_index, proto_to_image(s.image),
-                                      s.thought, s.seed, s.policy_version, traj))
+                                      s.thought, s.seed, s.policy_version, traj, sc, tc))
         return out
 
     async def generate(self, prompts: Sequence[str], group_size: int = 1, seed: int = 0, return_trajectory: bool = False,
@@ -127,7 +141,7 @@ class AsyncClient:
                                          params=self.params(**params), return_trajectory=return_trajectory)
         res = await self._call("policy", "Generate", req, timeout)
         self.last_boot_id = res.boot_id
-        return self._samples(list(prompts), res.samples)
+        return self._samples(list(prompts), res)
 
     async def reflect(self, prompts: Sequence[str], images: Sequence[np.ndarray], group_size: int = 1, seed: int = 0,
                       return_trajectory: bool = False, timeout: Optional[float] = None, **params) -> List[GeneratedImage]:
@@ -136,7 +150,7 @@ class AsyncClient:
                                         return_trajectory=return_trajectory)
         res = await self._call("policy", "Reflect", req, timeout)
         self.last_boot_id = res.boot_id
-        return self._samples(list(prompts), res.samples)
+        return self._samples(list(prompts), res)
 
     async def update_weights(self, tensors: Dict[str, torch.Tensor], lora: bool = False, chunk_bytes: int = 1 << 20,
                              timeout: Optional[float] = None) -> int:

@@ -16,8 +16,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import results  # noqa: E402
 import torch  # noqa: E402
 
-from alphagrpo_serve.models.tiny_policy import TinyPolicy  # noqa: E402
-from alphagrpo_serve.sampling.sampler import SamplingConfig  # noqa: E402
+from alphagrpo_serve.models.registry import load_policy  # noqa: E402
 from alphagrpo_serve.shapes.evaluate import load_heldout  # noqa: E402
 
 
@@ -27,18 +26,20 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=3, help="timed repeats; the best is reported (default 3)")
     p.add_argument("--results", default=None, help="append the table with date and machine to this Markdown file")
     args = p.parse_args(argv)
-    pol = TinyPolicy.load(args.weights)
+    pol = load_policy("tiny", args.weights)
+    text = pol.resolve_text()
     prompts = [r["prompt"] for r in load_heldout()][:64]
     seeds = list(range(64))
     rows = []
-    for name, think, sc in (("plain, ODE, CFG 3", False, SamplingConfig(steps=20, mode="ode", cfg_scale=3.0)),
-                            ("plain, SDE window 4, CFG 3", False, SamplingConfig(steps=20, mode="sde", cfg_scale=3.0)),
-                            ("think, ODE, CFG 3", True, SamplingConfig(steps=20, mode="ode", cfg_scale=3.0))):
-        pol.generate(prompts[:4], seeds[:4], sc, think=think)  # warm-up
+    for name, think, ov in (("plain, ODE, CFG 3", False, dict(steps=20, mode="ode", cfg_scale=3.0)),
+                            ("plain, SDE window 4, CFG 3", False, dict(steps=20, mode="sde", cfg_scale=3.0)),
+                            ("think, ODE, CFG 3", True, dict(steps=20, mode="ode", cfg_scale=3.0))):
+        sc = pol.resolve_sampling(ov)
+        pol.generate(prompts[:4], seeds[:4], sc, text, think=think)  # warm-up
         best = float("inf")
         for _ in range(args.repeats):
             t = time.perf_counter()
-            pol.generate(prompts, seeds, sc, think=think)
+            pol.generate(prompts, seeds, sc, text, think=think)
             best = min(best, time.perf_counter() - t)
         rows.append((name, best, 64 / best))
         print(f"{name}: {best:.2f} s for 64 images ({64 / best:.1f} images/s)", flush=True)

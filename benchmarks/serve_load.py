@@ -73,16 +73,15 @@ async def closed_loop(addr: str, clients: int, seconds: float):
 
 
 def ceiling(batch: int, seconds: float) -> float:
-    from alphagrpo_serve.models.tiny_policy import TinyPolicy
-    from alphagrpo_serve.sampling.sampler import SamplingConfig
+    from alphagrpo_serve.models.registry import load_policy
 
-    pol = TinyPolicy.load()
-    sc = SamplingConfig(steps=STEPS)
+    pol = load_policy("tiny")
+    sc, text = pol.resolve_sampling(dict(steps=STEPS)), pol.resolve_text()
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(batch)]
-    pol.generate(prompts[:4], list(range(4)), sc)
+    pol.generate(prompts[:4], list(range(4)), sc, text)
     n, t0 = 0, time.monotonic()
     while time.monotonic() - t0 < seconds:
-        pol.generate(prompts, list(range(batch)), sc)
+        pol.generate(prompts, list(range(batch)), sc, text)
         n += batch
     return n / (time.monotonic() - t0)
 

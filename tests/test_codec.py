@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from alphagrpo_serve._proto.alphagrpo.v1 import common_pb2
-from alphagrpo_serve.server.codec import image_to_proto, proto_to_image, proto_to_tensor, tensor_to_proto
+from alphagrpo_serve.wire import image_to_proto, proto_to_image, proto_to_tensor, tensor_to_proto
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.uint8])

@@ -27,18 +27,16 @@ def small_policy():
     return TinyPolicy(TinyUMM(TinyUMMConfig(vocab_size=len(Tokenizer()), width=32, layers=1, heads=1)))
 
 
-class SlowPolicy:
-    """Wraps a policy so that each Generate batch takes at least `delay` seconds."""
+class SlowPolicy(TinyPolicy):
+    """A tiny policy whose every Generate batch takes at least `delay` seconds longer."""
 
-    def __init__(self, pol, delay: float):
-        self.pol, self.delay, self.model, self.version = pol, delay, pol.model, pol.version
+    def __init__(self, delay: float):
+        super().__init__(small_policy().model)
+        self.delay = delay
 
     def generate(self, *a, **k):
         time.sleep(self.delay)
-        return self.pol.generate(*a, **k)
-
-    def __getattr__(self, name):
-        return getattr(self.pol, name)
+        return super().generate(*a, **k)
 
 
 @contextlib.asynccontextmanager
@@ -69,7 +67,8 @@ def test_generate_reflect_verify_and_health():
                                        sde_window=(0, 2), return_trajectory=True, seed=5, **FAST)
                 assert [(s.prompt_index, s.sample_index) for s in out] == [(0, 0), (0, 1), (1, 0), (1, 1)]
                 assert all(s.image.shape == (32, 32, 3) and s.policy_version == 0 for s in out)
-                assert out[0].trajectory.latents.shape == (3, 3, 32, 32) and len(out[0].trajectory.step_logprobs) == 2
+                tr = out[0].trajectory.image
+                assert tr.latents.shape == (3, 3, 32, 32) and len(tr.log_probs) == 2
                 assert len(out[0].trajectory.token_ids) == len(out[0].trajectory.token_logprobs) > 0
                 again = await c.generate(["a red circle"], group_size=2, think=True, mode="sde", sde_window=(0, 2),
                                          seed=5, **FAST)
@@ -81,8 +80,12 @@ def test_generate_reflect_verify_and_health():
                 assert r.reward > 0.9 and any(a.question.tag == "Existence" for a in r.answers)
                 qs = await c.decompose(["three green triangles"])
                 assert [q["tag"] for q in qs[0]][:2] == ["Existence", "Count"]
+                assert out[0].sampling.steps == 3 and out[0].sampling.mode == "sde" and out[0].sampling.cfg_scale == 3.0
                 info = await c.model_info()
                 assert info.canvas == 32 and info.boot_id == server.boot_id and len(info.parameters) > 10
+                assert info.name == "tiny" and info.task == "shapes" and info.capabilities.reflect
+                assert list(info.capabilities.guidance_branches) == ["text"] and info.dtype == "float32"
+                assert info.generate_defaults.steps == 20 and info.canvas_rule.max_side == 32
 
     run(main())
 
@@ -144,7 +147,7 @@ def test_update_weights_atomic_and_versioned():
                     await c.update_weights({name: before[name] + 1, "blocks.0.proj.weight":
                                             torch.full_like(before["blocks.0.proj.weight"], float("nan"))})
                 assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "non-finite" in info.value.details()
-                for bad, words in (({"nope": torch.zeros(2)}, "unknown tensor name"),
+                for bad, words in (({"nope": torch.zeros(2)}, "nope: not a parameter"),
                                    ({name: torch.zeros(3)}, "shape"),
                                    ({name: before[name].double()}, "dtype")):
                     with pytest.raises(grpc.aio.AioRpcError) as info:
@@ -203,7 +206,7 @@ def test_group_larger_than_a_batch_is_split():
 
 def test_queue_full_and_deadline():
     async def main():
-        async with running(policy=SlowPolicy(small_policy(), 0.5), max_queue=3, max_batch=2, max_wait_ms=0) as (_, addr):
+        async with running(policy=SlowPolicy(0.5), max_queue=3, max_batch=2, max_wait_ms=0) as (_, addr):
             async with AsyncClient(addr, retries=0) as c:
                 first = asyncio.ensure_future(c.generate(["a square"], group_size=2, steps=2))
                 await asyncio.sleep(0.1)  # the first batch runs; the queue is empty again
@@ -327,7 +330,7 @@ def test_retries_unavailable_over_addresses_reflection_and_health_during_a_batch
     s.close()  # nothing listens there
 
     async def main():
-        async with running(policy=SlowPolicy(small_policy(), 1.0)) as (_, addr):
+        async with running(policy=SlowPolicy(1.0)) as (_, addr):
             # round-robin starts at the dead address; UNAVAILABLE is retried on the next one
             async with AsyncClient([dead, addr], retries=2, backoff=0.01) as c:
                 assert (await c.decompose(["a red circle"]))[0]

@@ -10,7 +10,7 @@ from alphagrpo_serve.models.layout import collate
 from alphagrpo_serve.models.tiny_policy import DEFAULT_WEIGHTS, TinyPolicy
 from alphagrpo_serve.models.tiny_umm import TinyUMM, TinyUMMConfig, attention_mask, patchify, unpatchify
 from alphagrpo_serve.models.tokenizer import Tokenizer
-from alphagrpo_serve.sampling.sampler import SamplingConfig, sample_images, shifted_sigmas
+from alphagrpo_serve.sampling.sampler import SamplingConfig, TextConfig, sample_images, shifted_sigmas
 from alphagrpo_serve.shapes.grammar import CATEGORIES, all_prompts
 from alphagrpo_serve.shapes.implicit import all_implicit
 
@@ -59,49 +59,69 @@ def test_schedule_by_hand():
         SamplingConfig(steps=4, mode="sde", sde_window=(3, 2))
 
 
-def _fake_velocity(x, sigma, with_uncond):
-    vc = -x * 0.3 + 0.1
-    return vc, (x * 0.2 if with_uncond else None)
+def _fake_velocity(scale):
+    def velocity(x, sigma):
+        vc = -x * 0.3 + 0.1
+        return (vc, x * 0.2, scale) if scale != 1.0 else (vc, None, 1.0)
+    return velocity
 
 
 def test_ode_equals_sde_at_noise_zero_and_cfg_one_is_conditional():
     noise0 = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    ode, _ = sample_images(_fake_velocity, noise0, SamplingConfig(steps=6, mode="ode", cfg_scale=2.0))
-    sde0, trajs = sample_images(_fake_velocity, noise0, SamplingConfig(steps=6, mode="sde", noise_level=0.0,
-                                                                        sde_window=(1, 3), cfg_scale=2.0))
+    ode, _ = sample_images(_fake_velocity(2.0), noise0, SamplingConfig(steps=6, mode="ode", cfg_scale=2.0))
+    sde0, trajs = sample_images(_fake_velocity(2.0), noise0, SamplingConfig(steps=6, mode="sde", noise_level=0.0,
+                                                                             sde_window=(1, 3), cfg_scale=2.0))
     assert torch.equal(ode, sde0)
     assert trajs[0].latents.shape == (4, 3, 32, 32) and torch.equal(trajs[0].log_probs, torch.zeros(3))
-    one, _ = sample_images(_fake_velocity, noise0, SamplingConfig(steps=6, cfg_scale=1.0))
-    cond_only, _ = sample_images(lambda x, s, u: (_fake_velocity(x, s, False)[0], None), noise0,
-                                 SamplingConfig(steps=6, cfg_scale=1.0))
-    assert torch.equal(one, cond_only)
+    one, _ = sample_images(_fake_velocity(1.0), noise0, SamplingConfig(steps=6, cfg_scale=1.0))
+    # by hand: 6 Euler steps of x' = x + (sigma_next - sigma) (-0.3 x + 0.1) on the shifted schedule
+    sig, x = shifted_sigmas(6, 2.0).double(), noise0.double()
+    for k in range(6):
+        x = x + (sig[k + 1] - sig[k]) * (-0.3 * x + 0.1)
+    assert torch.allclose(one.double(), x, atol=1e-5)
     # with guidance the uncond branch matters
     assert not torch.equal(ode, one)
 
 
+def test_sampling_config_rejects_non_finite_and_out_of_range_values():
+    for kw, field in ((dict(cfg_scale=float("nan")), "cfg_scale"), (dict(cfg_scale=float("inf")), "cfg_scale"),
+                      (dict(noise_level=-1.0), "noise_level"), (dict(cfg_interval=(0.5, 0.2)), "cfg_interval"),
+                      (dict(cfg_renorm_type="spherical"), "cfg_renorm_type"), (dict(shift=0.0), "shift"),
+                      (dict(width=-16), "width")):
+        with pytest.raises(ValueError, match=field):
+            SamplingConfig(**kw)
+    for kw in (dict(temperature=1e-38), dict(temperature=float("nan")), dict(top_p=0.0), dict(max_tokens=0)):
+        with pytest.raises(ValueError, match=next(iter(kw))):
+            TextConfig(**kw)
+    assert TextConfig(temperature=0.0).logp_temperature == 1.0
+
+
 def test_same_seed_same_image_bit_for_bit(policy):
     sc = SamplingConfig(steps=4, mode="sde", sde_window=(0, 2), cfg_scale=2.0)
-    a = policy.generate(["a red circle", "three squares"], [5, 6], sc, think=True, max_thought_tokens=4)
-    b = policy.generate(["a red circle", "three squares"], [5, 6], sc, think=True, max_thought_tokens=4)
-    c = policy.generate(["a red circle", "three squares"], [7, 6], sc, think=True, max_thought_tokens=4)
+    tc = TextConfig(max_tokens=4)
+    a = policy.generate(["a red circle", "three squares"], [5, 6], sc, tc, think=True)
+    b = policy.generate(["a red circle", "three squares"], [5, 6], sc, tc, think=True)
+    c = policy.generate(["a red circle", "three squares"], [7, 6], sc, tc, think=True)
     assert np.array_equal(a[0].image, b[0].image) and a[0].text.ids == b[0].text.ids
     assert not np.array_equal(a[0].image, c[0].image)
     assert a[0].image.shape == (32, 32, 3) and a[0].image.dtype == np.uint8
 
 
 def test_recorded_logprobs_equal_training_recompute(policy):
-    sc = SamplingConfig(steps=5, mode="sde", sde_window=(1, 3), cfg_scale=2.5, noise_level=0.8)
-    out = policy.generate(["a blue square", "as many circles as the wheels of a car"], [1, 2], sc, think=True,
-                          temperature=0.9, max_thought_tokens=6)
+    # guidance only where sigma <= 0.8: the recompute must apply the interval as sampling did
+    sc = SamplingConfig(steps=5, mode="sde", sde_window=(0, 4), cfg_scale=2.5, noise_level=0.8, cfg_interval=(0.0, 0.8))
+    out = policy.generate(["a blue square", "as many circles as the wheels of a car"], [1, 2], sc,
+                          TextConfig(temperature=0.9, max_tokens=6), think=True)
     with torch.no_grad():
         lp = policy.token_logps(out, temperature=0.9)
     for i, s in enumerate(out):
         assert len(s.text.ids) == len(s.text.logps) > 0
         assert torch.allclose(lp[i, :len(s.text.ids)], torch.tensor(s.text.logps), atol=1e-5), (lp[i], s.text.logps)
-    for k in range(3):
+    sig = shifted_sigmas(5, 2.0)
+    assert sig[1] > 0.8 >= sig[2]  # steps 0 and 1 unguided, 2 and 3 guided
+    for k in range(4):
         with torch.no_grad():
-            vc, vu = policy.step_velocities(out, k, True)
-        v = vu + 2.5 * (vc - vu)
+            v = policy.guided_velocity(out, k)
         for i, s in enumerate(out):
             tr = s.trajectory
             rec = flow_sde_logprob(tr.latents[k:k + 1], v[i:i + 1], tr.latents[k + 1:k + 2], float(tr.sigmas[k]),
@@ -111,10 +131,10 @@ def test_recorded_logprobs_equal_training_recompute(policy):
 
 def test_reflect_runs_and_checks_images(policy):
     img = np.zeros((32, 32, 3), np.uint8)
-    out = policy.reflect(["a red circle"], [img], [0], SamplingConfig(steps=3), max_thought_tokens=5)
+    out = policy.reflect(["a red circle"], [img], [0], SamplingConfig(steps=3), TextConfig(max_tokens=5))
     assert out[0].image.shape == (32, 32, 3) and len(out[0].text.ids) <= 5
-    with pytest.raises(ValueError, match="must be 32x32"):
-        policy.reflect(["a red circle"], [np.zeros((64, 64, 3), np.uint8)], [0], SamplingConfig(steps=3))
+    with pytest.raises(ValueError, match="32, 32, 3"):
+        policy.reflect(["a red circle"], [np.zeros((64, 64, 3), np.uint8)], [0], SamplingConfig(steps=3), TextConfig())
 
 
 def test_import_weights_is_validated_and_atomic(policy):
@@ -124,7 +144,7 @@ def test_import_weights_is_validated_and_atomic(policy):
     with pytest.raises(ValueError, match="non-finite"):
         policy.import_weights(bad)
     assert torch.equal(policy.export_weights()[name], before[name]), "a failed update changed weights"
-    with pytest.raises(KeyError, match="unknown tensor name"):
+    with pytest.raises(KeyError, match="not a full weight"):
         policy.import_weights({"nope": torch.zeros(1)})
     with pytest.raises(ValueError, match="shape"):
         policy.import_weights({name: torch.zeros(3)})
@@ -148,6 +168,23 @@ def test_lora_export_import():
     assert all(torch.equal(pol.export_weights(lora=True)[k], new[k]) for k in new)
 
 
+def test_rejected_lora_import_leaves_the_structure_as_it_was():
+    torch.manual_seed(3)
+    pol = TinyPolicy(TinyUMM(TinyUMMConfig(vocab_size=len(TOK), width=32, layers=1, heads=1)))
+    n_before, names_before = pol.info.parameters, set(pol.state_dict())
+    good = {"blocks.0.qkv.lora_A": torch.randn(4, 32), "blocks.0.qkv.lora_B": torch.randn(96, 4)}
+    for bad in ({**good, "blocks.0.qkv.lora_B": torch.randn(96, 3)},  # B's rank differs from A's
+                {**good, "blocks.0.qkv.lora_A": torch.full((4, 32), float("nan"))},
+                {**good, "blocks.7.qkv.lora_A": torch.randn(4, 32)}):
+        with pytest.raises((KeyError, ValueError)):
+            pol.import_weights(bad, lora=True)
+        assert not pol.lora_enabled and pol.info.parameters == n_before and set(pol.state_dict()) == names_before
+    assert pol.version == 0
+    pol.import_weights(good, lora=True)  # the names it accepts are the ones weight_specs lists afterwards
+    assert pol.lora_enabled and set(good) <= set(pol.weight_specs(lora=True)) and pol.version == 1
+    assert not any(".base." in n for n in pol.weight_specs())
+
+
 def test_pretraining_resume_continues_exactly(tmp_path):
     from alphagrpo_serve.models.pretrain import PretrainConfig, pretrain
     from safetensors.torch import load_file
@@ -166,7 +203,7 @@ def test_shipped_weights_draw_a_red_circle():
     from alphagrpo_serve.shapes.detect import detect
 
     pol = TinyPolicy.load()
-    out = pol.generate(["a red circle"] * 4, [0, 1, 2, 3], SamplingConfig(steps=20, mode="ode"))
+    out = pol.generate(["a red circle"] * 4, [0, 1, 2, 3], pol.info.generate_defaults, TextConfig())
     hits = [any(d.shape == "circle" and d.color == "red" for d in detect(s.image).objects) for s in out]
     assert sum(hits) >= 3, hits
 
@@ -181,9 +218,9 @@ def test_group_samples_share_the_context_work(policy, monkeypatch):
         return real(x, mask, past)
 
     sc = SamplingConfig(steps=2, cfg_scale=1.0)
-    ref = policy.generate(["a red circle", "a square"], [3, 4], sc)
+    ref = policy.generate(["a red circle", "a square"], [3, 4], sc, TextConfig())
     monkeypatch.setattr(policy.model, "run", counting_run)
-    out = policy.generate(["a red circle"] * 4 + ["a square"], [3, 10, 11, 12, 4], sc)
+    out = policy.generate(["a red circle"] * 4 + ["a square"], [3, 10, 11, 12, 4], sc, TextConfig())
     assert calls[0] == 2, calls  # two distinct contexts encoded for five samples
     assert np.array_equal(out[0].image, ref[0].image) and np.array_equal(out[4].image, ref[1].image)
 
@@ -194,11 +231,11 @@ def test_conv_decoder_recompute_matches_sampling():
     for p in pol.model.refine.parameters():  # give the zero-initialised output layer some weight
         torch.nn.init.normal_(p, std=0.05)
     sc = SamplingConfig(steps=3, mode="sde", sde_window=(0, 2), cfg_scale=2.0)
-    out = pol.generate(["a red circle"], [1], sc)
+    out = pol.generate(["a red circle"], [1], sc, TextConfig())
     with torch.no_grad():
-        vc, vu = pol.step_velocities(out, 1, True)
+        v = pol.guided_velocity(out, 1)
     tr = out[0].trajectory
-    rec = flow_sde_logprob(tr.latents[1:2], vu + 2.0 * (vc - vu), tr.latents[2:3], float(tr.sigmas[1]),
+    rec = flow_sde_logprob(tr.latents[1:2], v, tr.latents[2:3], float(tr.sigmas[1]),
                            float(tr.sigma_nexts[1]), noise_level=0.7, sigma_max=tr.sigma_max)
     assert abs(rec.item() - tr.log_probs[1].item()) <= 1e-5
     with pytest.raises(ValueError, match="decoder must be"):
@@ -208,7 +245,7 @@ def test_conv_decoder_recompute_matches_sampling():
 def test_reflect_evaluation_keeps_images_the_critique_finds_correct():
     from types import SimpleNamespace
 
-    from alphagrpo_serve.models.evaluate_policy import evaluate_policy
+    from alphagrpo_serve.shapes.policy_eval import evaluate_policy
     from alphagrpo_serve.shapes.evaluate import ground_truth_images
 
     rows = [{"prompt": "a red circle", "category": "single_object", "seed": 0},
@@ -216,13 +253,14 @@ def test_reflect_evaluation_keeps_images_the_critique_finds_correct():
     good = ground_truth_images([r["prompt"] for r in rows])
     blank = np.zeros_like(good[0])
 
-    class Scripted:  # first draws are right; the redraws are blank, the first critique says "correct"
-        def generate(self, prompts, seeds, sampling, think=False, temperature=1.0):
+    class Scripted(TinyPolicy):  # first draws are right; the redraws are blank, the first critique says "correct"
+        def generate(self, prompts, seeds, sampling, text, think=False):
             return [SimpleNamespace(image=good[i], thought="") for i in range(len(prompts))]
 
-        def reflect(self, prompts, images, seeds, sampling, temperature=1.0):
+        def reflect(self, prompts, images, seeds, sampling, text):
             return [SimpleNamespace(image=blank, thought=t) for t in
                     ("i see a red circle . it is correct . draw a red circle", "i see a blue square . draw a red circle")]
 
-    res = evaluate_policy(Scripted(), rows=rows, reflect=True)
+    res = evaluate_policy(Scripted(TinyUMM(TinyUMMConfig(vocab_size=len(TOK), width=16, layers=1, heads=1))), rows=rows,
+                          reflect=True)
     assert res.report.correct == [True, False]  # kept the judged-correct image, took the (blank) redraw otherwise

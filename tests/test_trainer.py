@@ -4,6 +4,7 @@ small random tiny UMM in a real safetensors file keeps them fast): two steps cha
 weights, kill -9 and --resume repeat the next step exactly, two torchrun ranks equal one rank."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -23,7 +24,7 @@ from alphagrpo_serve.models.pretrain import export_safetensors
 from alphagrpo_serve.models.tiny_policy import TinyPolicy
 from alphagrpo_serve.models.tiny_umm import TinyUMM, TinyUMMConfig
 from alphagrpo_serve.models.tokenizer import Tokenizer
-from alphagrpo_serve.sampling.sampler import SamplingConfig
+from alphagrpo_serve.sampling.sampler import SamplingConfig, TextConfig
 from alphagrpo_trainer.config import TrainConfig, load_config
 from alphagrpo_trainer.data import PromptSource, shard
 from alphagrpo_trainer.loss import grpo_backward
@@ -105,11 +106,11 @@ def test_loss_and_advantages_match_plain_pytorch():
     torch.manual_seed(0)
     pol = small_policy()
     cfg = TrainConfig(group_size=3, prompts_per_step=2, steps=4, sde_window_size=2, sde_window_range=[1, 4],
-                      cfg_scale=2.5, clip_image=2e-3, clip_text=[0.2, 0.28], text_weight=0.7)
+                      cfg_scale=2.5, noise_level=0.7, clip_image=2e-3, clip_text=[0.2, 0.28], text_weight=0.7)
     sc = SamplingConfig(steps=4, mode="sde", sde_window=(1, 2), noise_level=cfg.noise_level, cfg_scale=cfg.cfg_scale)
     prompts = ["a red circle"] * 3 + ["two blue squares"] * 3
     with torch.no_grad():
-        samples = pol.generate(prompts, list(range(6)), sc, think=True, max_thought_tokens=5)
+        samples = pol.generate(prompts, list(range(6)), sc, TextConfig(max_tokens=5), think=True)
     rewards = torch.tensor([[0.1, 0.5, 0.9], [0.3, 0.3, 0.8]])
     adv = kernels.grpo_advantages(rewards, std_scope="batch").reshape(-1)
     r = rewards.double()
@@ -117,9 +118,9 @@ def test_loss_and_advantages_match_plain_pytorch():
     assert torch.allclose(adv.double(), expect_adv.reshape(-1), atol=1e-6)
     # move the weights so that ratios differ from 1 and some clip
     with torch.no_grad():
-        for p in pol.model.parameters():
+        for p in pol.trainable_parameters():
             p.add_(torch.randn_like(p) * 0.02)
-    params = list(pol.model.parameters())
+    params = pol.trainable_parameters()
     for p in params:
         p.grad = None
     metrics = grpo_backward(pol, samples, adv, cfg)
@@ -143,7 +144,11 @@ def test_loss_and_advantages_match_plain_pytorch():
         xn = torch.stack([s.trajectory.latents[k + 1] for s in samples]).double()
         sig, sign = float(samples[0].trajectory.sigmas[k]), float(samples[0].trajectory.sigma_nexts[k])
         smax = samples[0].trajectory.sigma_max
-        vc, vu = pol.step_velocities(samples, k, True)
+        # the two branches, combined here by hand (guidance is on at every step of this config)
+        unguided = [dataclasses.replace(s, sampling=s.sampling.replace(cfg_scale=1.0)) for s in samples]
+        vc = pol.guided_velocity(unguided, k)
+        vu = pol._branch_velocity([pol.uncond_prefix()] * len(samples), x.float(),
+                                  torch.full((len(samples),), sig))
         v = vu.double() + cfg.cfg_scale * (vc.double() - vu.double())
         dt = sign - sig
         s_ = smax if sig == 1.0 else sig
@@ -174,7 +179,7 @@ def served(tmp_path_factory):
     old = os.environ.get("OMP_NUM_THREADS")
     os.environ["OMP_NUM_THREADS"] = "1"
     try:
-        server = LocalServer(weights, log_path=str(d / "server.log"))
+        server = LocalServer({"name": "tiny", "path": weights}, log_path=str(d / "server.log"))
     finally:
         os.environ.pop("OMP_NUM_THREADS") if old is None else os.environ.__setitem__("OMP_NUM_THREADS", old)
     yield server.address, weights, d
@@ -184,7 +189,7 @@ def served(tmp_path_factory):
 def write_cfg(path, weights, out, **kw):
     cfg = dict(task="mixed", mixed_rt2i_steps=1, group_size=3, prompts_per_step=2, steps=4, sde_window_size=2,
                sde_window_range=[0, 4], max_thought_tokens=6, max_steps=2, checkpoint_every=1, eval_final_limit=6,
-               eval_steps=3, eval_srr=False, lr=1e-3, base_weights=weights, out_dir=str(out))
+               eval_steps=3, eval_srr=False, lr=1e-3, policy={"name": "tiny", "path": weights}, out_dir=str(out))
     cfg.update(kw)
     path.write_text(yaml.safe_dump(cfg))
     return str(path)
@@ -221,7 +226,7 @@ def test_two_steps_change_the_served_weights_and_bump_the_version(served, tmp_pa
     # the server holds exactly the trainer's final weights: same image for the same seed in-process
     trained = TinyPolicy.load(str(out / "policy.safetensors"))
     sc = SamplingConfig(steps=3, mode="ode", cfg_scale=3.0)
-    local = trained.generate(["a red circle"], [5], sc, think=True, max_thought_tokens=4)[0].image
+    local = trained.generate(["a red circle"], [5], sc, TextConfig(max_tokens=4), think=True)[0].image
     assert np.array_equal(local, after)
     for f in ("report.md", "grid_before.png", "grid_after.png", "reward_curve.png", "checkpoint.pt", "config.yaml"):
         assert (out / f).exists(), f
@@ -303,18 +308,18 @@ def test_a_restarted_server_gets_the_current_weights_before_rollouts(tmp_path, s
     from alphagrpo_trainer.train import Trainer
 
     _, weights, _ = served
-    server = LocalServer(weights, log_path=str(tmp_path / "s1.log"))
+    server = LocalServer({"name": "tiny", "path": weights}, log_path=str(tmp_path / "s1.log"))
     port = int(server.address.rsplit(":", 1)[1])
     cfg = load_config(None, dict(task="rt2i", group_size=3, prompts_per_step=2, steps=4, sde_window_size=2,
                                  sde_window_range=[0, 4], max_thought_tokens=6, max_steps=3, lr=1e-3,
-                                 base_weights=weights, out_dir=str(tmp_path / "run")))
+                                 policy={"name": "tiny", "path": weights}, out_dir=str(tmp_path / "run")))
     tr = Trainer(cfg, [server.address], progress=False, log=lambda *a: None)
     try:
         tr.sync_servers(force=True)
         m1 = tr.train_step()
         boot1 = tr.pool.known[server.address][0]
         server.stop()
-        server = LocalServer(weights, log_path=str(tmp_path / "s2.log"), port=port)  # back with the base weights
+        server = LocalServer({"name": "tiny", "path": weights}, log_path=str(tmp_path / "s2.log"), port=port)  # back with the base weights
         m2 = tr.train_step()
         assert tr.restarts == 1 and tr.pool.known[server.address][0] != boot1
         assert m1["off_policy_count"] == 0 and m2["off_policy_count"] == 0
@@ -340,7 +345,7 @@ def test_lora_run_pushes_adapters_that_the_server_applies_exactly(served, tmp_pa
     base = TinyPolicy.load(weights).export_weights()
     assert any(not torch.equal(merged.export_weights()[k], base[k]) for k in base)
     sc = SamplingConfig(steps=3, mode="ode", cfg_scale=3.0)
-    local = merged.generate(["two blue squares"], [3], sc, think=True, max_thought_tokens=4)[0].image
+    local = merged.generate(["two blue squares"], [3], sc, TextConfig(max_tokens=4), think=True)[0].image
     assert np.abs(local.astype(int) - served_img.astype(int)).max() <= 1  # merged vs adapter form: rounding only
 
 

@@ -17,6 +17,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from ..fileio import save_torch_atomic, write_atomic
 from .layout import collate
 from .tasks import ExampleMaker
 from .tiny_umm import KIND_NOISY, TinyUMM, TinyUMMConfig, attention_mask, patchify
@@ -63,26 +64,13 @@ def training_loss(model: TinyUMM, batch, generator: Optional[torch.Generator] = 
     return img_loss + text_weight * text_loss, img_loss, text_loss
 
 
-def save_atomic(obj, path: str) -> None:
-    """torch.save to a temporary file in the same folder, fsync, then rename over `path`: a reader
-    (or a run killed mid-write) sees the old file or the new one, never a torn one."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def export_safetensors(model: TinyUMM, path: str, extra_meta: Optional[dict] = None) -> None:
     from safetensors.torch import save_file
 
     meta = {"config": json.dumps(model.cfg.to_dict()), "format": "alphagrpo-tiny-umm-v1"}
     meta.update({k: str(v) for k, v in (extra_meta or {}).items()})
     tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    tmp = path + ".tmp"
-    save_file(tensors, tmp, metadata=meta)
-    os.replace(tmp, path)
+    write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
 def pretrain(cfg: PretrainConfig, out_dir: str, resume: bool = False, progress: bool = True) -> str:
@@ -123,7 +111,7 @@ def pretrain(cfg: PretrainConfig, out_dir: str, resume: bool = False, progress: 
         return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
 
     def checkpoint():
-        save_atomic({"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "log": log,
+        save_torch_atomic({"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "log": log,
                       "maker_rng": maker.rng.bit_generator.state, "sampler_rng": maker.sampler.rng.bit_generator.state,
                       "torch_gen": gen.get_state(), "pools": pools, "config": cfg.__dict__}, ckpt_path)
 

@@ -144,9 +144,9 @@ class TinyUMM(nn.Module):
             if patches is None or not bool(sel.any()):
                 continue
             rows = sel.any(dim=1)
-            e = self.patch_in(patches[rows]) + self.patch_pos
+            e = self.patch_in(patches[rows].to(self.patch_in.weight.dtype)) + self.patch_pos
             if kind == KIND_NOISY:
-                e = e + self.t_mlp(timestep_embedding(t[rows]))[:, None, :]
+                e = e + self.t_mlp(timestep_embedding(t[rows]).to(e.dtype))[:, None, :]
             x = x.masked_scatter(sel[..., None], e.to(x.dtype))
         return x
 
@@ -162,7 +162,9 @@ class TinyUMM(nn.Module):
         return h @ self.tok_emb.weight.t()
 
     def velocity(self, h_patches: torch.Tensor, x_t: torch.Tensor) -> torch.Tensor:
-        """h_patches [B, n_patches, W] hidden states of the noisy patches; x_t [B, 3, H, W] -> v [B, 3, H, W]."""
+        """h_patches [B, n_patches, W] hidden states of the noisy patches; x_t [B, 3, H, W] -> v [B, 3, H, W]
+        (in the model's dtype)."""
+        x_t = x_t.to(h_patches.dtype)
         coarse = unpatchify(self.v_head(h_patches), self.cfg.patch, self.cfg.canvas)
         if self.cfg.decoder == "linear":
             return coarse + self.refine(torch.cat([coarse, x_t], dim=1))

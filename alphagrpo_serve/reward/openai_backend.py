@@ -225,7 +225,7 @@ class OpenAIDecomposer:
 
 
 def read_questions_jsonl(path: str) -> Dict[str, List[Question]]:
-    from ..jsonl import iter_jsonl
+    from ..fileio import iter_jsonl
 
     out = {}
     for n, row in iter_jsonl(path):

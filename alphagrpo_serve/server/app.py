@@ -10,6 +10,7 @@ import json
 import logging
 import signal
 import sys
+import uuid
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -19,8 +20,12 @@ from grpc_reflection.v1alpha import reflection
 
 from .._proto.alphagrpo.v1 import policy_pb2, policy_pb2_grpc, reward_pb2, reward_pb2_grpc
 from ..engine import Engine
+from ..models.registry import load_policy
+from ..tasks.registry import load_task
 from .metrics import Metrics
-from .services import Limits, PolicyServicer, RewardServicer, new_boot_id
+from .policy_service import PolicyServicer
+from .reward_service import RewardServicer
+from .validation import Limits
 
 log = logging.getLogger("alphagrpo.server")
 UNAUTHENTICATED_OK = ("/grpc.health.v1.Health/", "/grpc.reflection.")
@@ -30,9 +35,12 @@ UNAUTHENTICATED_OK = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 class ServeConfig:
     host: str = "127.0.0.1"
     port: int = 50051  # 0 picks a free port
-    policy: str = "tiny"
-    weights: Optional[str] = None  # tiny UMM safetensors (default: the shipped weights)
-    reward: str = "embedded"  # embedded | openai
+    policy: str = "tiny"  # registry name (models/registry.py)
+    model: Optional[str] = None  # the policy's weights: a file or folder (default: the policy's own default)
+    device: str = "cpu"  # cpu | cuda | cuda:N
+    dtype: Optional[str] = None  # float32 | bfloat16 | float16 (default: the policy's default for the device)
+    task: Optional[str] = None  # prompt domain (tasks/registry.py); default: the policy's, else "open"
+    reward: str = "embedded"  # embedded (the task's own reward) | openai
     decomposer_url: Optional[str] = None  # --reward openai: OpenAI-compatible API base of the decomposer LLM
     decomposer_model: Optional[str] = None
     verifier_url: Optional[str] = None  # ... and of the verifier MLLM
@@ -87,7 +95,7 @@ class Server:
     def __init__(self, cfg: ServeConfig, policy=None, reward=None):
         self.cfg = cfg
         self.metrics = Metrics()
-        self.boot_id = new_boot_id()
+        self.boot_id = uuid.uuid4().hex
         self.policy, self.reward = policy, reward
         self.engine: Optional[Engine] = None
         self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
@@ -133,11 +141,13 @@ class Server:
         loop = asyncio.get_running_loop()
         if self.policy is None:
             self.policy = await loop.run_in_executor(None, self._load_policy)
+        task_name = cfg.task or self.policy.info.prompt_domain or "open"
+        task = load_task(task_name)
         if self.reward is None:
-            self.reward = self._load_reward()
+            self.reward = self._load_reward(task)
         policy_pb2_grpc.add_PolicyServiceServicer_to_server(
-            PolicyServicer(self.policy, self.engine, cfg.limits, self.metrics, self.boot_id, self._check_prompt),
-            self._server)
+            PolicyServicer(self.policy, self.engine, cfg.limits, self.metrics, self.boot_id, task.check_prompt,
+                           task_name), self._server)
         reward_pb2_grpc.add_RewardServiceServicer_to_server(RewardServicer(self.reward, cfg.limits, self.metrics),
                                                             self._server)
         reflection.enable_server_reflection([
@@ -154,18 +164,15 @@ class Server:
         return self.port
 
     def _load_policy(self):
-        if self.cfg.policy != "tiny":
-            raise ValueError(f"unknown --policy {self.cfg.policy!r}; available: tiny")
-        from ..models.tiny_policy import TinyPolicy
+        return load_policy(self.cfg.policy, self.cfg.model, self.cfg.device, self.cfg.dtype)
 
-        return TinyPolicy.load(self.cfg.weights)
-
-    def _load_reward(self):
+    def _load_reward(self, task):
         c = self.cfg
         if c.reward == "embedded":
-            from ..reward import embedded_reward
-
-            return embedded_reward()
+            reward = task.reward()
+            if reward is None:
+                raise ValueError(f"task {task.name!r} has no embedded reward: use --reward openai")
+            return reward
         if c.reward == "openai":
             from ..reward.openai_backend import Endpoint, openai_reward
 
@@ -177,13 +184,6 @@ class Server:
             ver = Endpoint(c.verifier_url, c.verifier_model, c.reward_api_key, c.reward_concurrency)
             return openai_reward(dec, ver, cache_path=c.decomposition_cache)
         raise ValueError(f"unknown --reward {c.reward!r}; available: embedded, openai")
-
-    @staticmethod
-    def _check_prompt(prompt: str) -> None:
-        """The tiny UMM serves the ShapesWorld grammar (explicit and implicit prompts) only."""
-        from ..reward.embedded import spec_of
-
-        spec_of(prompt)
 
     async def stop(self, grace: Optional[float] = None) -> None:
         """NOT_SERVING, stop accepting, let in-flight calls finish within the grace period."""

@@ -8,11 +8,11 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from ..reward import embedded_reward
-from ..sampling.sampler import SamplingConfig
-from ..shapes.evaluate import EvalReport, evaluate, load_heldout
-from ..shapes.grammar import PromptError, parse
-from .base import Policy
+from ..models.base import Policy
+from ..reward.embedded import embedded_reward
+from ..sampling.sampler import SamplingConfig, TextConfig
+from .evaluate import EvalReport, evaluate, load_heldout
+from .grammar import PromptError, parse
 
 
 @dataclass
@@ -37,21 +37,29 @@ def judged_correct(critique: str) -> bool:
     return "it is correct" in critique
 
 
+def _overrides(sampling: SamplingConfig) -> dict:
+    """The fields of an evaluation's SamplingConfig that the policy's defaults do not decide (steps,
+    mode, guidance scale): the rest (canvas, shift, interval) stay the policy's."""
+    return dict(steps=sampling.steps, mode=sampling.mode, cfg_scale=sampling.cfg_scale)
+
+
 def evaluate_policy(policy: Policy, rows: Optional[Sequence[Dict]] = None, think: bool = False, reflect: bool = False,
                     sampling: Optional[SamplingConfig] = None, batch: int = 64, limit: int = 0) -> PolicyEval:
     rows = list(rows if rows is not None else load_heldout())
     if limit and limit < len(rows):  # evenly spaced: the split is grouped by category, so every category keeps its share
         rows = [rows[i * len(rows) // limit] for i in range(limit)]
-    sampling = sampling or SamplingConfig(mode="ode")
+    sampling = policy.resolve_sampling(dict(mode="ode") if sampling is None else _overrides(sampling))
+    reflect_sampling = policy.resolve_sampling(_overrides(sampling), reflect=True)
+    greedy = TextConfig(temperature=0.0, top_p=1.0, max_tokens=policy.info.text_defaults.max_tokens)
     prompts = [r["prompt"] for r in rows]
     seeds = [int(r.get("seed", i)) for i, r in enumerate(rows)]
     images, thoughts = [], []
     for i in range(0, len(rows), batch):
-        out = policy.generate(prompts[i:i + batch], seeds[i:i + batch], sampling, think=think, temperature=1e-4 if think else 1.0)
+        out = policy.generate(prompts[i:i + batch], seeds[i:i + batch], sampling, greedy, think=think)
         if reflect:
             first = out
-            out = policy.reflect(prompts[i:i + batch], [s.image for s in first], seeds[i:i + batch], sampling,
-                                 temperature=1e-4)
+            out = policy.reflect(prompts[i:i + batch], [s.image for s in first], seeds[i:i + batch], reflect_sampling,
+                                 greedy.replace(max_tokens=48))
             # the policy's own verdict: a critique that finds the image correct keeps it
             out = [f if judged_correct(s.thought) else s for f, s in zip(first, out)]
         images += [s.image for s in out]
@@ -107,18 +115,3 @@ def modes_table(results: Dict[str, Dict]) -> str:
             lines.append(f"\n{name}: implicit-prompt thoughts that parse {r['thought_parse_rate']:.3f}, "
                          f"that parse to the intended prompt {r['thought_correct_rate']:.3f}")
     return "\n".join(lines)
-
-
-def draw_grid(policy: Policy, path: str, prompts: Sequence[str] = tuple(GRID_PROMPTS), seeds: Sequence[int] = range(4),
-              sampling: Optional[SamplingConfig] = None, think: bool = True, scale: int = 4) -> str:
-    """PNG grid: one column per prompt, one row per seed (think mode, greedy thoughts, ODE)."""
-    from PIL import Image
-
-    sampling = sampling or SamplingConfig(steps=20, mode="ode", cfg_scale=3.0)
-    rows = []
-    for seed in seeds:
-        out = policy.generate(list(prompts), [seed] * len(prompts), sampling, think=think, temperature=1e-4)
-        rows.append(np.concatenate([s.image for s in out], axis=1))
-    grid = np.concatenate(rows, axis=0)
-    Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST).save(path)
-    return path

@@ -24,13 +24,14 @@ def add_parser(sub) -> None:
     tr.set_defaults(fn=run)
 
 
-def _init_distributed() -> bool:
+def _init_distributed(device: str) -> bool:
     import torch
     import torch.distributed as dist
 
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return False
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    # NCCL when the policy (and so its gradients) lives on GPUs, gloo when it lives on the CPU
+    backend = "nccl" if device.startswith("cuda") else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend)
@@ -47,7 +48,12 @@ def run(args) -> int:
         if "=" not in item:
             raise SystemExit(f"error: --set expects FIELD=VALUE, got {item!r}")
         k, v = item.split("=", 1)
-        overrides[k.strip()] = yaml.safe_load(v)
+        k = k.strip()
+        if "." in k:  # policy.name=bagel: one key of a mapping field
+            outer, inner = k.split(".", 1)
+            overrides.setdefault(outer, dict(load_config(args.config).to_dict().get(outer) or {}))[inner] = yaml.safe_load(v)
+        else:
+            overrides[k] = yaml.safe_load(v)
     if args.out:
         overrides["out_dir"] = args.out
     if args.max_steps is not None:
@@ -65,7 +71,7 @@ def run(args) -> int:
     from .servers import LocalServer, ServerError
     from .train import Trainer
 
-    distributed = _init_distributed()
+    distributed = _init_distributed(cfg.device)
     rank = dist.get_rank() if distributed else 0
     local = None
     trainer = None
@@ -74,8 +80,9 @@ def run(args) -> int:
             addr = None
             if rank == 0:
                 os.makedirs(cfg.out_dir, exist_ok=True)
-                print("starting a local server (embedded defaults) ...", flush=True)
-                local = LocalServer(cfg.base_weights, log_path=os.path.join(cfg.out_dir, "server.log"))
+                print(f"starting a local server (policy {cfg.policy['name']} on {cfg.device}) ...", flush=True)
+                local = LocalServer(cfg.policy, log_path=os.path.join(cfg.out_dir, "server.log"), device=cfg.device,
+                                    dtype=cfg.dtype)
                 addr = local.address
                 print(f"local server on {addr}", flush=True)
             if distributed:

@@ -19,18 +19,24 @@ OFF_POLICY = ("importance", "drop")
 
 @dataclass
 class TrainConfig:
+    # ---- the policy ------------------------------------------------------------------------------
+    policy: dict = field(default_factory=lambda: {"name": "tiny", "path": None})  # {name: registry name, path: its weights (null: the policy's default)}; the trainer's copy and a local server load the same
+    device: str = "cpu"  # where the trainer's policy lives: cpu | cuda | cuda:N (under torchrun on GPUs: cuda:LOCAL_RANK)
+    dtype: Optional[str] = None  # float32 | bfloat16 | float16 of the trainer's policy (null: the policy's default)
     # ---- what to train -------------------------------------------------------------------------
     task: str = "rt2i"  # rt2i: reasoning text-to-image; srr: self-reflective refinement (stage 2 trained); mixed: rt2i for the first mixed_rt2i_steps steps, then srr and rt2i alternating
     mixed_rt2i_steps: int = 0  # mixed only: RT2I-only steps before SRR starts
     group_size: int = 8  # G: samples per prompt
     prompts_per_step: int = 8  # prompts per optimiser step, over all ranks (a multiple of the world size)
-    prompts_file: Optional[str] = None  # JSONL of {"prompt": ...} rows; default: ShapesWorld's training split
-    category_weights: dict = field(default_factory=dict)  # ShapesWorld prompt mix by category (incl. implicit); empty = uniform over categories
+    prompt_task: str = "shapes"  # task plug-in (alphagrpo_serve.tasks) for training prompts, the held-out suite and rollout metrics when prompts_file is not set
+    prompts_file: Optional[str] = None  # JSONL of {"prompt": ...} rows to train on instead of the task's training split
+    heldout_file: Optional[str] = None  # JSONL of {"prompt": ...[, "seed": ...]} rows evaluated with the server's reward (mean reward, S, Q) instead of the task's suite
+    category_weights: dict = field(default_factory=dict)  # the task's prompt mix by category; empty = uniform over categories
     think_fraction: float = 1.0  # RT2I: share of prompts sampled in think mode (<think> text, then the image)
     # ---- sampling (rollouts) -------------------------------------------------------------------
     steps: int = 10  # denoising steps per rollout
-    cfg_scale: float = 3.0  # classifier-free guidance, identical at sampling and in the recompute
-    noise_level: float = 0.7  # SDE noise inside the window
+    cfg_scale: Optional[float] = None  # text guidance scale of rollouts and evaluations (null: the policy's default); the recompute uses what each sample records
+    noise_level: Optional[float] = None  # SDE noise inside the window (null: the policy's default)
     sde_window_size: int = 2  # SDE steps per rollout (the rest are ODE)
     sde_window_range: List[int] = field(default_factory=lambda: [0, 6])  # the window's start is drawn per step in [lo, hi - size]
     temperature: float = 1.0  # thought/critique sampling temperature
@@ -64,7 +70,6 @@ class TrainConfig:
     eval_srr: bool = True  # evaluate think + one round of SRR at inference too
     checkpoint_every: int = 10  # checkpoint cadence in steps (and always at the end)
     seed: int = 0  # prompts, think flags, windows and sample seeds of every step derive from (seed, step)
-    base_weights: Optional[str] = None  # policy weights to start from (default: the shipped tiny UMM)
     out_dir: str = "runs/train"  # checkpoint, metrics, TensorBoard, evaluations, report
     server_timeout_s: float = 300.0  # deadline of one server call
     server_retries: int = 5  # retries of an unreachable server, with exponential backoff
@@ -85,7 +90,19 @@ class TrainConfig:
         need(1 <= self.sde_window_size and 0 <= lo and lo + self.sde_window_size <= hi <= self.steps,
              f"need 1 <= sde_window_size and 0 <= lo, lo + size <= hi <= steps; got size {self.sde_window_size}, "
              f"range {self.sde_window_range}, steps {self.steps}")
-        need(self.noise_level > 0, f"noise_level must be > 0 (the SDE window needs noise), got {self.noise_level}")
+        need(self.noise_level is None or self.noise_level > 0,
+             f"noise_level must be > 0 (the SDE window needs noise), got {self.noise_level}")
+        need(self.cfg_scale is None or self.cfg_scale >= 0, f"cfg_scale must be >= 0, got {self.cfg_scale}")
+        need(isinstance(self.policy, dict) and set(self.policy) <= {"name", "path"} and self.policy.get("name"),
+             f"policy must be {{name: ..., path: ...}}, got {self.policy!r}")
+        self.policy = {"name": self.policy["name"], "path": self.policy.get("path")}
+        from alphagrpo_serve.models.registry import available
+        from alphagrpo_serve.tasks.registry import available as tasks
+
+        need(self.policy["name"] in available(), f"policy.name must be one of {available()}, got {self.policy['name']!r}")
+        need(self.prompt_task in tasks(), f"prompt_task must be one of {tasks()}, got {self.prompt_task!r}")
+        need(self.dtype in (None, "float32", "bfloat16", "float16"),
+             f"dtype must be float32, bfloat16, float16 or null, got {self.dtype!r}")
         need(len(self.clip_text) == 2 and 0 <= self.clip_text[0] < 1 and self.clip_text[1] >= 0,
              f"clip_text must be [eps_low in [0, 1), eps_high >= 0], got {self.clip_text}")
         need(self.clip_image > 0, f"clip_image must be > 0, got {self.clip_image}")

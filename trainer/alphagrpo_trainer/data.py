@@ -1,5 +1,5 @@
-"""Prompts for training: ShapesWorld's training split (every prompt the held-out rule does not
-reserve, implicit prompts included) or a JSONL file, in seeded epochs.
+"""Prompts for training: a task's training split (ShapesWorld's: every prompt the held-out rule does
+not reserve, implicit prompts included) or a JSONL file, in seeded epochs.
 
 The prompts of step s depend only on (seed, s): the run visits the pool in shuffled epochs and
 step s takes the next prompts_per_step of that order, so a resumed run draws exactly the prompts
@@ -12,18 +12,11 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from alphagrpo_serve.shapes.grammar import CATEGORIES, all_prompts, is_heldout
-
-ALL_CATEGORIES = tuple(CATEGORIES) + ("implicit",)
-
-
-def shapes_training_prompts() -> Dict[str, List[str]]:
-    """{category: prompts that training may draw} (the held-out fifth removed)."""
-    return {c: [p for p in all_prompts(c) if not is_heldout(p)] for c in ALL_CATEGORIES}
+from alphagrpo_serve.tasks import load_task
 
 
 def read_prompts_file(path: str) -> List[str]:
-    from alphagrpo_serve.jsonl import iter_jsonl
+    from alphagrpo_serve.fileio import iter_jsonl
 
     prompts = []
     for n, row in iter_jsonl(path):
@@ -41,17 +34,19 @@ class PromptSource:
     EPOCH_LEN = 4096  # prompts per (weighted) epoch
 
     def __init__(self, seed: int, prompts_per_step: int, prompts_file: Optional[str] = None,
-                 category_weights: Optional[Dict[str, float]] = None):
+                 category_weights: Optional[Dict[str, float]] = None, task: str = "shapes"):
         self.seed, self.per_step = int(seed), int(prompts_per_step)
         if prompts_file:
             self.pools = {"file": read_prompts_file(prompts_file)}
             weights = {"file": 1.0}
         else:
-            self.pools = shapes_training_prompts()
-            weights = dict(category_weights or {c: 1.0 for c in ALL_CATEGORIES})
-            bad = sorted(set(weights) - set(ALL_CATEGORIES))
+            self.pools = {c: ps for c, ps in load_task(task).training_prompts().items() if ps}
+            if not self.pools:
+                raise ValueError(f"task {task!r} has no built-in training prompts: set prompts_file")
+            weights = dict(category_weights or {c: 1.0 for c in self.pools})
+            bad = sorted(set(weights) - set(self.pools))
             if bad:
-                raise ValueError(f"category_weights: unknown categories {bad}; valid: {list(ALL_CATEGORIES)}")
+                raise ValueError(f"category_weights: unknown categories {bad}; valid: {list(self.pools)}")
         cats = [c for c, w in weights.items() if w > 0]
         if not cats:
             raise ValueError("category_weights: at least one category needs a weight > 0")

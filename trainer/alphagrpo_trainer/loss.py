@@ -1,9 +1,10 @@
 """The GRPO loss of one batch of rollouts on the trainer's copy of the policy.
 
-Text: teacher-forced logits of the recorded thought/critique tokens -> kernels.grpo_token_loss
-(old log-probs = the ones recorded at sampling). Image: for each SDE-window step k, the policy's
-velocity at the recorded latent with CFG exactly as at sampling -> kernels.flow_sde_logprob of the
-recorded next latent -> kernels.flow_grpo_loss against the recorded step log-probs. Gradients are
+Text: teacher-forced hidden states of the recorded thought/critique tokens and the policy's LM head
+-> kernels.grpo_linear_token_loss (old log-probs = the ones recorded at sampling). Image: for each
+SDE-window step k, the policy's guided velocity at the recorded latent (Policy.guided_velocity: the
+policy's own guidance rule, as at sampling) -> kernels.flow_sde_logprob of the recorded next latent
+-> kernels.flow_grpo_loss against the recorded step log-probs. Gradients are
 accumulated step by step (the loss is a mean over steps, so backward per step gives the same
 gradient as one graph, with the memory of one step).
 """
@@ -18,24 +19,35 @@ from alphagrpo_serve.kernels import reference
 from alphagrpo_serve.models.base import Policy, Sample
 
 
-def _pad(rows: Sequence[Sequence[float]], T: int) -> torch.Tensor:
+def _pad(rows: Sequence[Sequence[float]], T: int, device) -> torch.Tensor:
     out = torch.zeros(len(rows), T)
     for i, r in enumerate(rows):
         out[i, :len(r)] = torch.tensor(r[:T], dtype=torch.float32)
-    return out
+    return out.to(device)
 
 
-def uses_cfg(cfg_scale: float, sigma: float, interval=(0.0, 1.0)) -> bool:
-    """The sampler's rule (sampling.sampler.sample_images): guidance where sigma lies in the interval."""
-    return cfg_scale != 1.0 and interval[0] <= sigma <= interval[1]
-
-
-def velocity(policy: Policy, samples, k: int, cfg_scale: float, reflect_images=None) -> torch.Tensor:
-    """The guided velocity at window step k of each sample, as the sampler combined it."""
-    sigma = float(samples[0].trajectory.sigmas[k])
-    with_uncond = uses_cfg(cfg_scale, sigma)
-    v_c, v_u = policy.step_velocities(samples, k, with_uncond, reflect_images)
-    return reference.cfg_combine(v_c, v_u if with_uncond else None, cfg_scale)
+def text_loss(policy: Policy, samples: List[Sample], advantages: torch.Tensor, cfg, reflect_images=None,
+              ref_policy: Optional[Policy] = None):
+    """The GRPO token loss of the recorded thoughts/critiques: teacher-forced hidden states and the
+    policy's LM head into the fused linear loss (no [B, T, V] logits), or the logits path where the
+    extension lacks it. Returns (LossOutput, old log-probs [B, T], mask [B, T])."""
+    hidden, tokens, mask = policy.token_hidden(samples, reflect_images)
+    dev = hidden.device
+    old = _pad([s.text.logps for s in samples], tokens.shape[1], dev)
+    temperature = samples[0].text_config.logp_temperature
+    ref = None
+    if cfg.kl_text > 0:
+        with torch.no_grad():
+            ref = ref_policy.token_logps(samples, reflect_images, temperature=temperature)
+    kw = dict(old_logp=old, ref_logp=ref, temperature=temperature, eps_low=cfg.clip_text[0], eps_high=cfg.clip_text[1],
+              beta=cfg.kl_text, aggregation=cfg.text_aggregation)
+    weight, bias = policy.lm_head()
+    if hasattr(kernels, "grpo_linear_token_loss"):
+        out = kernels.grpo_linear_token_loss(hidden, weight, tokens, advantages.to(dev), mask, bias=bias, **kw)
+    else:  # pragma: no cover - an extension built before the fused op existed
+        logits = torch.nn.functional.linear(hidden, weight, bias).float()
+        out = kernels.grpo_token_loss(logits, tokens, advantages.to(dev), mask, **kw)
+    return out, old, mask
 
 
 def grpo_backward(policy: Policy, samples: List[Sample], advantages: torch.Tensor, cfg,
@@ -43,7 +55,8 @@ def grpo_backward(policy: Policy, samples: List[Sample], advantages: torch.Tenso
                   scale: float = 1.0) -> Dict[str, float]:
     """Computes the loss of the batch, accumulates scale * d loss / d params, returns metrics.
 
-    advantages [B] (one per sample). The loss is text_weight * text loss + image loss.
+    advantages [B] (one per sample). The loss is text_weight * text loss + image loss. Every
+    setting of the recompute (guidance, noise level, temperature) is the one each sample records.
     """
     B = len(samples)
     if advantages.shape != (B,):
@@ -52,16 +65,7 @@ def grpo_backward(policy: Policy, samples: List[Sample], advantages: torch.Tenso
     total = 0.0
     # ---- text --------------------------------------------------------------------------------
     if any(len(s.text.ids) for s in samples) and cfg.text_weight > 0:
-        logits, tokens, mask = policy.token_logits(samples, reflect_images)
-        T = tokens.shape[1]
-        old = _pad([s.text.logps for s in samples], T)
-        ref = None
-        if cfg.kl_text > 0:
-            with torch.no_grad():
-                ref = ref_policy.token_logps(samples, reflect_images, temperature=cfg.temperature)
-        out = kernels.grpo_token_loss(logits, tokens, advantages, mask, old_logp=old, ref_logp=ref,
-                                      temperature=cfg.temperature, eps_low=cfg.clip_text[0], eps_high=cfg.clip_text[1],
-                                      beta=cfg.kl_text, aggregation=cfg.text_aggregation)
+        out, old, mask = text_loss(policy, samples, advantages, cfg, reflect_images, ref_policy)
         (scale * cfg.text_weight * out.loss).backward()
         total += cfg.text_weight * float(out.loss.detach())
         ratio, clip, kl = (float(x) for x in out.metrics[:3])
@@ -71,26 +75,32 @@ def grpo_backward(policy: Policy, samples: List[Sample], advantages: torch.Tenso
     K = samples[0].trajectory.log_probs.shape[0]
     if any(s.trajectory.log_probs.shape[0] != K for s in samples):
         raise ValueError("samples of one batch must share the SDE window length")
+    noise = {s.sampling.noise_level for s in samples}
+    if len(noise) > 1:
+        raise ValueError(f"samples of one batch must share the SDE noise level, got {sorted(noise)}")
+    noise_level = noise.pop()
+    dev = policy.info.device
     agg = {"image_loss": 0.0, "image_ratio": 0.0, "image_clip_frac": 0.0, "image_kl": 0.0, "image_logp_dev": 0.0}
     for k in range(K):
         tr = [s.trajectory for s in samples]
-        x = torch.stack([t.latents[k] for t in tr])
-        x_next = torch.stack([t.latents[k + 1] for t in tr])
-        sig = torch.stack([t.sigmas[k] for t in tr]).float()
-        sig_n = torch.stack([t.sigma_nexts[k] for t in tr]).float()
+        x = torch.stack([t.latents[k] for t in tr]).to(dev)
+        x_next = torch.stack([t.latents[k + 1] for t in tr]).to(dev)
+        sig = torch.stack([t.sigmas[k] for t in tr]).float().to(dev)
+        sig_n = torch.stack([t.sigma_nexts[k] for t in tr]).float().to(dev)
         sigma_max = tr[0].sigma_max
-        old = torch.stack([t.log_probs[k] for t in tr]).float()[:, None]
-        v = velocity(policy, samples, k, cfg.cfg_scale, reflect_images)
-        logp = kernels.flow_sde_logprob(x, v, x_next, sig, sig_n, noise_level=cfg.noise_level, sigma_max=sigma_max)[:, None]
+        old = torch.stack([t.log_probs[k] for t in tr]).float()[:, None].to(dev)
+        v = policy.guided_velocity(samples, k, reflect_images)
+        logp = kernels.flow_sde_logprob(x, v, x_next, sig, sig_n, noise_level=noise_level, sigma_max=sigma_max)[:, None]
         kl = None
         if cfg.kl_image > 0:
             with torch.no_grad():
-                v_ref = velocity(ref_policy, samples, k, cfg.cfg_scale, reflect_images)
-            a, b, _, sc = reference.sde_coefficients(sig, sig_n, cfg.noise_level, sigma_max)
-            mean = a.view(-1, 1, 1, 1) * x + b.view(-1, 1, 1, 1) * v
-            ref_mean = a.view(-1, 1, 1, 1) * x + b.view(-1, 1, 1, 1) * v_ref
+                v_ref = ref_policy.guided_velocity(samples, k, reflect_images)
+            a, b, _, sc = reference.sde_coefficients(sig, sig_n, noise_level, sigma_max)
+            shape = (-1,) + (1,) * (x.dim() - 1)
+            mean = a.view(shape) * x + b.view(shape) * v
+            ref_mean = a.view(shape) * x + b.view(shape) * v_ref
             kl = kernels.step_mean_kl(mean, ref_mean, sc)[:, None]
-        out = kernels.flow_grpo_loss(logp, old, advantages, clip_range=cfg.clip_image, kl=kl, beta=cfg.kl_image)
+        out = kernels.flow_grpo_loss(logp, old, advantages.to(dev), clip_range=cfg.clip_image, kl=kl, beta=cfg.kl_image)
         (scale * out.loss / K).backward()
         total += float(out.loss.detach()) / K
         agg["image_loss"] += float(out.loss.detach()) / K

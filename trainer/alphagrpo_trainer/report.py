@@ -8,7 +8,6 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from alphagrpo_serve.models.evaluate_policy import modes_table
 
 
 def plot_curves(rows: List[Dict], path: str, keys=("reward_mean", "reward_semantic", "reward_quality"),
@@ -75,12 +74,17 @@ def before_after_table(before: Dict[str, Dict], after: Dict[str, Dict]) -> str:
 
 
 def write_report(out_dir: str, cfg: Dict, before: Optional[Dict], after: Optional[Dict], rows: List[Dict],
-                 periodic: List[Dict], files: Dict[str, str], elapsed_s: float) -> str:
+                 periodic: List[Dict], files: Dict[str, str], elapsed_s: float, modes_table=None) -> str:
+    """modes_table(results) -> Markdown: the task's results table (Task.results_table)."""
+    modes_table = modes_table or (lambda r: "```json\n" + json.dumps(r, indent=1) + "\n```")
     path = os.path.join(out_dir, "report.md")
+    suite = ("Evaluation: the held-out file's prompts scored by the server's reward, ODE, fixed seeds."
+              if cfg.get("heldout_file") else
+              f"Evaluation: the held-out suite of task {cfg.get('prompt_task', 'shapes')!r} (ShapesWorld: GenEval "
+              "rule), ODE, the split's fixed seeds.")
     parts = ["# GRPO run report", "",
              f"Steps: {rows[-1]['step'] if rows else 0} of {cfg['max_steps']}, task {cfg['task']}, G = {cfg['group_size']}, "
-             f"{cfg['prompts_per_step']} prompts per step, wall time {elapsed_s / 60:.1f} min. "
-             "Evaluation: the held-out ShapesWorld split, GenEval rule, ODE, the split's fixed seeds.", ""]
+             f"{cfg['prompts_per_step']} prompts per step, wall time {elapsed_s / 60:.1f} min. " + suite, ""]
     if before and after:
         parts += ["## Before / after", "", before_after_table(before, after), ""]
     if before:

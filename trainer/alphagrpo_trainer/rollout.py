@@ -12,7 +12,6 @@ import numpy as np
 import torch
 
 from alphagrpo_serve.models.base import Sample, TextSample
-from alphagrpo_serve.sampling.sampler import ImageTrajectory
 
 from .servers import ServerPool
 
@@ -47,15 +46,15 @@ class Rollouts:
     seeds: List[int] = field(default_factory=list)  # request seeds (for the record)
 
 
-def to_sample(g, think: bool, settings: dict) -> Sample:
-    """A wire sample (alphagrpo_serve.client.GeneratedImage with trajectory) as the policy's Sample."""
+def to_sample(g, think: bool, reflect: bool = False) -> Sample:
+    """A wire sample (alphagrpo_serve.client.GeneratedImage with trajectory and the settings the
+    server resolved) as the policy's Sample."""
     t = g.trajectory
-    if t is None:
-        raise ValueError("the server returned a sample without its trajectory")
-    traj = ImageTrajectory(t.latents.float(), t.sigmas.float(), t.sigma_nexts.float(), t.step_logprobs.float(),
-                           int(t.window_start), float(t.sigma_max))
+    if t is None or g.sampling is None:
+        raise ValueError("the server returned a sample without its trajectory or resolved settings")
     text = TextSample(list(t.token_ids), list(t.token_logprobs), g.thought)
-    return Sample(g.prompt, g.image, g.thought, text, traj, int(g.seed), dict(settings, think=think), int(g.policy_version))
+    return Sample(g.prompt, g.image, g.thought, text, t.image, int(g.seed), g.sampling, g.text_config, think=think,
+                  reflect=reflect, policy_version=int(g.policy_version))
 
 
 def _chunks(items: Sequence, n: int) -> List[List[int]]:
@@ -77,9 +76,11 @@ class RolloutRunner:
             self.timing[kind] = self.timing.get(kind, 0.0) + time.time() - t
 
     def _params(self, mode: str, think: bool, window: tuple) -> dict:
+        """The settings a rollout asks for; unset ones (None) take the served policy's defaults."""
         c = self.cfg
         return dict(think=think, mode=mode, steps=c.steps, cfg_scale=c.cfg_scale, noise_level=c.noise_level,
-                    sde_window=window, temperature=c.temperature, max_thought_tokens=c.max_thought_tokens)
+                    sde_window=window if mode == "sde" else None, temperature=c.temperature,
+                    max_thought_tokens=c.max_thought_tokens)
 
     def _spread(self, what: str, runs: Sequence[tuple], call) -> List[tuple]:
         """runs: (start, indices); call(client, run) -> list of items. All runs concurrently over the
@@ -136,29 +137,24 @@ class RolloutRunner:
         return r, s, q
 
     def rt2i(self, prompts: List[str], think: List[bool], seed: int, window: tuple) -> Rollouts:
-        G, settings = self.cfg.group_size, self._settings(window)
+        G = self.cfg.group_size
         got = self.generate(prompts, G, seed, "sde", think, window)
-        samples = [to_sample(g, bool(think[i // G]), settings) for i, (_, g) in enumerate(got)]
+        samples = [to_sample(g, bool(think[i // G])) for i, (_, g) in enumerate(got)]
         results = self.verify([s.prompt for s in samples], [s.image for s in samples])
         r, s_, q = self._grid(results, len(prompts), G)
         return Rollouts("rt2i", list(prompts), samples, r, r.clone(), s_, q, [a for a, _ in got], seeds=[seed])
 
     def srr(self, prompts: List[str], seed: int, window: tuple) -> Rollouts:
-        G, P, settings = self.cfg.group_size, len(prompts), self._settings(window)
+        G, P = self.cfg.group_size, len(prompts)
         stage1 = self.generate(prompts, G, seed, "ode", [True] * P, window, trajectory=False)
         imgs1 = [g.image for _, g in stage1]
         r1 = torch.tensor([x.reward for x in self.verify([g.prompt for _, g in stage1], imgs1)]).view(P, G)
         chosen = r1.argmin(dim=1)
         worst = [imgs1[p * G + int(chosen[p])] for p in range(P)]
         got = self.reflect(prompts, worst, G, seed + 1_000_000_007, window)
-        samples = [to_sample(g, True, dict(settings, reflect=True)) for _, g in got]
+        samples = [to_sample(g, True, reflect=True) for _, g in got]
         results = self.verify([s.prompt for s in samples], [s.image for s in samples])
         r2, s_, q = self._grid(results, P, G)
         rect = rectify(r1, chosen, r2, self.cfg.srr_margin)
         refl = [worst[i // G] for i in range(P * G)]
         return Rollouts("srr", list(prompts), samples, rect, r2, s_, q, [a for a, _ in got], refl, r1, seeds=[seed])
-
-    def _settings(self, window) -> Dict:
-        c = self.cfg
-        return dict(steps=c.steps, mode="sde", noise_level=c.noise_level, sde_window=tuple(window),
-                    cfg_scale=c.cfg_scale, cfg_interval=(0.0, 1.0), temperature=c.temperature)

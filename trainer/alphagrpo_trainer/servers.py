@@ -25,12 +25,20 @@ class ServerError(RuntimeError):
 class LocalServer:
     """`alphagrpo serve` in a subprocess on a free 127.0.0.1 port; stop() sends SIGTERM (graceful)."""
 
-    def __init__(self, weights: Optional[str] = None, extra_args: Sequence[str] = (), start_timeout_s: float = 120.0,
-                 log_path: Optional[str] = None, port: int = 0):
+    def __init__(self, policy: Optional[dict] = None, extra_args: Sequence[str] = (), start_timeout_s: float = 120.0,
+                 log_path: Optional[str] = None, port: int = 0, device: Optional[str] = None,
+                 dtype: Optional[str] = None):
+        """policy: {name, path} as in TrainConfig (default: the tiny UMM's shipped weights)."""
         cmd = [sys.executable, "-m", "alphagrpo_serve.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
                "--max-prompts", "256"]
-        if weights:
-            cmd += ["--weights", weights]
+        policy = policy or {"name": "tiny", "path": None}
+        cmd += ["--policy", policy["name"]]
+        if policy.get("path"):
+            cmd += ["--model", policy["path"]]
+        if device:
+            cmd += ["--device", device]
+        if dtype:
+            cmd += ["--dtype", dtype]
         cmd += list(extra_args)
         self.log = open(log_path, "a") if log_path else None
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log or subprocess.DEVNULL, text=True,
@@ -110,6 +118,12 @@ class ServerPool:
         idx = [(self.offset + k) % n for k in range(len(jobs))]
         futs = [self._pool.submit(self._call, i, what, job) for i, job in zip(idx, jobs)]
         return [(self.addresses[i], f.result()) for i, f in zip(idx, futs)]
+
+    def verify_all(self, prompts: Sequence[str], images: Sequence, chunk: int = 64) -> List:
+        """Rewards of (prompt, image) pairs, in chunks spread over the servers, in order."""
+        jobs = [lambda c, i=i: c.verify(list(prompts[i:i + chunk]), list(images[i:i + chunk]))
+                for i in range(0, len(prompts), chunk)]
+        return [r for _, part in self.map("Verify", jobs) for r in part]
 
     def info(self) -> List:
         return [self._call(i, "GetModelInfo", lambda c: c.model_info()) for i in range(len(self.clients))]

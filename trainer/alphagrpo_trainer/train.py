@@ -22,24 +22,24 @@ import torch
 import torch.distributed as dist
 
 from alphagrpo_serve import kernels
-from alphagrpo_serve.models.evaluate_policy import EVAL_MODES, GRID_PROMPTS, draw_grid, evaluate_modes
-from alphagrpo_serve.models.pretrain import save_atomic
-from alphagrpo_serve.models.tiny_policy import TinyPolicy
-from alphagrpo_serve.sampling.sampler import SamplingConfig
+from alphagrpo_serve.fileio import save_torch_atomic, write_json_atomic
+from alphagrpo_serve.models.registry import load_policy
+from alphagrpo_serve.tasks import load_task
 
 from .config import TrainConfig, config_yaml
 from .data import PromptSource, shard
+from .evaluation import EVAL_MODES, draw_grid, evaluate_file, modes_for, read_heldout_file
 from .loss import grpo_backward
 from .report import before_after_table, plot_curves, write_report
 from .rollout import RolloutRunner, Rollouts
 from .servers import ServerPool
 
 
-def write_json_atomic(obj, path: str) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
+def policy_device(cfg: TrainConfig) -> str:
+    """cfg.device, with a bare 'cuda' under torchrun meaning this rank's GPU (cuda:LOCAL_RANK)."""
+    if cfg.device == "cuda" and "LOCAL_RANK" in os.environ:
+        return f"cuda:{int(os.environ['LOCAL_RANK'])}"
+    return cfg.device
 
 
 class Trainer:
@@ -59,13 +59,18 @@ class Trainer:
         self.out = cfg.out_dir
         os.makedirs(self.out, exist_ok=True)
         torch.manual_seed(cfg.seed)
-        self.policy = TinyPolicy.load(cfg.base_weights)
+        device = policy_device(cfg)
+        self.policy = load_policy(cfg.policy["name"], cfg.policy["path"], device, cfg.dtype)
         if cfg.lora_rank:
             self.policy.enable_lora(cfg.lora_rank, cfg.lora_alpha)
-        self.ref = TinyPolicy.load(cfg.base_weights) if (cfg.kl_text > 0 or cfg.kl_image > 0) else None
-        self.params = [p for p in self.policy.model.parameters() if p.requires_grad]
+        self.ref = load_policy(cfg.policy["name"], cfg.policy["path"], device, cfg.dtype) \
+            if (cfg.kl_text > 0 or cfg.kl_image > 0) else None
+        self.params = self.policy.trainable_parameters()
         self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
-        self.source = PromptSource(cfg.seed, cfg.prompts_per_step, cfg.prompts_file, cfg.category_weights)
+        self.task = load_task(cfg.prompt_task)
+        self.heldout = read_heldout_file(cfg.heldout_file) if cfg.heldout_file else None
+        self.source = PromptSource(cfg.seed, cfg.prompts_per_step, cfg.prompts_file, cfg.category_weights,
+                                   cfg.prompt_task)
         self.pool = ServerPool(addresses, cfg.server_timeout_s, cfg.server_retries, cfg.server_backoff_s,
                                offset=self.rank)
         self.runner = RolloutRunner(self.pool, cfg)
@@ -91,7 +96,7 @@ class Trainer:
             "format": "alphagrpo-train-1",
             "step": self.step,
             "data_position": self.source.position(self.step),
-            "model": self.policy.model.state_dict(),
+            "model": self.policy.state_dict(),
             "optimizer": self.opt.state_dict(),
             "schedule": {"lr": self.lr_at(self.step), "kind": self.cfg.lr_schedule},
             "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
@@ -103,7 +108,7 @@ class Trainer:
             "restarts": self.restarts,
             "elapsed_s": self.elapsed(),
         }
-        save_atomic(state, self.ckpt_path)
+        save_torch_atomic(state, self.ckpt_path)
 
     def _load(self) -> None:
         if not os.path.exists(self.ckpt_path):
@@ -111,11 +116,11 @@ class Trainer:
         state = torch.load(self.ckpt_path, weights_only=False)
         if state.get("format") != "alphagrpo-train-1":
             raise ValueError(f"{self.ckpt_path} is not a trainer checkpoint")
-        changed = {k for k in ("task", "group_size", "prompts_per_step", "seed", "lora_rank", "base_weights")
+        changed = {k for k in ("task", "group_size", "prompts_per_step", "seed", "lora_rank", "policy")
                    if state["config"].get(k) != getattr(self.cfg, k)}
         if changed:
             raise ValueError(f"--resume: the config differs from the checkpoint's in {sorted(changed)}")
-        self.policy.model.load_state_dict(state["model"])
+        self.policy.load_state_dict(state["model"])
         self.opt.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"]["torch"])
         np.random.set_state(state["rng"]["numpy"])
@@ -219,19 +224,29 @@ class Trainer:
                 self.pool.push(self.weight_sets(full=True), only=stale)
         self.pool.known = self._broadcast(self.pool.known)
 
-    # ---- evaluation ------------------------------------------------------------------------------------
-    def evaluate(self, limit: int = 0, modes=None) -> Dict[str, Dict]:
+    # ---- evaluation ------------------------------------------------------------------------------
+    def eval_sampling(self):
         c = self.cfg
-        modes = modes or [m for m in EVAL_MODES if c.eval_srr or not m[2]]
-        sc = SamplingConfig(steps=c.eval_steps, mode="ode", cfg_scale=c.cfg_scale)
-        self.policy.model.eval()
-        with torch.no_grad():
-            return evaluate_modes(self.policy, sc, modes=modes, limit=limit)
+        ov = dict(steps=c.eval_steps, mode="ode")
+        if c.cfg_scale is not None:
+            ov["cfg_scale"] = c.cfg_scale
+        return self.policy.resolve_sampling(ov)
 
-    def grid(self, name: str) -> str:
-        sc = SamplingConfig(steps=self.cfg.eval_steps, mode="ode", cfg_scale=self.cfg.cfg_scale)
+    def evaluate(self, limit: int = 0, modes=None) -> Optional[Dict[str, Dict]]:
+        """The held-out file scored by the server's reward, else the task's suite (None: neither)."""
+        c = self.cfg
+        modes = modes_for(self.policy, modes or [m for m in EVAL_MODES if c.eval_srr or not m[2]])
+        self.policy.eval()
         with torch.no_grad():
-            return draw_grid(self.policy, os.path.join(self.out, name), GRID_PROMPTS, range(4), sc)
+            if self.heldout is not None:
+                return evaluate_file(self.policy, self.heldout, self.eval_sampling(), self.pool.verify_all, modes,
+                                     limit)
+            return self.task.evaluate(self.policy, self.eval_sampling(), modes, limit)
+
+    def grid(self, name: str) -> Optional[str]:
+        prompts = self.task.grid_prompts() if self.heldout is None else [r["prompt"] for r in self.heldout[:6]]
+        with torch.no_grad():
+            return draw_grid(self.policy, os.path.join(self.out, name), prompts, range(4), self.eval_sampling())
 
     # ---- one step ---------------------------------------------------------------------------------------
     def rollouts(self, inp: Dict) -> Rollouts:
@@ -264,7 +279,7 @@ class Trainer:
         samples = [roll.samples[i] for i in keep]
         refl = None if roll.reflect_images is None else [roll.reflect_images[i] for i in keep]
         t1 = time.time()
-        self.policy.model.train()
+        self.policy.train()
         lm: Dict[str, float] = {}
         for u in range(c.updates_per_batch):
             for g in self.opt.param_groups:
@@ -281,7 +296,7 @@ class Trainer:
                     p.grad /= self.world
             gnorm = float(torch.nn.utils.clip_grad_norm_(self.params, c.grad_clip))
             self.opt.step()
-        self.policy.model.eval()
+        self.policy.eval()
         t_train = time.time() - t1
         t2 = time.time()
         if self.rank == 0:
@@ -306,16 +321,13 @@ class Trainer:
                  prompts=inp["prompts"], seeds=inp["seeds"], window=list(inp["window"]))
         return m
 
-    @staticmethod
-    def _accuracy(roll: Rollouts) -> Dict[str, float]:
-        """GenEval-rule accuracy of the rollout images per category (ShapesWorld prompts only)."""
-        from alphagrpo_serve.shapes.evaluate import evaluate
-
+    def _accuracy(self, roll: Rollouts) -> Dict[str, float]:
+        """The task's metrics of the rollout images (ShapesWorld: accuracy per category); none for
+        prompts outside the task."""
         try:
-            rep = evaluate([s.prompt for s in roll.samples], np.stack([s.image for s in roll.samples]))
-        except ValueError:  # prompts outside ShapesWorld's grammar
+            return self.task.rollout_metrics([s.prompt for s in roll.samples], np.stack([s.image for s in roll.samples]))
+        except ValueError:
             return {}
-        return {f"acc_{k}": v for k, v in rep.accuracy.items()}
 
     # ---- the run -------------------------------------------------------------------------------------------
     def _tb(self, m: Dict) -> None:
@@ -346,7 +358,10 @@ class Trainer:
             if self.before is None and c.max_steps > 0:
                 self.log("evaluating the base policy on the held-out split ...")
                 self.before = self.evaluate(limit=c.eval_final_limit)
-                write_json_atomic(self.before, os.path.join(self.out, "eval_before.json"))
+                if self.before is None:
+                    self.log(f"task {c.prompt_task!r} has no held-out suite and no heldout_file is set: no evaluation")
+                else:
+                    write_json_atomic(self.before, os.path.join(self.out, "eval_before.json"))
                 self.grid("grid_before.png")
         if self.distributed:
             dist.barrier()
@@ -365,7 +380,8 @@ class Trainer:
                 bar.update(1)
                 bar.set_postfix(task=m["task"], reward=f"{m['reward_mean']:.3f}", S=f"{m['reward_semantic']:.2f}",
                                 Q=f"{m['reward_quality']:.2f}")
-            if c.eval_every and self.step % c.eval_every == 0 and self.step < c.max_steps and self.rank == 0:
+            if c.eval_every and self.step % c.eval_every == 0 and self.step < c.max_steps and self.rank == 0 \
+                    and self.before is not None:
                 res = self.evaluate(limit=c.eval_limit, modes=[m_ for m_ in EVAL_MODES if not m_[2]])
                 self.periodic.append({"step": self.step, "results": res})
                 self._tb({"step": self.step, **{f"eval_{k}/overall": v["overall"] for k, v in res.items()}})
@@ -379,23 +395,23 @@ class Trainer:
         if self.rank == 0:
             if not os.path.exists(self.ckpt_path):  # the loop checkpoints its last step; a 0-step run has none
                 self.checkpoint()
-            after = self.evaluate(limit=c.eval_final_limit)
-            write_json_atomic(after, os.path.join(self.out, "eval_after.json"))
-            files["grid before training"] = os.path.join(self.out, "grid_before.png")
-            files["grid after training"] = self.grid("grid_after.png")
+            after = self.evaluate(limit=c.eval_final_limit) if self.before is not None else None
+            if after is not None:
+                write_json_atomic(after, os.path.join(self.out, "eval_after.json"))
+            if os.path.exists(os.path.join(self.out, "grid_before.png")):
+                files["grid before training"] = os.path.join(self.out, "grid_before.png")
+            grid_after = self.grid("grid_after.png")
+            if grid_after:
+                files["grid after training"] = grid_after
             files["reward curve"] = plot_curves(self.history, os.path.join(self.out, "reward_curve.png"))
             files["metrics (JSONL)"] = metrics_path
             files["checkpoint"] = self.ckpt_path
-            from safetensors.torch import save_file
-
-            weights = os.path.join(self.out, "policy.safetensors")
-            meta = {"config": json.dumps(self.policy.model.cfg.to_dict()), "grpo_steps": str(self.step)}
-            save_file({k: v.contiguous() for k, v in self.policy.merged_weights().items()}, weights, meta)
-            files["trained weights (full, safetensors)"] = weights
+            weights = self.policy.save(os.path.join(self.out, "policy"))
+            files["trained weights (full, merged)"] = weights
             report = write_report(self.out, c.to_dict(), self.before, after, self.history, self.periodic, files,
-                                  self.elapsed())
+                                  self.elapsed(), self.task.results_table)
             summary.update(before=self.before, after=after, report=report,
-                           table=before_after_table(self.before, after) if self.before else "")
+                           table=before_after_table(self.before, after) if self.before and after else "")
             if self._writer:
                 self._writer.close()
         if self.distributed:

@@ -1,0 +1,72 @@
+"""RewardService: Verify and Decompose on whichever reward backend the server runs. Rewards run on
+their own threads, beside the model thread."""
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from .._proto.alphagrpo.v1 import reward_pb2, reward_pb2_grpc
+from ..wire import proto_to_image
+from .errors import BadRequest, Upstream, abort_for
+from .metrics import Metrics
+from .validation import Limits, check_prompts
+
+
+def _accept(prompt: str) -> None:
+    """The reward checks its own prompts (a ShapesWorld reward raises for prompts outside its grammar)."""
+
+
+class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
+    def __init__(self, reward, limits: Limits, metrics: Metrics, workers: int = 2):
+        self.reward, self.limits, self.metrics = reward, limits, metrics
+        self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="reward")
+
+    async def _call(self, fn, *args):
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+        except (ValueError, TypeError) as exc:  # prompts the reward cannot judge (PromptError is a ValueError)
+            raise BadRequest(str(exc)) from None
+        except RuntimeError as exc:  # reward backend failures (openai_backend.BackendError)
+            raise Upstream(f"reward backend: {exc}") from None
+
+    async def Verify(self, request: reward_pb2.VerifyRequest, context) -> reward_pb2.VerifyResponse:
+        with self.metrics.track("Verify", context):
+            try:
+                items = list(request.items)
+                prompts = check_prompts([it.prompt for it in items], self.limits, _accept, field="items")
+                images = []
+                for i, it in enumerate(items):
+                    try:
+                        images.append(proto_to_image(it.image, f"items[{i}].image"))
+                    except (ValueError, TypeError) as exc:
+                        raise BadRequest(str(exc)) from None
+                if len({im.shape for im in images}) > 1:
+                    raise BadRequest("items: every image of one request must have the same size")
+                results = await self._call(self.reward, prompts, np.stack(images))
+            except (BadRequest, Upstream) as exc:
+                await abort_for(context, exc)
+            return reward_pb2.VerifyResponse(rewards=[_reward_proto(r) for r in results])
+
+    async def Decompose(self, request: reward_pb2.DecomposeRequest, context) -> reward_pb2.DecomposeResponse:
+        with self.metrics.track("Decompose", context):
+            try:
+                prompts = check_prompts(request.prompts, self.limits, _accept)
+                qs = await self._call(self.reward.decompose, prompts)
+            except (BadRequest, Upstream) as exc:
+                await abort_for(context, exc)
+            return reward_pb2.DecomposeResponse(decompositions=[
+                reward_pb2.Decomposition(prompt=p, questions=[_question_proto(q) for q in qq]) for p, qq in zip(prompts, qs)])
+
+
+def _question_proto(q) -> reward_pb2.Question:
+    return reward_pb2.Question(id=q.id, text=q.text, kind=q.kind, tag=q.tag)
+
+
+def _reward_proto(r) -> reward_pb2.Reward:
+    return reward_pb2.Reward(prompt=r.prompt, reward=r.reward, semantic=r.semantic, quality=r.quality, failed=r.failed,
+                             answers=[reward_pb2.Answer(question=_question_proto(a.question),
+                                                        score=a.score if a.score is not None else 0.0,
+                                                        answer=a.answer, failed=a.failed or a.score is None,
+                                                        detail=a.detail) for a in r.answers])

@@ -1,0 +1,83 @@
+"""Evaluations of the trainer's policy: the task's built-in held-out suite (ShapesWorld: GenEval
+rule per category), or a held-out JSONL of prompts scored by the server's reward (mean reward, S and
+Q), plus the before/after image grids. Every mode draws with ODE and fixed seeds."""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+
+from alphagrpo_serve.fileio import iter_jsonl
+from alphagrpo_serve.sampling.sampler import SamplingConfig, TextConfig
+
+# (name, think, reflect): plain drawing, think first, think then one round of self-reflective refinement
+EVAL_MODES = (("plain", False, False), ("think", True, False), ("think+reflect", True, True))
+
+
+def read_heldout_file(path: str) -> List[Dict]:
+    rows = []
+    for n, row in iter_jsonl(path):
+        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
+            raise ValueError(f"{path}:{n}: each row must be an object with a non-empty string 'prompt'")
+        rows.append({"prompt": row["prompt"], "seed": int(row.get("seed", len(rows)))})
+    if not rows:
+        raise ValueError(f"{path}: no prompts")
+    return rows
+
+
+def modes_for(policy, modes: Sequence[tuple]) -> List[tuple]:
+    """The modes the policy can run (no think/reflect modes for a policy without them)."""
+    caps = policy.info.capabilities
+    return [m for m in modes if (caps.think or not m[1]) and (caps.reflect or not m[2])]
+
+
+def _spaced(rows: List[Dict], limit: int) -> List[Dict]:
+    """limit evenly spaced rows (every part of a split grouped by category keeps its share)."""
+    if limit and limit < len(rows):
+        return [rows[i * len(rows) // limit] for i in range(limit)]
+    return rows
+
+
+def evaluate_file(policy, rows: List[Dict], sampling: SamplingConfig, verify, modes: Sequence[tuple],
+                  limit: int = 0, batch: int = 32) -> Dict[str, Dict]:
+    """{mode: {"overall": mean reward, "mean_reward", "semantic", "quality", "accuracy": {}}}: the
+    policy draws each held-out prompt (ODE, the row's seed, greedy text) and verify(prompts, images)
+    (the server's reward) scores the images."""
+    rows = _spaced(rows, limit)
+    prompts = [r["prompt"] for r in rows]
+    seeds = [r["seed"] for r in rows]
+    greedy = TextConfig(temperature=0.0, max_tokens=policy.info.text_defaults.max_tokens)
+    out = {}
+    for name, think, reflect in modes_for(policy, modes):
+        images = []
+        for i in range(0, len(rows), batch):
+            got = policy.generate(prompts[i:i + batch], seeds[i:i + batch], sampling, greedy, think=think)
+            if reflect:
+                rsc = policy.resolve_sampling(dict(steps=sampling.steps, mode="ode", cfg_scale=sampling.cfg_scale),
+                                              reflect=True)
+                got = policy.reflect(prompts[i:i + batch], [s.image for s in got], seeds[i:i + batch], rsc, greedy)
+            images += [s.image for s in got]
+        results = verify(prompts, images)
+        r = [x.reward for x in results]
+        out[name] = {"overall": float(np.mean(r)), "mean_reward": float(np.mean(r)), "accuracy": {},
+                     "semantic": float(np.mean([x.semantic for x in results])),
+                     "quality": float(np.mean([x.quality for x in results]))}
+    return out
+
+
+def draw_grid(policy, path: str, prompts: Sequence[str], seeds: Sequence[int], sampling: SamplingConfig,
+              think: bool = True, scale: int = 4) -> Optional[str]:
+    """PNG grid: one column per prompt, one row per seed (greedy thoughts, ODE); None without prompts."""
+    from PIL import Image
+
+    if not prompts:
+        return None
+    think = think and policy.info.capabilities.think
+    greedy = TextConfig(temperature=0.0, max_tokens=policy.info.text_defaults.max_tokens)
+    rows = []
+    for seed in seeds:
+        out = policy.generate(list(prompts), [seed] * len(prompts), sampling, greedy, think=think)
+        rows.append(np.concatenate([s.image for s in out], axis=1))
+    grid = np.concatenate(rows, axis=0)
+    Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST).save(path)
+    return path
