@@ -2,6 +2,7 @@
 library (a small random tiny UMM keeps it fast). Every bad request is followed by a good one."""
 import asyncio
 import contextlib
+import dataclasses
 import subprocess
 import time
 import urllib.request
@@ -20,6 +21,7 @@ from alphagrpo_serve.models.tokenizer import Tokenizer
 from alphagrpo_serve.reward import embedded_reward
 from alphagrpo_serve.server.app import Server, ServeConfig
 from alphagrpo_serve.shapes.world import Obj, Scene, render
+from alphagrpo_serve.wire import image_to_proto
 
 
 def small_policy():
@@ -363,5 +365,68 @@ def test_retries_unavailable_over_addresses_reflection_and_health_during_a_batch
                 with pytest.raises(grpc.aio.AioRpcError):
                     await c.generate(["a red blob"], steps=2)
                 assert len(calls) == 1
+
+    run(main())
+
+
+class NoReflectPolicy(TinyPolicy):
+    """A tiny policy that declares it cannot reflect (a text-to-image-only model)."""
+
+    @property
+    def info(self):
+        info = super().info
+        return dataclasses.replace(info, capabilities=dataclasses.replace(info.capabilities, reflect=False, think=False))
+
+    def reflect(self, *a, **k):  # pragma: no cover - the server must refuse before calling it
+        raise AssertionError("reflect called on a policy without the capability")
+
+
+def test_missing_capabilities_are_failed_precondition_naming_them():
+    async def main():
+        async with running(policy=NoReflectPolicy(small_policy().model)) as (_, addr):
+            async with grpc.aio.insecure_channel(addr) as ch:
+                stub = policy_pb2_grpc.PolicyServiceStub(ch)
+                img = common_pb2.Image(png=image_to_proto(np.zeros((32, 32, 3), np.uint8)).png)
+                for call, req, word in (
+                        (stub.Reflect, policy_pb2.ReflectRequest(prompts=["a red circle"], images=[img]), "reflect"),
+                        (stub.Generate, policy_pb2.GenerateRequest(
+                            prompts=["a red circle"], params=policy_pb2.SamplingParams(think=True)), "think"),
+                        (stub.Generate, policy_pb2.GenerateRequest(
+                            prompts=["a red circle"], params=policy_pb2.SamplingParams(cfg_img_scale=2.0)),
+                         "image guidance")):
+                    with pytest.raises(grpc.aio.AioRpcError) as info:
+                        await call(req)
+                    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION, info.value
+                    assert word in info.value.details(), info.value.details()
+                ok = await stub.Generate(policy_pb2.GenerateRequest(prompts=["a red circle"],
+                                                                    params=policy_pb2.SamplingParams(steps=2)))
+                assert len(ok.samples) == 1
+                mi = await stub.GetModelInfo(policy_pb2.GetModelInfoRequest())
+                assert not mi.capabilities.reflect and not mi.capabilities.think
+
+    run(main())
+
+
+def test_open_task_accepts_any_prompt_and_zero_is_a_real_value():
+    async def main():
+        async with running(task="open") as (_, addr):
+            async with grpc.aio.insecure_channel(addr) as ch:
+                stub = policy_pb2_grpc.PolicyServiceStub(ch)
+                res = await stub.Generate(policy_pb2.GenerateRequest(
+                    prompts=["a watercolour lighthouse at dusk"],
+                    params=policy_pb2.SamplingParams(steps=2, cfg_scale=0.0, temperature=0.0)))
+                assert len(res.samples) == 1
+                # cfg_scale 0 and temperature 0 were honoured, not replaced by the defaults
+                assert res.resolved_params.cfg_scale == 0.0 and res.resolved_params.temperature == 0.0
+                unset = await stub.Generate(policy_pb2.GenerateRequest(prompts=["x"], params=policy_pb2.SamplingParams(steps=2)))
+                assert unset.resolved_params.cfg_scale == 3.0 and unset.resolved_params.temperature == 1.0
+                mi = await stub.GetModelInfo(policy_pb2.GetModelInfoRequest())
+                assert mi.task == "open"
+        async with running() as (_, addr):  # the tiny UMM's own domain: ShapesWorld's grammar
+            async with grpc.aio.insecure_channel(addr) as ch:
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    await policy_pb2_grpc.PolicyServiceStub(ch).Generate(policy_pb2.GenerateRequest(
+                        prompts=["a watercolour lighthouse at dusk"]))
+                assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "prompts[0]" in info.value.details()
 
     run(main())

@@ -360,3 +360,26 @@ def test_every_config_field_is_documented_and_print_config_round_trips(tmp_path)
     p = tmp_path / "printed.yaml"
     p.write_text(config_yaml(cfg, docs=True))
     assert load_config(str(p)) == cfg
+
+
+def test_prompts_file_and_heldout_file_are_rewarded_by_the_server(served, tmp_path):
+    """Training prompts from a JSONL file, evaluation of a held-out JSONL by the server's reward
+    (not the task's built-in suite); the 'open' prompt task has no suite, so only the file counts."""
+    addr, weights, _ = served
+    train_file, heldout = tmp_path / "train.jsonl", tmp_path / "heldout.jsonl"
+    train_file.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ("a red circle", "two blue squares")))
+    heldout.write_text("".join(json.dumps({"prompt": p, "seed": i}) + "\n" for i, p in
+                               enumerate(("a green triangle", "a yellow circle", "three red squares"))))
+    out = tmp_path / "run"
+    cfg = write_cfg(tmp_path / "c.yaml", weights, out, task="rt2i", max_steps=1, prompt_task="open",
+                    prompts_file=str(train_file), heldout_file=str(heldout), eval_final_limit=0)
+    res = subprocess.run(train_cmd(cfg, addr), env=ENV, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    before = json.loads((out / "eval_before.json").read_text())
+    assert set(before) == {"plain", "think"} and before["plain"]["accuracy"] == {}
+    for r in before.values():
+        assert 0.0 <= r["mean_reward"] <= 1.0 and r["overall"] == r["mean_reward"] and 0 <= r["quality"] <= 1
+    rows = metrics(out)
+    assert set(rows[0]["prompts"]) <= {"a red circle", "two blue squares"}
+    assert not any(k.startswith("acc_") for k in rows[0])  # the open task has no per-category metrics
+    assert "mean reward" in (out / "report.md").read_text()
