@@ -159,3 +159,16 @@ def test_patch_layouts_are_row_major_with_channels_last_inside():
     assert torch.equal(unpatchify(tok, (2, 2), 2, 2), x)
     batch = torch.randn(3, 16, 6, 8)
     assert torch.equal(unpatchify(patchify(batch, 2), (3, 4), 2, 16), batch)
+
+
+def test_position_tables_fix_the_grids(tiny_bagel_dir, tmp_path):
+    alt = tmp_path / "grid"
+    shutil.copytree(tiny_bagel_dir, alt)
+    with open(alt / "config.json") as f:
+        root = json.load(f)
+    root["max_latent_size"] = 32  # disagrees with latent_pos_embed (8 x 8)
+    with open(alt / "config.json", "w") as f:
+        json.dump(root, f)
+    with pytest.warns(UserWarning, match="max_latent_size=32 but latent_pos_embed.pos_embed covers a 8x8 grid"):
+        m = load_model(str(alt))
+    assert m.config.max_latent_size == 8

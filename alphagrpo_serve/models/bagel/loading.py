@@ -7,7 +7,9 @@ and assigned in place of the meta tensors. Peak memory: the model plus one tenso
 """
 from __future__ import annotations
 
+import math
 import os
+import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Dict, Optional
 
@@ -93,6 +95,25 @@ def build_model(config, device="cpu", dtype: torch.dtype = torch.float32):
     return model.to(dtype)
 
 
+def _grids_from_tables(config, ema_path: str) -> None:
+    """The position tables fix the largest latent grid and ViT grid (the official app hardcodes
+    64 and 70 to match them, whatever config.json says): take their sizes, warn on disagreement."""
+    with safe_open(ema_path, framework="pt") as f:
+        keys = set(f.keys())
+        for key, attr in (("latent_pos_embed.pos_embed", "max_latent_size"),
+                          ("vit_pos_embed.pos_embed", "vit_max_num_patch_per_side")):
+            if key not in keys:
+                continue  # reported as missing by assign_tensors
+            rows = f.get_slice(key).get_shape()[0]
+            side = math.isqrt(rows)
+            if side * side != rows:
+                raise CheckpointError(f"key {key!r} has {rows} rows, not a square grid")
+            if side != getattr(config, attr):
+                warnings.warn(f"config.json says {attr}={getattr(config, attr)} but {key} covers a {side}x{side} "
+                              f"grid; using {side}")
+                setattr(config, attr, side)
+
+
 def load_model(path: str, config=None, device="cpu", dtype: Optional[torch.dtype] = None):
     """ema.safetensors -> BagelModel on `device` in `dtype` (default: float32 on CPU, bf16 on CUDA)."""
     from .config import BagelConfig
@@ -100,9 +121,11 @@ def load_model(path: str, config=None, device="cpu", dtype: Optional[torch.dtype
 
     config = config or BagelConfig.from_folder(path)
     dtype = dtype or default_dtype(device)
+    ema = os.path.join(path, "ema.safetensors")
+    _grids_from_tables(config, ema)
     with torch.device("meta"):
         model = BagelModel(config)
-    assign_tensors(model, os.path.join(path, "ema.safetensors"), device=device, dtype=dtype)
+    assign_tensors(model, ema, device=device, dtype=dtype)
     model.reset_rotary(device)
     return model.eval()
 
