@@ -15,8 +15,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from bagel_fixtures import tiny_bagel, tiny_bagel_dir  # noqa: F401
-from alphagrpo_serve.models.bagel import (BagelConfig, CheckpointError, load_flux_vae, load_model, patchify,
-                                          unpatchify)
+from alphagrpo_serve.models.bagel import (BagelConfig, CheckpointError, Text, VaeImage, VitImage, load_flux_vae,
+                                          load_model, patchify, prefill, text_step, unpatchify, velocity)
 
 
 def official_ema_keys(n_layers: int, n_vit_layers: int) -> set:
@@ -132,6 +132,12 @@ def test_dtype_device_and_frozen_tables(tiny_bagel_dir, tiny_bagel):
     for k, v in m16.state_dict().items():
         assert torch.equal(v, ref[k].to(torch.bfloat16)), k
     assert not m16.latent_pos_embed.pos_embed.requires_grad and m16.vae2llm.weight.requires_grad
+    m16.special_tokens = tiny_bagel.model.special_tokens
+    with torch.no_grad():  # the whole core runs in bfloat16
+        pf = prefill(m16, [[Text([1, 10, 2]), VitImage(torch.zeros(3, 32, 32)), VaeImage(torch.zeros(4, 64), (2, 2))]])
+        v = velocity(m16, pf.cache, torch.randn(1, 4, 64), 0.5, (2, 2))
+        logits, _ = text_step(m16, pf.cache, torch.tensor([3]))
+    assert v.dtype == logits.dtype == torch.bfloat16 and torch.isfinite(v).all() and torch.isfinite(logits).all()
 
 
 def test_vae_encode_decode_shapes_and_normalisation(tiny_bagel_dir, tiny_bagel):
