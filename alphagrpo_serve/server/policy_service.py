@@ -58,6 +58,8 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
         if not 1 <= G <= self.limits.max_group:
             raise BadRequest(f"group_size must be in [1, {self.limits.max_group}], got {G}")
         sc, text, think = request_settings(self.policy, request.params, self.limits, reflect=kind == "reflect")
+        if not think:  # no text is written: text settings must not split batches
+            text = self.policy.info.text_defaults
         key = BatchKey(kind, sc, text, think)
         batcher = self.reflect_batcher if kind == "reflect" else self.generate_batcher
         until = deadline(context)
