@@ -414,7 +414,8 @@ def test_open_task_accepts_any_prompt_and_zero_is_a_real_value():
                 stub = policy_pb2_grpc.PolicyServiceStub(ch)
                 res = await stub.Generate(policy_pb2.GenerateRequest(
                     prompts=["a watercolour lighthouse at dusk"],
-                    params=policy_pb2.SamplingParams(steps=2, cfg_scale=0.0, temperature=0.0)))
+                    params=policy_pb2.SamplingParams(steps=2, cfg_scale=0.0, temperature=0.0, think=True,
+                                                     max_thought_tokens=3)))
                 assert len(res.samples) == 1
                 # cfg_scale 0 and temperature 0 were honoured, not replaced by the defaults
                 assert res.resolved_params.cfg_scale == 0.0 and res.resolved_params.temperature == 0.0
