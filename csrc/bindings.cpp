@@ -1,8 +1,11 @@
 // The one place that declares every op's schema, with one impl per device key. Fake (meta)
 // implementations and autograd live in Python (alphagrpo_serve/kernels/_registry.py).
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 #include <torch/library.h>
 
+#include "alphagrpo/cpu_kernels.h"
+#include "alphagrpo/linear_loss.h"
 #include "alphagrpo/ops.h"
 
 TORCH_LIBRARY(alphagrpo, m) {
@@ -19,6 +22,11 @@ TORCH_LIBRARY(alphagrpo, m) {
         "Tensor? ref_logp, float temperature, float eps_low, float eps_high, float? dual_clip, float beta, "
         "str ratio_level, str aggregation, bool compute_grad) -> (Tensor loss, Tensor metrics, Tensor logp, "
         "Tensor grad_logits)");
+  m.def("grpo_linear_token_loss(Tensor hidden, Tensor weight, Tensor? bias, Tensor tokens, Tensor advantages, "
+        "Tensor mask, Tensor? old_logp, Tensor? ref_logp, float temperature, float eps_low, float eps_high, "
+        "float? dual_clip, float beta, str ratio_level, str aggregation, int? chunk_tokens, bool grad_hidden, "
+        "bool grad_weight, bool grad_bias) -> (Tensor loss, Tensor metrics, Tensor logp, Tensor grad_hidden, "
+        "Tensor grad_weight, Tensor grad_bias)");
   m.def("flow_grpo_loss(Tensor logp, Tensor old_logp, Tensor advantages, Tensor? kl, float clip_range, float beta) "
         "-> (Tensor loss, Tensor metrics, Tensor grad_logp, Tensor grad_kl)");
 }
@@ -29,6 +37,7 @@ TORCH_LIBRARY_IMPL(alphagrpo, CPU, m) {
   m.impl("flow_sde_logprob_backward", &alphagrpo::flow_sde_logprob_backward_cpu);
   m.impl("grpo_advantages", &alphagrpo::grpo_advantages_cpu);
   m.impl("grpo_token_loss", &alphagrpo::grpo_token_loss_cpu);
+  m.impl("grpo_linear_token_loss", &alphagrpo::grpo_linear_token_loss_cpu);
   m.impl("flow_grpo_loss", &alphagrpo::flow_grpo_loss_cpu);
 }
 
@@ -56,4 +65,10 @@ PYBIND11_MODULE(_C, mod) {
 #else
   mod.attr("cuda_archs") = "";
 #endif
+  // which vectorised CPU loops run (csrc/cpu/simd_*.cpp); tests and benchmarks switch them
+  mod.def("cpu_isa", [] { return std::string(alphagrpo::cpu_kernels().name); }, "the active CPU loops");
+  mod.def("cpu_isas", &alphagrpo::cpu_isas, "the CPU loops this machine runs, best first");
+  mod.def("set_cpu_isa", &alphagrpo::set_cpu_isa, "select CPU loops by name; returns the previous name");
+  // grpo_linear_token_loss's default budget for one chunk's logits
+  mod.attr("linear_chunk_bytes") = alphagrpo::kLinearChunkBytes;
 }

@@ -19,7 +19,7 @@ NVCC = os.path.join(CUDA_HOME, "bin", "nvcc") if os.path.exists(os.path.join(CUD
 DOUBLE_KERNEL = re.compile(r"Id(Li\d+E|Lb[01]E)*E")  # Itanium mangling of a <double, ...> instantiation
 CU_FILES = sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
 OPS = ["flow_sde_step", "flow_sde_logprob", "flow_sde_logprob_backward", "grpo_advantages", "grpo_token_loss",
-       "flow_grpo_loss"]
+       "grpo_linear_token_loss", "flow_grpo_loss"]
 
 
 def test_extension_loads_and_registers_every_op():

@@ -7,7 +7,7 @@ warning). `reference` is the specification the native kernels are tested against
 from . import reference
 from ._registry import build_info, have_extension
 from .flow_sde import SdeStep, flow_sde_logprob, flow_sde_step
-from .grpo import LossOutput, flow_grpo_loss, grpo_advantages, grpo_token_loss
+from .grpo import LossOutput, flow_grpo_loss, grpo_advantages, grpo_linear_token_loss, grpo_token_loss
 from .reference import cfg_combine, step_mean_kl
 
 __all__ = [
@@ -19,6 +19,7 @@ __all__ = [
     "flow_sde_logprob",
     "flow_sde_step",
     "grpo_advantages",
+    "grpo_linear_token_loss",
     "grpo_token_loss",
     "have_extension",
     "reference",

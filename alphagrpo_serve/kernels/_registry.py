@@ -25,10 +25,14 @@ def have_extension() -> bool:
 
 
 def build_info() -> dict:
-    """What the extension was built with: {'loaded', 'with_cuda', 'cuda_archs', 'error'}."""
+    """What the extension was built with: {'loaded', 'with_cuda', 'cuda_archs', 'cpu_isa',
+    'linear_chunk_bytes', 'error'} (cpu_isa: the vectorised CPU loops in use, 'avx512', 'avx2' or
+    'scalar'; linear_chunk_bytes: grpo_linear_token_loss's default budget for one chunk's logits)."""
     if _C is None:
-        return {"loaded": False, "with_cuda": False, "cuda_archs": "", "error": repr(_LOAD_ERROR)}
-    return {"loaded": True, "with_cuda": bool(_C.with_cuda), "cuda_archs": str(_C.cuda_archs), "error": None}
+        return {"loaded": False, "with_cuda": False, "cuda_archs": "", "cpu_isa": "", "linear_chunk_bytes": 0,
+                "error": repr(_LOAD_ERROR)}
+    return {"loaded": True, "with_cuda": bool(_C.with_cuda), "cuda_archs": str(_C.cuda_archs),
+            "cpu_isa": str(_C.cpu_isa()), "linear_chunk_bytes": int(_C.linear_chunk_bytes), "error": None}
 
 
 def use_fast_path(op: str, *tensors: Optional[torch.Tensor]) -> bool:
@@ -79,6 +83,17 @@ if _C is not None:
         return logits.new_empty((), dtype=acc), logits.new_empty((3,), dtype=acc), \
             logits.new_empty(logits.shape[:2], dtype=acc), grad
 
+    @torch.library.register_fake(f"{lib}::grpo_linear_token_loss")
+    def _(hidden, weight, bias, tokens, advantages, mask, old_logp, ref_logp, temperature, eps_low, eps_high,
+          dual_clip, beta, ratio_level, aggregation, chunk_tokens, grad_hidden, grad_weight, grad_bias):
+        acc = _acc(hidden.dtype)
+        empty = hidden.new_empty((0,))
+        return (hidden.new_empty((), dtype=acc), hidden.new_empty((3,), dtype=acc),
+                hidden.new_empty(hidden.shape[:2], dtype=acc),
+                hidden.new_empty(hidden.shape) if grad_hidden else empty,
+                weight.new_empty(weight.shape) if grad_weight else weight.new_empty((0,)),
+                bias.new_empty(bias.shape) if grad_bias else empty)
+
     @torch.library.register_fake(f"{lib}::flow_grpo_loss")
     def _(logp, old_logp, advantages, kl, clip_range, beta):
         acc = _acc(logp.dtype)
@@ -127,6 +142,33 @@ if _C is not None:
         return (grad_logits * grad_loss.to(grad_logits.dtype),) + (None,) * 13
 
     torch.library.register_autograd(f"{lib}::grpo_token_loss", _token_loss_backward, setup_context=_token_loss_setup)
+
+    def _linear_loss_setup(ctx, inputs, output):
+        # the gradients were computed in the forward's chunk loop (the logits are gone by now)
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(output[3], output[4], output[5])
+        ctx.mark_non_differentiable(*output[1:])
+        ctx.computed = inputs[16:19]  # grad_hidden, grad_weight, grad_bias
+
+    _LINEAR_FLAGS = ("grad_hidden", "grad_weight", "grad_bias")
+
+    def _linear_loss_backward(ctx, grad_loss, *_unused):
+        if grad_loss is None:
+            return (None,) * 19
+        grads = []
+        for i, g in enumerate(ctx.saved_tensors):  # hidden, weight, bias
+            if not ctx.needs_input_grad[i]:
+                grads.append(None)
+                continue
+            if not ctx.computed[i]:
+                raise RuntimeError(f"grpo_linear_token_loss was called with {_LINEAR_FLAGS[i]}=False; call it with "
+                                   f"{_LINEAR_FLAGS[i]}=True (the Python wrapper does this when the tensor requires grad)")
+            # as for grpo_token_loss: hand back the buffers themselves when the upstream gradient is 1
+            grads.append(g if _can_read_value(grad_loss) and bool(grad_loss == 1) else g * grad_loss.to(g.dtype))
+        return (*grads, *(None,) * 16)
+
+    torch.library.register_autograd(f"{lib}::grpo_linear_token_loss", _linear_loss_backward,
+                                    setup_context=_linear_loss_setup)
 
     def _flow_loss_setup(ctx, inputs, output):
         ctx.set_materialize_grads(False)

@@ -185,6 +185,31 @@ def grpo_token_loss(
     return loss, metrics, logp.detach()
 
 
+def grpo_linear_token_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    tokens: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    old_logp: Optional[torch.Tensor] = None,
+    ref_logp: Optional[torch.Tensor] = None,
+    temperature: float = 1.0,
+    eps_low: float = 0.2,
+    eps_high: float = 0.2,
+    dual_clip: Optional[float] = None,
+    beta: float = 0.0,
+    ratio_level: str = "token",
+    aggregation: str = "token-mean",
+):
+    """The GRPO token loss from hidden states and an LM head: the unfused composition
+    grpo_token_loss(hidden @ weight.T (+ bias), ...). hidden [B, T, H]; weight [V, H]; bias [V] or
+    None; the rest as grpo_token_loss. Returns (loss [], metrics [3], logp [B, T])."""
+    logits = torch.nn.functional.linear(hidden, weight, bias)
+    return grpo_token_loss(logits, tokens, advantages, mask, old_logp, ref_logp, temperature, eps_low, eps_high,
+                           dual_clip, beta, ratio_level, aggregation)
+
+
 def flow_grpo_loss(
     logp: torch.Tensor,
     old_logp: torch.Tensor,

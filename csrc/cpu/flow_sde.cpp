@@ -7,12 +7,30 @@
 #include <vector>
 
 #include "alphagrpo/cpu_common.h"
+#include "alphagrpo/cpu_kernels.h"
 #include "alphagrpo/ops.h"
 
 namespace alphagrpo {
 namespace {
 
 constexpr int64_t kChunk = 16384;  // elements per parallel work item
+
+// The vectorised element loops (cpu_kernels.h) for float32 and the 16-bit types; nullptr for
+// float64, which runs the scalar loops below.
+template <typename T>
+const SdeFns<std::conditional_t<std::is_same_v<T, float>, float, uint16_t>>* simd_sde() {
+  if constexpr (std::is_same_v<T, float>) return &cpu_kernels().sde_f32;
+  else if constexpr (std::is_same_v<T, c10::BFloat16>) return &cpu_kernels().sde_bf16;
+  else if constexpr (std::is_same_v<T, c10::Half>) return &cpu_kernels().sde_f16;
+  else return nullptr;
+}
+
+template <typename T>
+auto bits(T* p) {  // the table's storage type for T
+  using S = std::conditional_t<std::is_same_v<std::remove_const_t<T>, float>, float, uint16_t>;
+  using R = std::conditional_t<std::is_const_v<T>, const S*, S*>;
+  return reinterpret_cast<R>(p);
+}
 
 // Per-sample coefficients: mean = a x + b v, x_next = mean + scale * noise.
 template <typename A>
@@ -86,8 +104,15 @@ void sde_step_impl(const T* x, const T* v, const T* vu, double cfg_scale, const 
   using A = acc_t<T>;
   std::vector<double> partial(B * ((D + kChunk - 1) / kChunk), 0.0);
   const A g = static_cast<A>(cfg_scale);
+  const auto* simd = simd_sde<T>();
   const int64_t n_chunks = for_each_chunk(B, D, [&](int64_t b, int64_t lo, int64_t hi, int64_t w) {
     const A a = c.a[b], bb = c.b[b], sc = c.scale[b];
+    if constexpr (!std::is_same_v<T, double>) {
+      // one pass: CFG combine, mean, x_next and the squared deviation, vectorised
+      partial[w] = simd->step(bits(x + lo), bits(v + lo), CFG ? bits(vu + lo) : nullptr, g, bits(noise + lo), a, bb,
+                              sc, bits(x_next + lo), bits(mean_out + lo), hi - lo);
+      return;
+    }
     partial[w] = static_cast<double>(lane_sum_sq<A>(lo, hi, [&](int64_t i) {
       A vel = load_acc(v, i);
       if constexpr (CFG) vel = load_acc(vu, i) + g * (vel - load_acc(vu, i));
@@ -108,6 +133,10 @@ void sde_logprob_impl(const T* x, const T* v, const T* x_next, const SdeCoef<acc
   std::vector<double> partial(B * ((D + kChunk - 1) / kChunk), 0.0);
   const int64_t n_chunks = for_each_chunk(B, D, [&](int64_t b, int64_t lo, int64_t hi, int64_t w) {
     const A a = c.a[b], bb = c.b[b];
+    if constexpr (!std::is_same_v<T, double>) {
+      partial[w] = simd_sde<T>()->sq(bits(x + lo), bits(v + lo), bits(x_next + lo), a, bb, hi - lo);
+      return;
+    }
     partial[w] = static_cast<double>(lane_sum_sq<A>(
         lo, hi, [&](int64_t i) { return load_acc(x_next, i) - (a * load_acc(x, i) + bb * load_acc(v, i)); }));
   });
@@ -123,6 +152,11 @@ void sde_logprob_backward_impl(const acc_t<T>* grad, const T* x, const T* v, con
     const A a = c.a[b], bb = c.b[b], sc = c.scale[b];
     const A k = sc > A(0) ? grad[b] / (sc * sc * static_cast<A>(D)) : A(0);
     const A kv = k * bb, kx = k * a;
+    if constexpr (!std::is_same_v<T, double>) {
+      simd_sde<T>()->bwd(bits(x + lo), bits(v + lo), bits(x_next + lo), a, bb, kv, kx, bits(grad_v + lo),
+                         grad_x ? bits(grad_x + lo) : nullptr, hi - lo);
+      return;
+    }
     for (int64_t i = lo; i < hi; ++i) {
       const A d = load_acc(x_next, i) - (a * load_acc(x, i) + bb * load_acc(v, i));
       store_acc(grad_v, i, kv * d);

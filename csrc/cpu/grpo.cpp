@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "alphagrpo/cpu_common.h"
+#include "alphagrpo/cpu_rows.h"
 #include "alphagrpo/grpo_math.h"
 #include "alphagrpo/ops.h"
 
@@ -18,84 +19,6 @@ int aggregation_code(const std::string& name) {
   if (name == "seq-mean-token-sum") return kSeqMeanTokenSum;
   return kSeqMeanTokenSumNorm;
 }
-
-// ---- row kernels over the vocabulary ---------------------------------------------------------
-// Log-softmax normaliser of one row of logits / temperature, kept as two parts so that
-// log_softmax(z)_v = (z_v - shift) - log_sum (the form PyTorch rounds too): adding them first
-// would cost an ulp of the larger magnitude.
-template <typename A>
-struct RowNorm {
-  A shift;    // max_v z_v
-  A log_sum;  // log sum_v exp(z_v - shift)
-};
-
-template <typename T>
-inline __attribute__((always_inline)) RowNorm<acc_t<T>> row_norm_body(const T* row, int64_t V, acc_t<T> inv_temp) {
-  using A = acc_t<T>;
-  A mx[kLanes];
-  for (int j = 0; j < kLanes; ++j) mx[j] = load_acc(row, 0);
-  int64_t v = 0;
-  for (; v + kLanes <= V; v += kLanes) {
-    for (int j = 0; j < kLanes; ++j) {
-      const A z = load_acc(row, v + j);
-      mx[j] = z > mx[j] ? z : mx[j];
-    }
-  }
-  for (; v < V; ++v) mx[0] = load_acc(row, v) > mx[0] ? load_acc(row, v) : mx[0];
-  A m = mx[0];
-  for (int j = 1; j < kLanes; ++j) m = mx[j] > m ? mx[j] : m;
-  const A shift = m * inv_temp;
-  A sum[kLanes] = {};
-  v = 0;
-  for (; v + kLanes <= V; v += kLanes) {
-    for (int j = 0; j < kLanes; ++j) sum[j] += fast_exp(load_acc(row, v + j) * inv_temp - shift);
-  }
-  for (; v < V; ++v) sum[0] += fast_exp(load_acc(row, v) * inv_temp - shift);
-  for (int w = kLanes / 2; w > 0; w /= 2) {
-    for (int j = 0; j < w; ++j) sum[j] += sum[j + w];
-  }
-  return {shift, std::log(sum[0])};
-}
-
-// grad_row[v] = coef / temperature * (1[v == token] - softmax(row / temperature)[v]).
-template <typename T>
-inline __attribute__((always_inline)) void row_grad_body(const T* row, int64_t V, acc_t<T> inv_temp,
-                                                         RowNorm<acc_t<T>> nrm, int64_t token, acc_t<T> coef,
-                                                         T* grad_row) {
-  using A = acc_t<T>;
-  const A k = -coef * inv_temp;
-  if (coef == A(0)) {
-    for (int64_t v = 0; v < V; ++v) store_acc(grad_row, v, A(0));
-    return;
-  }
-  for (int64_t v = 0; v < V; ++v) {
-    store_acc(grad_row, v, k * fast_exp((load_acc(row, v) * inv_temp - nrm.shift) - nrm.log_sum));
-  }
-  store_acc(grad_row, token, k * (fast_exp((load_acc(row, token) * inv_temp - nrm.shift) - nrm.log_sum) - A(1)));
-}
-
-// Non-template entry points, cloned for AVX-512, AVX2 and baseline x86-64 and picked at load time.
-#define AG_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#define AG_CLONES16 __attribute__((target_clones("avx2", "default")))  // 16-bit rows: AVX-512F measured slower
-AG_CLONES RowNorm<float> row_norm(const float* r, int64_t V, float t) { return row_norm_body(r, V, t); }
-AG_CLONES16 RowNorm<float> row_norm(const c10::BFloat16* r, int64_t V, float t) { return row_norm_body(r, V, t); }
-AG_CLONES16 RowNorm<float> row_norm(const c10::Half* r, int64_t V, float t) { return row_norm_body(r, V, t); }
-RowNorm<double> row_norm(const double* r, int64_t V, double t) { return row_norm_body(r, V, t); }
-AG_CLONES void row_grad(const float* r, int64_t V, float t, RowNorm<float> n, int64_t k, float c, float* g) {
-  row_grad_body(r, V, t, n, k, c, g);
-}
-AG_CLONES16 void row_grad(const c10::BFloat16* r, int64_t V, float t, RowNorm<float> n, int64_t k, float c,
-                        c10::BFloat16* g) {
-  row_grad_body(r, V, t, n, k, c, g);
-}
-AG_CLONES16 void row_grad(const c10::Half* r, int64_t V, float t, RowNorm<float> n, int64_t k, float c, c10::Half* g) {
-  row_grad_body(r, V, t, n, k, c, g);
-}
-void row_grad(const double* r, int64_t V, double t, RowNorm<double> n, int64_t k, double c, double* g) {
-  row_grad_body(r, V, t, n, k, c, g);
-}
-#undef AG_CLONES
-#undef AG_CLONES16
 
 template <typename T>
 Tensor4 token_loss_impl(const Tensor& logits, const Tensor& tokens, const Tensor& advantages, const Tensor& mask,
@@ -140,51 +63,34 @@ Tensor4 token_loss_impl(const Tensor& logits, const Tensor& tokens, const Tensor
 
   TokenLossParams<A> p{static_cast<A>(eps_low), static_cast<A>(eps_high),
                        static_cast<A>(dual_clip ? *dual_clip : 0.0), static_cast<A>(beta), ref_logp.has_value()};
+  std::vector<A> scale(N);
+  for (int64_t n = 0; n < N; ++n) scale[n] = m[n] * weight[n / Tn];
   std::vector<TokenTerms<A>> terms(N);
   std::vector<RowNorm<A>> norm(N);
+  TokenRows<A> rows{tk, ad, scale.data(), od, rf, nullptr};
 
-  auto terms_at = [&](int64_t n, A log_ratio) {
-    return token_terms<A>(lp[n], log_ratio, ad[n], rf ? rf[n] : A(0), p);
-  };
-  auto grad_row = [&](int64_t n) {
-    if (G) row_grad(L + n * V, V, inv_temp, norm[n], tk[n], terms[n].coef * m[n] * weight[n / Tn], G + n * V);
-  };
-
-  if (!sequence_level) {
-    // Token-level ratio: everything a row needs is local, so its gradient is written while the
-    // row is still in cache.
-    at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t n = begin; n < end; ++n) {
-        norm[n] = row_norm(L + n * V, V, inv_temp);
-        lp[n] = (load_acc(L, n * V + tk[n]) * inv_temp - norm[n].shift) - norm[n].log_sum;
-        terms[n] = terms_at(n, od ? lp[n] - od[n] : A(0));
-        grad_row(n);
-      }
-    });
-  } else {
-    at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t n = begin; n < end; ++n) {
-        norm[n] = row_norm(L + n * V, V, inv_temp);
-        lp[n] = (load_acc(L, n * V + tk[n]) * inv_temp - norm[n].shift) - norm[n].log_sum;
-      }
-    });
+  std::vector<A> seq_log_ratio;
+  if (sequence_level) {
+    // GSPO-token: every token's ratio value needs its whole sequence's log-probs first.
+    rows_norm(L, N, V, inv_temp, tk, norm.data(), lp);
+    seq_log_ratio.resize(N);
     for (int64_t b = 0; b < B; ++b) {
       A s = 0;
       for (int64_t t = 0; t < Tn; ++t) {
         const int64_t n = b * Tn + t;
         s += (od ? lp[n] - od[n] : A(0)) * m[n];
       }
-      const A seq_log_ratio = s / (seq_total[b] > A(1) ? seq_total[b] : A(1));
-      for (int64_t t = 0; t < Tn; ++t) terms[b * Tn + t] = terms_at(b * Tn + t, seq_log_ratio);
+      const A lr = s / (seq_total[b] > A(1) ? seq_total[b] : A(1));
+      for (int64_t t = 0; t < Tn; ++t) seq_log_ratio[b * Tn + t] = lr;
     }
-    at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t n = begin; n < end; ++n) grad_row(n);
-    });
+    rows.log_ratio = seq_log_ratio.data();
   }
+  // One pass per row: normaliser (unless computed above), log-prob, terms and the gradient while the
+  // row is still in cache.
+  rows_loss(L, G, N, V, inv_temp, rows, p, sequence_level, norm.data(), lp, terms.data());
 
-  for (int64_t n = 0; n < N; ++n) {
-    TORCH_CHECK_VALUE(std::isfinite(static_cast<double>(norm[n].shift + norm[n].log_sum)), "logits has a non-finite value (NaN or +inf) in row (",
-                      n / Tn, ", ", n % Tn, ")");
+  if (const int64_t n = first_bad_row(norm.data(), N); n >= 0) {
+    TORCH_CHECK_VALUE(false, "logits has a non-finite value (NaN or +inf) in row (", n / Tn, ", ", n % Tn, ")");
   }
   // Reductions in a fixed order (deterministic), accumulated in double.
   double loss = 0, ratio_sum = 0, clip_sum = 0, kl_sum = 0;

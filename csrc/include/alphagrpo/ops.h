@@ -13,6 +13,7 @@ namespace alphagrpo {
 
 using at::Tensor;
 using Tensor4 = std::tuple<Tensor, Tensor, Tensor, Tensor>;
+using Tensor6 = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
 
 // Shared validation (csrc/validate.cpp): the same checks for every device.
 // x and every named latent (v, noise, x_next, v_uncond, ...) share dtype, shape and device.
@@ -27,6 +28,11 @@ void validate_token_loss(const Tensor& logits, const Tensor& tokens, const Tenso
                          const std::optional<Tensor>& old_logp, const std::optional<Tensor>& ref_logp,
                          double temperature, std::optional<double> dual_clip, const std::string& ratio_level,
                          const std::string& aggregation);
+void validate_linear_token_loss(const Tensor& hidden, const Tensor& weight, const std::optional<Tensor>& bias,
+                                const Tensor& tokens, const Tensor& advantages, const Tensor& mask,
+                                const std::optional<Tensor>& old_logp, const std::optional<Tensor>& ref_logp,
+                                double temperature, std::optional<double> dual_clip, const std::string& ratio_level,
+                                const std::string& aggregation, std::optional<int64_t> chunk_tokens, bool grad_bias);
 void validate_flow_grpo(const Tensor& logp, const Tensor& old_logp, const Tensor& advantages,
                         const std::optional<Tensor>& kl);
 
@@ -51,6 +57,16 @@ Tensor4 grpo_token_loss_cpu(const Tensor& logits, const Tensor& tokens, const Te
                             bool compute_grad);
 Tensor4 flow_grpo_loss_cpu(const Tensor& logp, const Tensor& old_logp, const Tensor& advantages,
                            const std::optional<Tensor>& kl, double clip_range, double beta);
+// grpo_linear_token_loss (csrc/grpo_linear.cpp drives the chunks; the row work is per device).
+// Returns (loss, metrics, logp [B, T], grad_hidden, grad_weight, grad_bias); a gradient not asked
+// for comes back as an empty tensor.
+Tensor6 grpo_linear_token_loss_cpu(const Tensor& hidden, const Tensor& weight, const std::optional<Tensor>& bias,
+                                   const Tensor& tokens, const Tensor& advantages, const Tensor& mask,
+                                   const std::optional<Tensor>& old_logp, const std::optional<Tensor>& ref_logp,
+                                   double temperature, double eps_low, double eps_high,
+                                   std::optional<double> dual_clip, double beta, const std::string& ratio_level,
+                                   const std::string& aggregation, std::optional<int64_t> chunk_tokens,
+                                   bool grad_hidden, bool grad_weight, bool grad_bias);
 
 #ifdef ALPHAGRPO_WITH_CUDA
 Tensor4 flow_sde_step_cuda(const Tensor& x, const Tensor& v, const std::optional<Tensor>& v_uncond, double cfg_scale,
@@ -71,6 +87,13 @@ Tensor4 grpo_token_loss_cuda(const Tensor& logits, const Tensor& tokens, const T
                              bool compute_grad);
 Tensor4 flow_grpo_loss_cuda(const Tensor& logp, const Tensor& old_logp, const Tensor& advantages,
                             const std::optional<Tensor>& kl, double clip_range, double beta);
+Tensor6 grpo_linear_token_loss_cuda(const Tensor& hidden, const Tensor& weight, const std::optional<Tensor>& bias,
+                                    const Tensor& tokens, const Tensor& advantages, const Tensor& mask,
+                                    const std::optional<Tensor>& old_logp, const std::optional<Tensor>& ref_logp,
+                                    double temperature, double eps_low, double eps_high,
+                                    std::optional<double> dual_clip, double beta, const std::string& ratio_level,
+                                    const std::string& aggregation, std::optional<int64_t> chunk_tokens,
+                                    bool grad_hidden, bool grad_weight, bool grad_bias);
 #endif
 
 }  // namespace alphagrpo
