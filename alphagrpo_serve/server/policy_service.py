@@ -52,33 +52,45 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
             msg.trajectory.CopyFrom(trajectory_to_proto(s.text.ids, s.text.logps, s.trajectory))
         return msg
 
-    async def _run(self, request, context, kind: str, prompts, images=None):
-        """Returns (samples, resolved params)."""
-        G = request.group_size or 1
+    async def sample(self, kind: str, prompts, group_size: int, params, seed: int, until=None, images=None):
+        """Checks the group size and settings, submits every batch-sized part of each prompt's group
+        to the shared batcher and waits: ([(prompt index, sample index, Sample)], sampling, text,
+        think). Generate/Reflect and the KServe front-end (kserve.py) both come through here, so the
+        two protocols share batches, limits and deadlines."""
+        G = group_size or 1
         if not 1 <= G <= self.limits.max_group:
             raise BadRequest(f"group_size must be in [1, {self.limits.max_group}], got {G}")
-        sc, text, think = request_settings(self.policy, request.params, self.limits, reflect=kind == "reflect")
+        sc, text, think = request_settings(self.policy, params, self.limits, reflect=kind == "reflect")
         if not think:  # no text is written: text settings must not split batches
             text = self.policy.info.text_defaults
         key = BatchKey(kind, sc, text, think)
         batcher = self.reflect_batcher if kind == "reflect" else self.generate_batcher
-        until = deadline(context)
         calls, index = [], []
         step = batcher.max_batch  # a group larger than a batch is split into batch-sized parts
         for i, p in enumerate(prompts):
             for j0 in range(0, G, step):
                 n = min(step, G - j0)
-                work = Work([p] * n, [int(request.seed) + i * G + j for j in range(j0, j0 + n)],
+                work = Work([p] * n, [int(seed) + i * G + j for j in range(j0, j0 + n)],
                             None if images is None else [images[i]] * n)
                 calls.append(batcher.submit(key, n, work, until))
                 index.append((i, j0))
         results = await asyncio.gather(*calls)
         self.metrics.images.inc(len(prompts) * G)
-        samples = []
-        for (i, j0), part in zip(index, results):
-            for dj, s in enumerate(part):
-                samples.append(self._sample_proto(s, i, j0 + dj, request.return_raw, request.return_trajectory))
-        return samples, config_to_params(sc, text, think)
+        samples = [(i, j0 + dj, s) for (i, j0), part in zip(index, results) for dj, s in enumerate(part)]
+        return samples, sc, text, think
+
+    async def _run(self, request, context, kind: str, prompts, images=None):
+        """Returns (samples, resolved params)."""
+        samples, sc, text, think = await self.sample(kind, prompts, request.group_size, request.params,
+                                                     int(request.seed), deadline(context), images)
+        return ([self._sample_proto(s, i, j, request.return_raw, request.return_trajectory) for i, j, s in samples],
+                config_to_params(sc, text, think))
+
+    def check_reflect_image(self, arr, sc, field: str) -> None:
+        """An image to refine must have the request's canvas when the policy draws one size only."""
+        canvas = self.policy.info.capabilities.canvas
+        if arr.shape[:2] != (sc.height, sc.width) and canvas.min_side == canvas.max_side:
+            raise BadRequest(f"{field} must be {sc.width}x{sc.height}, got {arr.shape[1]}x{arr.shape[0]}")
 
     # ---- rpcs ---------------------------------------------------------------------------------------
     async def Generate(self, request: policy_pb2.GenerateRequest, context) -> policy_pb2.GenerateResponse:
@@ -97,7 +109,6 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
                 prompts = check_prompts(request.prompts, self.limits, self.check_prompt)
                 if len(request.images) != len(prompts):
                     raise BadRequest(f"images has {len(request.images)} entries but prompts has {len(prompts)}")
-                canvas = self.policy.info.capabilities.canvas
                 sc, _, _ = request_settings(self.policy, request.params, self.limits, reflect=True)
                 images = []
                 for i, im in enumerate(request.images):
@@ -105,8 +116,7 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
                         arr = proto_to_image(im, f"images[{i}]")
                     except (ValueError, TypeError) as exc:
                         raise BadRequest(str(exc)) from None
-                    if arr.shape[:2] != (sc.height, sc.width) and canvas.min_side == canvas.max_side:
-                        raise BadRequest(f"images[{i}] must be {sc.width}x{sc.height}, got {arr.shape[1]}x{arr.shape[0]}")
+                    self.check_reflect_image(arr, sc, f"images[{i}]")
                     images.append(arr)
                 samples, resolved = await self._run(request, context, "reflect", prompts, images)
             except CLIENT_ERRORS as exc:
