@@ -31,6 +31,17 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
         except RuntimeError as exc:  # reward backend failures (openai_backend.BackendError)
             raise Upstream(f"reward backend: {exc}") from None
 
+    async def score(self, prompts, images: np.ndarray, field: str = "items"):
+        """Checks the prompts and runs the reward on its threads: one RewardResult per (prompt, image),
+        images uint8 [N, H, W, 3]. For front-ends beside Verify (the KServe models, kserve.py)."""
+        prompts = check_prompts(prompts, self.limits, _accept, field=field)
+        return await self._call(self.reward, prompts, images)
+
+    async def questions(self, prompts, field: str = "prompts"):
+        """Checked prompts -> their questions (Decompose's work, for other front-ends)."""
+        prompts = check_prompts(prompts, self.limits, _accept, field=field)
+        return await self._call(self.reward.decompose, prompts)
+
     async def Verify(self, request: reward_pb2.VerifyRequest, context) -> reward_pb2.VerifyResponse:
         with self.metrics.track("Verify", context):
             try:
