@@ -48,6 +48,7 @@ TORCH_LIBRARY_IMPL(alphagrpo, CUDA, m) {
   m.impl("flow_sde_logprob_backward", &alphagrpo::flow_sde_logprob_backward_cuda);
   m.impl("grpo_advantages", &alphagrpo::grpo_advantages_cuda);
   m.impl("grpo_token_loss", &alphagrpo::grpo_token_loss_cuda);
+  m.impl("grpo_linear_token_loss", &alphagrpo::grpo_linear_token_loss_cuda);
   m.impl("flow_grpo_loss", &alphagrpo::flow_grpo_loss_cuda);
 }
 #endif

@@ -4,6 +4,8 @@ import pytest
 import torch
 from helpers import assert_close, assert_close_to_ref
 from test_flow_sde import make_inputs
+from test_grpo_linear_token_loss import NAMES, make_linear_batch
+from test_grpo_linear_token_loss import run as run_linear
 from test_grpo_token_loss import make_batch
 
 from alphagrpo_serve import kernels as K
@@ -137,3 +139,61 @@ def test_token_loss_bad_token_on_gpu_is_an_error():
         torch.ops.alphagrpo.grpo_token_loss(logits.cuda(), tokens.cuda(), adv[:, None].expand(2, 3).contiguous().cuda(),
                                             mask.float().cuda(), None, None, 1.0, 0.2, 0.2, None, 0.0, "token",
                                             "token-mean", True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("ratio_level, chunk", [("token", 5), ("sequence", 5), ("sequence", 9)])
+def test_grpo_linear_token_loss_cuda(poison, dtype, ratio_level, chunk):
+    """The CUDA row backend against the float64 unfused composition, within the error of the unfused
+    composition in the same dtype on the GPU (tolerances as in test_grpo_linear_token_loss.py)."""
+    B, T, H, V = 2, 7, 64, 769
+    batch = cuda(*make_linear_batch(B, T, H, V, dtype, seed=104))
+    kw = dict(temperature=0.9, beta=0.04, ratio_level=ratio_level, aggregation="seq-mean-token-mean", dual_clip=3.0)
+    ours = run_linear("ours", *batch, chunk_tokens=chunk, **kw)
+    ref64 = run_linear("ref64", *batch, **kw)
+    reflp = run_linear("reflp", *batch, **kw)
+    n_chunks = -(-B * T // chunk) if ratio_level == "token" or chunk < T else -(-B // (chunk // T))
+    for name, o, r64, rlp in zip(NAMES, ours, ref64, reflp):
+        ulps = 4 + (n_chunks if name == "grad_weight" else 0)
+        assert_close_to_ref(o, r64, rlp, k=2.0, ulps=ulps, name=name)
+
+
+def test_grpo_linear_token_loss_cuda_large_vocab_memory():
+    """BAGEL's vocabulary, 4 x 1,024 tokens, bf16, default chunks: the result matches the unfused
+    composition and the op's peak memory beyond its outputs stays within two chunks of logits
+    (the [4,096 x 151,936] logits alone would be 1.2 GB)."""
+    B, T, H, V = 4, 1024, 1024, 151936
+    hidden, weight, _, tokens, adv, mask, old, ref = cuda(*make_linear_batch(B, T, H, V, torch.bfloat16, seed=105,
+                                                                            bias=False))
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    out = K.grpo_linear_token_loss(h, w, tokens, adv, mask, old_logp=old, ref_logp=ref, beta=0.04)
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - before
+    outputs = (h.numel() * 2 + w.numel() * 2)  # grad_hidden and grad_weight, bf16
+    chunk_bytes = K.build_info()["linear_chunk_bytes"]
+    assert peak - outputs <= 2 * chunk_bytes, f"peak {peak / 2**20:.0f} MiB beyond outputs {outputs / 2**20:.0f} MiB"
+    gh, gw = torch.autograd.grad(out.loss, (h, w))
+    h64, w64 = hidden.double().requires_grad_(), weight.double().requires_grad_()
+    loss64, m64, p64 = R.grpo_linear_token_loss(h64, w64, tokens, adv.double(), mask, None, old.double(),
+                                                ref.double(), 1.0, 0.2, 0.28, None, 0.04)
+    gh64, gw64 = torch.autograd.grad(loss64, (h64, w64))
+    hl, wl = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    lossl, _, pl = R.grpo_linear_token_loss(hl, wl, tokens, adv, mask, None, old, ref, 1.0, 0.2, 0.28, None, 0.04)
+    ghl, gwl = torch.autograd.grad(lossl, (hl, wl))
+    assert_close_to_ref(out.loss, loss64, lossl, name="loss")
+    assert_close_to_ref(out.logp, p64, pl, name="logp")
+    assert_close_to_ref(gh, gh64, ghl, name="grad_hidden")
+    assert_close_to_ref(gw, gw64, gwl, ulps=4 + 5, name="grad_weight")  # 5 chunks of 883 tokens
+
+
+def test_grpo_linear_bad_token_on_gpu_is_an_error():
+    hidden, weight, _, tokens, adv, mask, _, _ = make_linear_batch(2, 3, 8, 11, torch.float32, seed=106, bias=False)
+    tokens[1, 1] = 11
+    with pytest.raises(IndexError, match="tokens must be in"):
+        torch.ops.alphagrpo.grpo_linear_token_loss(*cuda(hidden, weight), None, tokens.cuda(),
+                                                   adv[:, None].expand(2, 3).contiguous().cuda(), mask.float().cuda(),
+                                                   None, None, 1.0, 0.2, 0.2, None, 0.0, "token", "token-mean", 2,
+                                                   True, True, False)

@@ -3,7 +3,8 @@
 //    the sampled token's log-prob; (2) one block over all tokens: ratios, clipping, KL, aggregation
 //    weights, loss, metrics and d loss / d logp; (3) one block per row: the gradient w.r.t. the
 //    logits in their dtype. No float32 log-softmax is materialised; logits are read twice and the
-//    gradient written once.
+//    gradient written once. launch_token_rows runs the same row kernels on one chunk of
+//    grpo_linear_token_loss (per-row aggregation weights given; the gradient written in place).
 //  - advantages and the Flow-GRPO step loss: one small single-block kernel each.
 #include "alphagrpo/cuda_common.cuh"
 #include "alphagrpo/grpo_math.h"
@@ -30,8 +31,9 @@ __global__ void __launch_bounds__(kRowThreads) token_norm_kernel(
     const T* __restrict__ logits,        // [N, row_stride] (first V of each row used)
     const int64_t* __restrict__ tokens,  // [N]
     int64_t V, int64_t row_stride, acc_t<T> inv_temp,
-    acc_t<T>* __restrict__ shift,        // [N]
-    acc_t<T>* __restrict__ log_sum,      // [N]
+    acc_t<T>* __restrict__ shift,        // [N], stride ns
+    acc_t<T>* __restrict__ log_sum,      // [N], stride ns
+    int64_t ns,
     acc_t<T>* __restrict__ logp,         // [N]
     int* __restrict__ error_flag) {      // [1]
   using A = acc_t<T>;
@@ -69,8 +71,8 @@ __global__ void __launch_bounds__(kRowThreads) token_norm_kernel(
       const A ls = log(s);
       if (bad_token || !isfinite(m) || !isfinite(ls)) atomicOr(error_flag, bad_token ? 1 : 2);
       tok = bad_token ? 0 : tok;
-      shift[n] = m;
-      log_sum[n] = ls;
+      shift[n * ns] = m;
+      log_sum[n * ns] = ls;
       logp[n] = (to_acc(row[tok]) * inv_temp - m) - ls;
     }
   }
@@ -129,19 +131,22 @@ __global__ void __launch_bounds__(kReduceThreads) token_terms_kernel(
   }
 }
 
+// grad may be logits itself (grpo_linear_token_loss writes the gradient over its chunk's logits):
+// each thread reads a pack and then writes the same pack, so neither pointer is __restrict__.
 template <typename T, int VEC>
 __global__ void __launch_bounds__(kRowThreads) token_grad_kernel(
-    const T* __restrict__ logits,        // [N, row_stride]
+    const T* logits,                     // [N, row_stride]
     const int64_t* __restrict__ tokens,  // [N]
-    const acc_t<T>* __restrict__ shift, const acc_t<T>* __restrict__ log_sum,  // [N]
+    const acc_t<T>* __restrict__ shift, const acc_t<T>* __restrict__ log_sum,  // [N], stride ns
+    int64_t ns,
     const acc_t<T>* __restrict__ coef,   // [N]
     int64_t V, int64_t row_stride, acc_t<T> inv_temp,
-    T* __restrict__ grad) {              // [N, V] contiguous
+    T* grad) {                           // [N, V] contiguous
   using A = acc_t<T>;
   const int64_t n = blockIdx.x;
   const T* row = logits + n * row_stride;
   T* out = grad + n * V;
-  const A k = -coef[n] * inv_temp, sh = shift[n], ls = log_sum[n];
+  const A k = -coef[n] * inv_temp, sh = shift[n * ns], ls = log_sum[n * ns];
   const int64_t tok = tokens[n];
   for (int64_t i = threadIdx.x; i < V / VEC; i += blockDim.x) {
     Pack<T, VEC> g;
@@ -158,6 +163,30 @@ __global__ void __launch_bounds__(kRowThreads) token_grad_kernel(
     }
     reinterpret_cast<Pack<T, VEC>*>(out)[i] = g;
   }
+}
+
+// Per row of one chunk (grpo_linear_token_loss): terms with the aggregation weight given.
+template <typename A>
+__global__ void token_rows_terms_kernel(
+    const A* __restrict__ logp,        // [n]
+    const A* __restrict__ advantages,  // [n]
+    const A* __restrict__ scale,       // [n] aggregation weight x mask
+    const A* __restrict__ mask,        // [n]
+    const A* __restrict__ old_logp,    // [n] nullable
+    const A* __restrict__ ref_logp,    // [n] nullable
+    const A* __restrict__ log_ratio,   // [n] nullable (sequence level)
+    int64_t n, TokenLossParams<A> p,
+    A* __restrict__ coef,              // [n] d loss / d logp
+    A* __restrict__ contrib) {         // [n, 4]
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  const A lr = log_ratio ? log_ratio[i] : (old_logp ? logp[i] - old_logp[i] : A(0));
+  const TokenTerms<A> t = token_terms<A>(logp[i], lr, advantages[i], ref_logp ? ref_logp[i] : A(0), p);
+  coef[i] = t.coef * scale[i];
+  contrib[4 * i + 0] = t.loss * scale[i];
+  contrib[4 * i + 1] = t.ratio * mask[i];
+  contrib[4 * i + 2] = t.clipped * mask[i];
+  contrib[4 * i + 3] = t.kl * mask[i];
 }
 
 // Single block over [P, G] rewards; accumulation in double. std_scope: 0 group, 1 batch, 2 none.
@@ -246,7 +275,7 @@ cudaError_t launch_grpo_token_loss(DType dtype, const TokenLossArgs& a, cudaStre
     cudaError_t err = dev::with_vec<T>({a.V, a.row_stride}, {a.logits}, [&](auto v) {
       constexpr int VEC = decltype(v)::value;
       dev::token_norm_kernel<T, VEC><<<N, dev::kRowThreads, 0, stream>>>(
-          static_cast<const T*>(a.logits), a.tokens, a.V, a.row_stride, inv_temp, shift, log_sum,
+          static_cast<const T*>(a.logits), a.tokens, a.V, a.row_stride, inv_temp, shift, log_sum, 1,
           static_cast<A*>(a.logp), a.error_flag);
       return cudaGetLastError();
     });
@@ -262,8 +291,45 @@ cudaError_t launch_grpo_token_loss(DType dtype, const TokenLossArgs& a, cudaStre
     return dev::with_vec<T>({a.V, a.row_stride}, {a.logits, a.grad_logits}, [&](auto v) {
       constexpr int VEC = decltype(v)::value;
       dev::token_grad_kernel<T, VEC><<<N, dev::kRowThreads, 0, stream>>>(
-          static_cast<const T*>(a.logits), a.tokens, shift, log_sum, coef, a.V, a.row_stride, inv_temp,
+          static_cast<const T*>(a.logits), a.tokens, shift, log_sum, 1, coef, a.V, a.row_stride, inv_temp,
           static_cast<T*>(a.grad_logits));
+      return cudaGetLastError();
+    });
+  });
+}
+
+cudaError_t launch_token_rows(DType dtype, const TokenRowsArgs& a, cudaStream_t stream) {
+  return dispatch_dtype(dtype, [&](auto tag) -> cudaError_t {
+    using T = decltype(tag);
+    using A = dev::acc_t<T>;
+    if (a.n == 0) return cudaSuccess;
+    A* norm = static_cast<A*>(a.norm);
+    const A inv_temp = static_cast<A>(a.inv_temp);
+    cudaError_t err = cudaSuccess;
+    if (!a.norms_given) {
+      err = dev::with_vec<T>({a.V}, {a.logits}, [&](auto v) {
+        constexpr int VEC = decltype(v)::value;
+        dev::token_norm_kernel<T, VEC><<<a.n, dev::kRowThreads, 0, stream>>>(
+            static_cast<const T*>(a.logits), a.tokens, a.V, a.V, inv_temp, norm, norm + 1, 2,
+            static_cast<A*>(a.logp), a.error_flag);
+        return cudaGetLastError();
+      });
+      if (err != cudaSuccess || a.norm_only) return err;
+    }
+    TokenLossParams<A> p{static_cast<A>(a.eps_low), static_cast<A>(a.eps_high), static_cast<A>(a.dual_clip),
+                         static_cast<A>(a.beta), a.has_ref};
+    constexpr int kThreads = 256;
+    dev::token_rows_terms_kernel<A><<<dev::ceil_div(a.n, kThreads), kThreads, 0, stream>>>(
+        static_cast<const A*>(a.logp), static_cast<const A*>(a.advantages), static_cast<const A*>(a.scale),
+        static_cast<const A*>(a.mask), static_cast<const A*>(a.old_logp), static_cast<const A*>(a.ref_logp),
+        static_cast<const A*>(a.log_ratio), a.n, p, static_cast<A*>(a.coef), static_cast<A*>(a.contrib));
+    err = cudaGetLastError();
+    if (err != cudaSuccess || a.grad == nullptr) return err;
+    return dev::with_vec<T>({a.V}, {a.logits, a.grad}, [&](auto v) {
+      constexpr int VEC = decltype(v)::value;
+      dev::token_grad_kernel<T, VEC><<<a.n, dev::kRowThreads, 0, stream>>>(
+          static_cast<const T*>(a.logits), a.tokens, norm, norm + 1, 2, static_cast<const A*>(a.coef), a.V, a.V,
+          inv_temp, static_cast<T*>(a.grad));
       return cudaGetLastError();
     });
   });

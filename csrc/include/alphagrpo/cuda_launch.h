@@ -57,6 +57,31 @@ struct TokenLossArgs {
 int64_t token_loss_workspace(int64_t N);
 cudaError_t launch_grpo_token_loss(DType dtype, const TokenLossArgs& a, cudaStream_t stream);
 
+// One chunk of rows of grpo_linear_token_loss: the token loss's row kernels on contiguous rows,
+// with per-row aggregation weights given (the driver computes them for the whole batch first).
+struct TokenRowsArgs {
+  const void* logits;      // [n, V] in `dtype`, contiguous; unused (may be null) with norms_given && !grad
+  void* grad;              // [n, V] in `dtype`, nullable (no gradient); may be `logits`: written in place
+  const int64_t* tokens;   // [n]
+  const void* advantages;  // [n] accumulation type
+  const void* scale;       // [n] accumulation type: aggregation weight x mask
+  const void* mask;        // [n] accumulation type
+  const void* old_logp;    // [n] accumulation type, nullable
+  const void* ref_logp;    // [n] accumulation type, nullable
+  const void* log_ratio;   // [n] accumulation type, nullable: the ratio's log when given (sequence level)
+  int64_t n, V;
+  double inv_temp, eps_low, eps_high, dual_clip, beta;  // dual_clip <= 0: off
+  bool has_ref;
+  bool norms_given;        // norm and logp are inputs (else computed)
+  bool norm_only;          // stop after norm and logp
+  void* norm;              // [n, 2] accumulation type: (shift, log_sum) per row
+  void* logp;              // [n] accumulation type
+  void* contrib;           // [n, 4] accumulation type: scale x loss, mask x ratio, mask x clipped, mask x kl
+  void* coef;              // [n] accumulation type, workspace
+  int* error_flag;         // [1]: |= 1 for a token outside [0, V), |= 2 for a non-finite row
+};
+cudaError_t launch_token_rows(DType dtype, const TokenRowsArgs& a, cudaStream_t stream);
+
 // logp, old_logp, advantages, kl (nullable): accumulation type; [B, K], [B, K], [B], [B, K].
 // loss [], metrics [3], grad_logp [B, K], grad_kl [B, K] (nullable).
 cudaError_t launch_flow_grpo_loss(DType dtype, const void* logp, const void* old_logp, const void* advantages,
