@@ -285,6 +285,8 @@ def cmd_serve(args) -> int:
                       decomposer_url=args.decomposer_url, decomposer_model=args.decomposer_model,
                       verifier_url=args.verifier_url, verifier_model=args.verifier_model, reward_api_key=api_key,
                       reward_concurrency=args.reward_concurrency, decomposition_cache=args.decomposition_cache,
+                      reward_url=args.reward_url, reward_model=args.reward_model, reward_ca_cert=args.reward_ca_cert,
+                      kserve=not args.no_kserve, kserve_port=args.kserve_port,
                       max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
                       max_message_mb=args.max_message_mb, auth_token_file=args.auth_token_file,
                       tls_cert=args.tls_cert, tls_key=args.tls_key, metrics_port=args.metrics_port,
@@ -370,9 +372,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_flags(sv)
     sv.add_argument("--task", default=None, help="prompt domain the server accepts: shapes (ShapesWorld's grammar) "
                                                  "or open (any prompt); default: the policy's own, else open")
-    sv.add_argument("--reward", default="embedded", choices=["embedded", "openai"],
-                    help="reward backend: the task's embedded DVReward (default; ShapesWorld's detector) or "
-                         "OpenAI-compatible servers")
+    sv.add_argument("--reward", default="embedded", choices=["embedded", "openai", "kserve"],
+                    help="reward backend: the task's embedded DVReward (default; ShapesWorld's detector), "
+                         "OpenAI-compatible servers, or a verifier model on a KServe v2 / Triton server")
+    sv.add_argument("--reward-url", default=None, help="--reward kserve: HOST:PORT of the KServe v2 gRPC server")
+    sv.add_argument("--reward-model", default=None,
+                    help="--reward kserve: the verifier model there (alphagrpo_verify signature, docs/kserve.md)")
+    sv.add_argument("--reward-ca-cert", default=None, help="--reward kserve: PEM root certificate (TLS to that server)")
     sv.add_argument("--decomposer-url", default=None, help="--reward openai: API base of the decomposer LLM, e.g. http://h:8000/v1")
     sv.add_argument("--decomposer-model", default=None, help="--reward openai: the decomposer's model name")
     sv.add_argument("--verifier-url", default=None, help="--reward openai: API base of the verifier MLLM")
@@ -392,6 +398,10 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--tls-key", default=None, help="PEM private key")
     sv.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics port on --host (default: off)")
     sv.add_argument("--grace-s", type=float, default=10.0, help="drain time on SIGTERM, seconds (default 10)")
+    sv.add_argument("--kserve-port", type=int, default=None,
+                    help="serve the KServe v2 / Triton inference protocol on this port (default: on --port, beside "
+                         "the native services)")
+    sv.add_argument("--no-kserve", action="store_true", help="do not serve the KServe v2 protocol")
     sv.set_defaults(fn=cmd_serve)
 
     try:  # the trainer client ships in the same distribution (trainer/alphagrpo_trainer)

@@ -48,6 +48,11 @@ class ServeConfig:
     reward_api_key: Optional[str] = None
     reward_concurrency: int = 16  # requests in flight per reward backend
     decomposition_cache: Optional[str] = None  # JSONL cache of decompositions (read at start, appended to)
+    reward_url: Optional[str] = None  # --reward kserve: HOST:PORT of a KServe v2 server hosting a verifier model
+    reward_model: Optional[str] = None  # ... its name there (the alphagrpo_verify signature, docs/kserve.md)
+    reward_ca_cert: Optional[str] = None  # ... PEM root certificate: talk TLS to it
+    kserve: bool = True  # also serve the KServe v2 / Triton inference protocol (server/kserve.py)
+    kserve_port: Optional[int] = None  # None: on `port` beside the native services; N: on its own port
     max_batch: int = 64  # samples per model batch
     max_wait_ms: float = 5.0  # longest wait for a batch to fill
     max_queue: int = 1024  # samples queued per request kind before RESOURCE_EXHAUSTED
@@ -103,8 +108,12 @@ class Server:
         self._server: Optional[grpc.aio.Server] = None
         self._metrics_http = None
         self._stopped = asyncio.Event()
+        self.serving = False  # what health says (KServe readiness follows it)
+        self.kserve_port: Optional[int] = None  # set when KServe has a port of its own
+        self._kserve_server: Optional[grpc.aio.Server] = None
 
     async def _set_health(self, status) -> None:
+        self.serving = status == health_pb2.HealthCheckResponse.SERVING
         for name in ("", "alphagrpo.v1.PolicyService", "alphagrpo.v1.RewardService"):
             res = self.health.set(name, status)
             if asyncio.iscoroutine(res):
@@ -145,15 +154,21 @@ class Server:
         task = load_task(task_name)
         if self.reward is None:
             self.reward = self._load_reward(task)
-        policy_pb2_grpc.add_PolicyServiceServicer_to_server(
-            PolicyServicer(self.policy, self.engine, cfg.limits, self.metrics, self.boot_id, task.check_prompt,
-                           task_name), self._server)
-        reward_pb2_grpc.add_RewardServiceServicer_to_server(RewardServicer(self.reward, cfg.limits, self.metrics),
-                                                            self._server)
+        self.policy_service = PolicyServicer(self.policy, self.engine, cfg.limits, self.metrics, self.boot_id,
+                                             task.check_prompt, task_name)
+        policy_pb2_grpc.add_PolicyServiceServicer_to_server(self.policy_service, self._server)
+        self.reward_service = RewardServicer(self.reward, cfg.limits, self.metrics)
+        reward_pb2_grpc.add_RewardServiceServicer_to_server(self.reward_service, self._server)
+        extra = []
+        if cfg.kserve:  # the KServe v2 models on the same engine (beside the native services unless kserve_port)
+            from .kserve import SERVICE as KSERVE, add_kserve
+
+            self._kserve_server = await add_kserve(self)
+            extra = [KSERVE] if self._kserve_server is None else []
         reflection.enable_server_reflection([
             policy_pb2.DESCRIPTOR.services_by_name["PolicyService"].full_name,
             reward_pb2.DESCRIPTOR.services_by_name["RewardService"].full_name,
-            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], self._server)
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME, *extra], self._server)
         await self._server.start()
         self.engine.start()
         if cfg.metrics_port:
@@ -183,14 +198,23 @@ class Server:
             dec = Endpoint(c.decomposer_url, c.decomposer_model, c.reward_api_key, c.reward_concurrency)
             ver = Endpoint(c.verifier_url, c.verifier_model, c.reward_api_key, c.reward_concurrency)
             return openai_reward(dec, ver, cache_path=c.decomposition_cache)
-        raise ValueError(f"unknown --reward {c.reward!r}; available: embedded, openai")
+        if c.reward == "kserve":
+            from ..reward.kserve_backend import KServeEndpoint, KServeReward
+
+            missing = [f"--{n.replace('_', '-')}" for n in ("reward_url", "reward_model") if not getattr(c, n)]
+            if missing:
+                raise ValueError(f"--reward kserve needs {', '.join(missing)}")
+            return KServeReward(KServeEndpoint(c.reward_url, c.reward_model, c.reward_api_key, c.reward_concurrency,
+                                               ca_cert=c.reward_ca_cert))
+        raise ValueError(f"unknown --reward {c.reward!r}; available: embedded, openai, kserve")
 
     async def stop(self, grace: Optional[float] = None) -> None:
         """NOT_SERVING, stop accepting, let in-flight calls finish within the grace period."""
         if self._server is None or self._stopped.is_set():
             return
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-        await self._server.stop(self.cfg.grace_s if grace is None else grace)
+        grace = self.cfg.grace_s if grace is None else grace
+        await asyncio.gather(self._server.stop(grace), *([self._kserve_server.stop(grace)] if self._kserve_server else []))
         if self.engine:
             await self.engine.stop()
         if self._metrics_http:
