@@ -37,8 +37,15 @@ def _tiny(tmp):
     return path
 
 
+def _bagel(tmp):
+    from bagel_fixtures import make_tiny_bagel
+
+    return make_tiny_bagel.write(str(tmp / "bagel"), seed=0)
+
+
 CASES = {
     "tiny": Case(_tiny, ["a red circle", "a shape with no corners, coloured like the sky"]),
+    "bagel": Case(_bagel, ["a red circle", "two blue squares left of a yellow triangle, drawn as a picture"]),
 }
 
 

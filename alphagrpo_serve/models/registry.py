@@ -9,6 +9,7 @@ import torch
 
 POLICIES: Dict[str, Tuple[str, str]] = {
     "tiny": ("alphagrpo_serve.models.tiny_policy", "TinyPolicy"),
+    "bagel": ("alphagrpo_serve.models.bagel.policy", "BagelPolicy"),
 }
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
