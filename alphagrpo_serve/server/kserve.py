@@ -315,8 +315,9 @@ def _reward_message(message: str) -> str:
     message = name_inputs(message)
     if message.startswith("input '"):
         return message
-    if message.startswith("image "):
-        return "input 'image' " + message[len("image "):]
+    for word in ("image ", "images "):
+        if message.startswith(word):
+            return "input 'image' " + message[len(word):]
     return f"input 'prompt': {message}" if "prompt" in message else message
 
 
