@@ -36,12 +36,15 @@ from .core import Text, VaeImage, VitImage, prefill, velocity
 from .guidance import cfg_active, cfg_combine
 
 # official inferencer.py
-GEN_THINK_SYSTEM_PROMPT = '''You should first think about the planning process in the mind and then generate the image. 
-The planning process is enclosed within <think> </think> tags, i.e. <think> planning process here </think> image here'''
+GEN_THINK_SYSTEM_PROMPT = ("You should first think about the planning process in the mind and then generate the "
+                           "image. \nThe planning process is enclosed within <think> </think> tags, i.e. <think> planning "
+                           "process here </think> image here")
 
 # ours (SRR): the editing layout with a critique in place of the plan
-REFLECT_SYSTEM_PROMPT = '''You are given an image that was generated for the user's prompt. You should first examine in the mind how the image fails the prompt, then generate a refined image. 
-The critique and the edit instruction that fixes the image are enclosed within <think> </think> tags, i.e. <think> critique and edit instruction here </think> image here'''
+REFLECT_SYSTEM_PROMPT = ("You are given an image that was generated for the user's prompt. You should first examine "
+                         "in the mind how the image fails the prompt, then generate a refined image. \n"
+                         "The critique and the edit instruction that fixes the image are enclosed within <think> "
+                         "</think> tags, i.e. <think> critique and edit instruction here </think> image here")
 
 Piece = Tuple  # ("text", ids...) | ("vae", image index) | ("vit", image index)
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -105,7 +105,7 @@ def specs_for(model: nn.Module, names: Iterable[str], dtype: torch.dtype) -> Tup
     name: (shape, dtype)}, problems). Names must pair A with B on a targetable layer."""
     lin = targetable(model)
     names = list(names)
-    problems, modules, ranks = [], {}, {}
+    problems, modules = [], {}
     for n in names:
         mod, _, which = n.rpartition(".")
         if which not in ("lora_A", "lora_B") or mod not in lin:

@@ -28,10 +28,10 @@ import torch
 from torch import nn
 
 from ...sampling.sampler import SamplingConfig, TextConfig, sample_images
-from ..base import Capabilities, CanvasRule, Policy, PolicyInfo, Sample, TextSample
+from ..base import CanvasRule, Capabilities, Policy, PolicyInfo, Sample, TextSample
 from . import lora as peft_lora
-from .contexts import Branches, ContextBuilder, ImageSet, Job, extend, shared_prefill
 from .cache import KVCache
+from .contexts import Branches, ContextBuilder, ImageSet, Job, extend, shared_prefill
 from .core import Text, VaeImage, VitImage, prefill, text_step_hidden
 from .guidance import timestep_schedule
 from .images import resize_pixels, to_pixels, unpatchify, vit_pixels
@@ -73,7 +73,8 @@ class BagelPolicy(Policy):
 
     # ---- construction ------------------------------------------------------------------------
     @classmethod
-    def load(cls, path: Optional[str] = None, device: str = "cpu", dtype: Optional[torch.dtype] = None) -> "BagelPolicy":
+    def load(cls, path: Optional[str] = None, device: str = "cpu",
+             dtype: Optional[torch.dtype] = None) -> "BagelPolicy":
         """An official BAGEL folder (config.json, llm_config.json, vit_config.json, ema.safetensors,
         ae.safetensors, tokenizer files) onto device in dtype (default: float32 on CPU, bfloat16 on
         CUDA). There are no default weights: download BAGEL-7B-MoT and pass its folder."""
@@ -340,8 +341,8 @@ class BagelPolicy(Policy):
 
     def weight_specs(self, lora: bool = False) -> Dict[str, tuple]:
         if lora:
-            return {n: (tuple(peft_lora.adapter_weight(l, w).shape), self.dtype)
-                    for n, (l, w) in peft_lora.wire_names(self.model).items()}
+            return {n: (tuple(peft_lora.adapter_weight(layer, w).shape), self.dtype)
+                    for n, (layer, w) in peft_lora.wire_names(self.model).items()}
         return {k: (tuple(v.shape), v.dtype) for k, v in self._full().items()}
 
     def export_weights(self, lora: bool = False) -> Dict[str, torch.Tensor]:
