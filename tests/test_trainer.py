@@ -383,3 +383,38 @@ def test_prompts_file_and_heldout_file_are_rewarded_by_the_server(served, tmp_pa
     assert set(rows[0]["prompts"]) <= {"a red circle", "two blue squares"}
     assert not any(k.startswith("acc_") for k in rows[0])  # the open task has no per-category metrics
     assert "mean reward" in (out / "report.md").read_text()
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_fused_linear_text_loss_equals_the_logits_path(lora):
+    """The trainer's text loss (hidden states + LM head through kernels.grpo_linear_token_loss) gives
+    the loss and parameter gradients of the logits path (the policy's logits through grpo_token_loss)."""
+    from alphagrpo_trainer.loss import text_loss
+
+    pol = small_policy(4)
+    if lora:
+        pol.enable_lora(2, 4.0)
+    cfg = TrainConfig(group_size=2, prompts_per_step=2, text_aggregation="seq-mean-token-mean", kl_text=0.0)
+    sc = SamplingConfig(steps=2, mode="sde", sde_window=(0, 1), cfg_scale=2.0)
+    with torch.no_grad():
+        samples = pol.generate(["a red circle"] * 2 + ["two blue squares"] * 2, [0, 1, 2, 3], sc,
+                               TextConfig(temperature=0.8, max_tokens=7), think=True)
+        for p in pol.trainable_parameters():
+            p.add_(torch.randn_like(p) * 0.05)  # ratios away from 1 so that clipping matters
+    adv = torch.tensor([1.0, -0.5, 0.3, -0.8])
+    params = pol.trainable_parameters()
+    out, old, mask = text_loss(pol, samples, adv, cfg)
+    out.loss.backward()
+    grads = lambda: [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in params]  # noqa: E731
+    fused = grads()
+    for p in params:
+        p.grad = None
+    logits, tokens, mask2 = pol.token_logits(samples)
+    ref = kernels.grpo_token_loss(logits, tokens, adv, mask2, old_logp=old, temperature=0.8, eps_low=0.2,
+                                  eps_high=0.28, aggregation="seq-mean-token-mean")
+    ref.loss.backward()
+    assert abs(float(out.loss) - float(ref.loss)) < 1e-5
+    assert torch.allclose(out.logp, ref.logp, atol=1e-5)
+    assert any(float(g.abs().max()) > 0 for g in fused)
+    for g, r in zip(fused, grads()):
+        assert torch.allclose(g, r, atol=1e-6, rtol=1e-4), float((g - r).abs().max())

@@ -29,8 +29,8 @@ def _pad(rows: Sequence[Sequence[float]], T: int, device) -> torch.Tensor:
 def text_loss(policy: Policy, samples: List[Sample], advantages: torch.Tensor, cfg, reflect_images=None,
               ref_policy: Optional[Policy] = None):
     """The GRPO token loss of the recorded thoughts/critiques: teacher-forced hidden states and the
-    policy's LM head into the fused linear loss (no [B, T, V] logits), or the logits path where the
-    extension lacks it. Returns (LossOutput, old log-probs [B, T], mask [B, T])."""
+    policy's LM head into the fused linear loss (the [B, T, V] logits never exist). Returns
+    (LossOutput, old log-probs [B, T], mask [B, T])."""
     hidden, tokens, mask = policy.token_hidden(samples, reflect_images)
     dev = hidden.device
     old = _pad([s.text.logps for s in samples], tokens.shape[1], dev)
@@ -42,11 +42,7 @@ def text_loss(policy: Policy, samples: List[Sample], advantages: torch.Tensor, c
     kw = dict(old_logp=old, ref_logp=ref, temperature=temperature, eps_low=cfg.clip_text[0], eps_high=cfg.clip_text[1],
               beta=cfg.kl_text, aggregation=cfg.text_aggregation)
     weight, bias = policy.lm_head()
-    if hasattr(kernels, "grpo_linear_token_loss"):
-        out = kernels.grpo_linear_token_loss(hidden, weight, tokens, advantages.to(dev), mask, bias=bias, **kw)
-    else:  # pragma: no cover - an extension built before the fused op existed
-        logits = torch.nn.functional.linear(hidden, weight, bias).float()
-        out = kernels.grpo_token_loss(logits, tokens, advantages.to(dev), mask, **kw)
+    out = kernels.grpo_linear_token_loss(hidden, weight, tokens, advantages.to(dev), mask, bias=bias, **kw)
     return out, old, mask
 
 
