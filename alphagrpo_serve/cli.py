@@ -290,7 +290,8 @@ def cmd_serve(args) -> int:
                       max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
                       max_message_mb=args.max_message_mb, auth_token_file=args.auth_token_file,
                       tls_cert=args.tls_cert, tls_key=args.tls_key, metrics_port=args.metrics_port,
-                      grace_s=args.grace_s, limits=Limits(max_prompts=args.max_prompts, max_steps=args.max_steps))
+                      grace_s=args.grace_s, limits=Limits(max_prompts=args.max_prompts, max_steps=args.max_steps,
+                                                              max_thought_tokens=args.max_thought_tokens))
     try:
         return serve_main(cfg)
     except (ValueError, FileNotFoundError, OSError) as exc:
@@ -392,6 +393,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="samples queued per request kind before RESOURCE_EXHAUSTED (default 1024)")
     sv.add_argument("--max-prompts", type=int, default=64, help="prompts or items per request (default 64)")
     sv.add_argument("--max-steps", type=int, default=100, help="largest sampling steps accepted (default 100)")
+    sv.add_argument("--max-thought-tokens", type=int, default=128,
+                    help="longest thought or critique a request may ask for (default 128; BAGEL's app allows 1024)")
     sv.add_argument("--max-message-mb", type=int, default=64, help="gRPC message size limit, MiB (default 64)")
     sv.add_argument("--auth-token-file", default=None, help="require 'authorization: Bearer <token in file>'")
     sv.add_argument("--tls-cert", default=None, help="PEM certificate chain (with --tls-key: serve TLS)")

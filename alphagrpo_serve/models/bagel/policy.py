@@ -115,7 +115,7 @@ class BagelPolicy(Policy):
                                                  cfg_renorm_type="global", **common),
                 reflect_defaults=SamplingConfig(cfg_scale=4.0, cfg_img_scale=2.0, cfg_interval=(0.0, 1.0),
                                                 cfg_renorm_type="text_channel", **common),
-                text_defaults=TextConfig(temperature=1.0, top_p=1.0, max_tokens=1024),
+                text_defaults=TextConfig(temperature=1.0, top_p=1.0, max_tokens=128),  # the server's default cap
                 prompt_domain=None)
         return self._info
 

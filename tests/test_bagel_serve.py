@@ -1,0 +1,115 @@
+"""BAGEL served and trained end to end: `alphagrpo serve --policy bagel --model DIR` (a tiny random
+BAGEL in the official layout, on 127.0.0.1) answers Generate (think or not, any canvas the
+checkpoint allows), Reflect, UpdateWeights (full tensors by their official names, and LoRA
+adapters) and GetModelInfo; `alphagrpo train` runs an RT2I and an SRR step against it and the
+served version changes."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import grpc
+import numpy as np
+import pytest
+import torch
+import yaml
+from bagel_fixtures import make_tiny_bagel
+
+from alphagrpo_serve.client import Client
+from alphagrpo_serve.models.bagel.policy import BagelPolicy
+from alphagrpo_trainer.servers import LocalServer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.path.join(REPO, "trainer")]), OMP_NUM_THREADS="1")
+
+
+@pytest.fixture(scope="module")
+def bagel_server(tmp_path_factory):
+    d = tmp_path_factory.mktemp("bagel_serve")
+    path = make_tiny_bagel.write(str(d / "ckpt"), seed=1)
+    old = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = "1"
+    try:
+        server = LocalServer({"name": "bagel", "path": path}, extra_args=["--task", "shapes"],
+                             log_path=str(d / "server.log"))
+    finally:
+        os.environ.pop("OMP_NUM_THREADS") if old is None else os.environ.__setitem__("OMP_NUM_THREADS", old)
+    yield server.address, path, d
+    server.stop()
+
+
+def test_generate_reflect_update_weights_and_model_info(bagel_server):
+    addr, path, _ = bagel_server
+    local = BagelPolicy.load(path)
+    with Client(addr) as c:
+        info = c.model_info()
+        assert info.name == "bagel" and info.capabilities.reflect and list(info.capabilities.guidance_branches) == [
+            "text", "image"]
+        assert (info.canvas_rule.multiple, info.canvas_rule.max_side) == (16, 128)
+        names = {p.name for p in info.parameters}
+        assert "language_model.model.layers.0.self_attn.q_proj_moe_gen.weight" in names and "latent_pos_embed.pos_embed" in names
+        assert info.generate_defaults.cfg_renorm_type == "global" and info.reflect_defaults.cfg_img_scale == 2.0
+        v0 = info.policy_version
+        # think, two prompts of different lengths in one request, a trajectory per sample
+        got = c.generate(["a red circle", "a blue square to the left of a yellow triangle"], group_size=2, seed=3, steps=3,
+                         think=True, max_thought_tokens=4, mode="sde", sde_window=(0, 2), return_trajectory=True)
+        assert len(got) == 4 and all(g.image.shape == (64, 64, 3) and g.thought is not None for g in got)
+        assert all(len(g.trajectory.token_ids) >= 1 and g.trajectory.image.log_probs.shape == (2,) for g in got)
+        # the served sample is the local policy's for the same settings and seed
+        mine = local.generate([got[2].prompt], [got[2].seed], got[2].sampling, got[2].text_config, think=True)[0]
+        assert np.abs(mine.image.astype(int) - got[2].image.astype(int)).max() <= 1
+        assert mine.text.ids == list(got[2].trajectory.token_ids)
+        wide = c.generate(["a red circle"], steps=2, width=96, height=48)
+        assert wide[0].image.shape == (48, 96, 3)
+        with pytest.raises(grpc.RpcError) as err:
+            c.generate(["a red circle"], steps=2, width=40)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "width" in err.value.details()
+        refined = c.reflect(["a red circle"], [got[0].image], group_size=2, seed=1, steps=3, max_thought_tokens=4,
+                            mode="sde", sde_window=(1, 1), return_trajectory=True)
+        assert [r.image.shape for r in refined] == [(64, 64, 3)] * 2 and all(r.trajectory.token_ids for r in refined)
+        # full weights by their official names
+        full = local.export_weights()
+        full["llm2vae.bias"] = full["llm2vae.bias"] + 0.5
+        v1 = c.update_weights({"llm2vae.bias": full["llm2vae.bias"]})
+        assert v1 == v0 + 1
+        local.import_weights({"llm2vae.bias": full["llm2vae.bias"]})
+        a = c.generate(["a red circle"], seed=5, steps=3)[0].image
+        b = local.generate(["a red circle"], [5], local.resolve_sampling(dict(steps=3)), local.resolve_text())[0].image
+        assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
+        # LoRA adapters (enabled on the server by the push)
+        local.enable_lora(2, 4.0)
+        with torch.no_grad():
+            for p in local.trainable_parameters():
+                p.add_(torch.randn_like(p) * 0.05)
+        v2 = c.update_weights(local.export_weights(lora=True), lora=True)
+        info = c.model_info()
+        assert v2 == v1 + 1 and info.lora_enabled and any(p.name.endswith("lora_A") for p in info.parameters)
+        a = c.generate(["a red circle"], seed=5, steps=3)[0].image
+        b = local.generate(["a red circle"], [5], local.resolve_sampling(dict(steps=3)), local.resolve_text())[0].image
+        assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
+
+
+def test_train_rt2i_and_srr_steps_against_a_bagel_server(bagel_server, tmp_path):
+    addr, path, _ = bagel_server
+    out = tmp_path / "run"
+    cfg = dict(task="mixed", mixed_rt2i_steps=1, group_size=2, prompts_per_step=2, steps=4, sde_window_size=2,
+               sde_window_range=[0, 4], max_thought_tokens=4, max_steps=2, checkpoint_every=2, eval_final_limit=1,
+               eval_steps=2, eval_srr=False, lr=1e-3, policy={"name": "bagel", "path": path},
+               prompt_task="shapes", out_dir=str(out), lora_rank=2, lora_alpha=4.0)
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    with Client(addr) as c:
+        v0 = c.model_info().policy_version
+    cmd = [sys.executable, "-m", "alphagrpo_serve.cli", "train", "--config", str(tmp_path / "c.yaml"), "--server", addr,
+           "--no-progress"]
+    res = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["task"] for r in rows] == ["rt2i", "srr"]
+    for r in rows:  # the trainer's recompute equals the server's record
+        assert r["image_logp_dev"] < 1e-4 and r["text_logp_dev"] < 1e-4, r
+    with Client(addr) as c:
+        info = c.model_info()
+    assert info.policy_version >= v0 + 3 and info.lora_enabled  # first push (full + adapters), one per step
+    assert os.path.exists(out / "policy" / "ema.safetensors") and os.path.exists(out / "policy" / "lora" / "adapter_config.json")
