@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from alphagrpo_trainer.servers import LocalServer
 from bagel_fixtures import make_tiny_bagel
 
 from alphagrpo_serve.client import Client
 from alphagrpo_serve.models.bagel.policy import BagelPolicy
-from alphagrpo_trainer.servers import LocalServer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.path.join(REPO, "trainer")]), OMP_NUM_THREADS="1")
@@ -49,12 +49,13 @@ def test_generate_reflect_update_weights_and_model_info(bagel_server):
             "text", "image"]
         assert (info.canvas_rule.multiple, info.canvas_rule.max_side) == (16, 128)
         names = {p.name for p in info.parameters}
-        assert "language_model.model.layers.0.self_attn.q_proj_moe_gen.weight" in names and "latent_pos_embed.pos_embed" in names
+        assert {"language_model.model.layers.0.self_attn.q_proj_moe_gen.weight", "latent_pos_embed.pos_embed"} <= names
         assert info.generate_defaults.cfg_renorm_type == "global" and info.reflect_defaults.cfg_img_scale == 2.0
         v0 = info.policy_version
         # think, two prompts of different lengths in one request, a trajectory per sample
-        got = c.generate(["a red circle", "a blue square to the left of a yellow triangle"], group_size=2, seed=3, steps=3,
-                         think=True, max_thought_tokens=4, mode="sde", sde_window=(0, 2), return_trajectory=True)
+        prompts = ["a red circle", "a blue square to the left of a yellow triangle"]
+        got = c.generate(prompts, group_size=2, seed=3, steps=3, think=True, max_thought_tokens=4, mode="sde",
+                         sde_window=(0, 2), return_trajectory=True)
         assert len(got) == 4 and all(g.image.shape == (64, 64, 3) and g.thought is not None for g in got)
         assert all(len(g.trajectory.token_ids) >= 1 and g.trajectory.image.log_probs.shape == (2,) for g in got)
         # the served sample is the local policy's for the same settings and seed
@@ -112,4 +113,4 @@ def test_train_rt2i_and_srr_steps_against_a_bagel_server(bagel_server, tmp_path)
     with Client(addr) as c:
         info = c.model_info()
     assert info.policy_version >= v0 + 3 and info.lora_enabled  # first push (full + adapters), one per step
-    assert os.path.exists(out / "policy" / "ema.safetensors") and os.path.exists(out / "policy" / "lora" / "adapter_config.json")
+    assert (out / "policy" / "ema.safetensors").exists() and (out / "policy" / "lora" / "adapter_config.json").exists()
