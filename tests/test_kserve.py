@@ -9,6 +9,7 @@ import queue
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import grpc
@@ -85,6 +86,8 @@ def serve_process(tmp_path, *args):
             if "listening on" in seen[-1] or proc.poll() is not None:
                 break
         assert "listening on" in seen[-1], "".join(seen)
+        # keep reading its log, or a full pipe would block the server's event loop
+        threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()
         yield f"127.0.0.1:{port}", proc
     finally:
         proc.terminate()
