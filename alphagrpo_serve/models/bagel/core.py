@@ -21,12 +21,10 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
-from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
 
 from .cache import KVCache
 from .images import grid_position_ids, patchify
 from .modeling import BagelModel, Routing
-
 
 # ----------------------------------------------------------------------------------------------
 # context segments
@@ -106,17 +104,9 @@ def forward_embeds(model: BagelModel, embeds: torch.Tensor, positions: torch.Ten
     x = embeds
     keys, values = [], []
     for i, layer in enumerate(lm.layers):
-        attn = layer.self_attn
-        q, k, v = attn.qkv(layer.input_norm(x, routing), routing)
-        q, k = apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1)
-        k_all = torch.cat([cache.keys[i], k], dim=2)
-        v_all = torch.cat([cache.values[i], v], dim=2)
+        x, k_all, v_all = layer(x, routing, cos, sin, mask, cache.keys[i], cache.values[i])
         keys.append(k_all)
         values.append(v_all)
-        a = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask,
-                                           enable_gqa=attn.num_heads != attn.num_kv_heads)
-        x = x + attn.out(a.transpose(1, 2).reshape(B, T, -1), routing)
-        x = x + layer.ffn(x, routing)
     hidden = lm.final_norm(x, routing)
     return hidden, KVCache(keys, values, torch.cat([cache.valid, valid], dim=1), cache.next_pos)
 

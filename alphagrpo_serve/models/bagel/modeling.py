@@ -22,9 +22,10 @@ from typing import Callable, Optional
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
-from transformers.models.qwen2.modeling_qwen2 import Qwen2MLP, Qwen2RMSNorm, Qwen2RotaryEmbedding
+from transformers.models.qwen2.modeling_qwen2 import Qwen2MLP, Qwen2RMSNorm, Qwen2RotaryEmbedding, apply_rotary_pos_emb
 from transformers.models.siglip.modeling_siglip import SiglipEncoder
 
 from .config import BagelConfig
@@ -128,6 +129,24 @@ class MoTDecoderLayer(nn.Module):
         """The MLP branch (post-attention norm + MLP, per expert), without the residual."""
         return routing.apply(x, lambda h: self.mlp(self.post_attention_layernorm(h)),
                              lambda h: self.mlp_moe_gen(self.post_attention_layernorm_moe_gen(h)))
+
+    def forward(self, x: torch.Tensor, routing: Routing, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
+                past_key: torch.Tensor, past_value: torch.Tensor):
+        """One layer over a chunk against cached keys/values: x [B, T, D]; cos/sin the chunk's RoPE;
+        mask [B, 1, T, L + T] (True = may attend); past_key/value [B, Hkv, L, Dh].
+        Returns (x [B, T, D], keys [B, Hkv, L + T, Dh], values) with the chunk appended. A module call
+        (not loose methods), so wrappers that hook forward (FSDP2 units) see each layer."""
+        attn = self.self_attn
+        B, T, _ = x.shape
+        q, k, v = attn.qkv(self.input_norm(x, routing), routing)
+        q, k = apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1)
+        k_all = torch.cat([past_key, k], dim=2)
+        v_all = torch.cat([past_value, v], dim=2)
+        a = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask,
+                                           enable_gqa=attn.num_heads != attn.num_kv_heads)
+        x = x + attn.out(a.transpose(1, 2).reshape(B, T, -1), routing)
+        x = x + self.ffn(x, routing)
+        return x, k_all, v_all
 
 
 class MoTModel(nn.Module):
