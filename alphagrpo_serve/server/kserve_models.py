@@ -76,10 +76,10 @@ SAMPLING = (
     _opt("temperature", "FP32", (1,), "temperature", "text sampling temperature: 0 (greedy) or [0.001, 100]"),
     _opt("top_p", "FP32", (1,), "top_p", "nucleus sampling mass in (0, 1]"),
     _opt("max_thought_tokens", "INT32", (1,), "max_thought_tokens",
-         "longest thought or critique, at most the server's --max-thought-tokens"),
+         "longest thought or critique, at most the server's limit"),
 )
 PROMPT = Tensor("prompt", "BYTES", (1,), "the prompt, UTF-8")
-GROUP = _opt("group_size", "INT32", (1,), None, "samples G (default 1), at most the server's group limit")
+GROUP = _opt("group_size", "INT32", (1,), None, "samples G (default 1), at most the server's limit")
 SEED = _opt("seed", "INT64", (1,), None, "base seed >= 0 (default 0): sample j uses seed + j")
 
 
