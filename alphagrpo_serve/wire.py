@@ -4,6 +4,8 @@ Tensors travel as {dtype, shape, raw little-endian bytes}; images as PNG (or raw
 from __future__ import annotations
 
 import io
+import math
+import struct
 from typing import Optional
 
 import numpy as np
@@ -17,6 +19,14 @@ DTYPES = {
 }
 NAMES = {v: k for k, v in DTYPES.items()}
 MAX_IMAGE_SIDE = 1024
+SEED_MODULUS = 1 << 64  # seeds are uint64 on the wire
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def sample_seed(seed: int, index: int) -> int:
+    """The seed of sample `index` (= prompt index * group_size + sample index) of a request with base
+    seed `seed`: seed + index, wrapping modulo 2^64 so that every uint64 base seed works."""
+    return (int(seed) + int(index)) % SEED_MODULUS
 
 
 def tensor_to_proto(t: torch.Tensor) -> common_pb2.Tensor:
@@ -46,8 +56,9 @@ def proto_to_tensor(msg: common_pb2.Tensor, field: str = "tensor") -> torch.Tens
 
 
 def nbytes(dtype_name: str, shape) -> int:
-    """Raw size of a tensor of that dtype name and shape."""
-    return int(np.prod(shape, dtype=np.int64)) * torch.empty((), dtype=DTYPES[dtype_name]).element_size()
+    """Raw size of a tensor of that dtype name and shape, exact (Python integers: a declared shape
+    whose size overflows 64 bits is simply a very large number, never a wrapped small one)."""
+    return math.prod(int(d) for d in shape) * DTYPES[dtype_name].itemsize
 
 
 def bytes_to_tensor(data, dtype_name: str, shape) -> torch.Tensor:
@@ -69,22 +80,41 @@ def image_to_proto(img: np.ndarray, raw: bool = False) -> common_pb2.Image:
     return msg
 
 
+def png_size(data: bytes, field: str = "image.png") -> tuple:
+    """(width, height) read from a PNG's header (signature + IHDR), before anything is decoded."""
+    if len(data) < 24 or data[:8] != PNG_SIGNATURE or data[12:16] != b"IHDR":
+        raise ValueError(f"{field} is not a valid PNG image (no PNG signature and IHDR header)")
+    return struct.unpack(">II", data[16:24])
+
+
+def _check_side(field: str, width: int, height: int) -> None:
+    if not (1 <= width <= MAX_IMAGE_SIDE and 1 <= height <= MAX_IMAGE_SIDE):
+        raise ValueError(f"{field} is {width}x{height}; each side must be in [1, {MAX_IMAGE_SIDE}]")
+
+
 def proto_to_image(msg: common_pb2.Image, field: str = "image", side: Optional[int] = None) -> np.ndarray:
-    """uint8 [H, W, 3] from PNG bytes (or a raw uint8 tensor); side: the required height and width."""
-    from PIL import Image as PILImage, UnidentifiedImageError
+    """uint8 [H, W, 3] from PNG bytes (or a raw uint8 tensor); side: the required height and width.
+    The size is checked from the PNG header (or the raw tensor's shape) before anything is decoded,
+    and only PNG is decoded; every failure is a ValueError naming the field."""
+    from PIL import Image as PILImage
 
     if msg.png:
+        w, h = png_size(msg.png, f"{field}.png")
+        _check_side(field, w, h)
         try:
-            with PILImage.open(io.BytesIO(msg.png)) as im:
-                if max(im.size) > MAX_IMAGE_SIDE:
-                    raise ValueError(f"{field} is {im.size[0]}x{im.size[1]}, larger than {MAX_IMAGE_SIDE}")
+            with PILImage.open(io.BytesIO(msg.png), formats=["PNG"]) as im:
+                if im.size != (w, h):
+                    raise ValueError(f"header says {w}x{h}, the decoder {im.size[0]}x{im.size[1]}")
                 arr = np.asarray(im.convert("RGB"))
-        except (UnidentifiedImageError, OSError) as exc:
-            raise ValueError(f"{field}.png is not a valid PNG image ({exc})") from None
+        except Exception as exc:  # PIL raises many kinds (OSError, SyntaxError, zlib.error, ...) for bad data
+            raise ValueError(f"{field}.png is not a valid PNG image ({type(exc).__name__}: {str(exc)[:200]})") from None
+        if arr.shape != (h, w, 3):
+            raise ValueError(f"{field}.png decoded to {list(arr.shape)}, not [{h}, {w}, 3]")
     elif msg.HasField("raw"):
         t = proto_to_tensor(msg.raw, f"{field}.raw")
         if t.dtype != torch.uint8 or t.dim() != 3 or t.shape[2] != 3:
             raise ValueError(f"{field}.raw must be uint8 [H, W, 3], got {NAMES[t.dtype]} {list(t.shape)}")
+        _check_side(field, int(t.shape[1]), int(t.shape[0]))
         arr = t.numpy()
     else:
         raise ValueError(f"{field} is empty: set png or raw")

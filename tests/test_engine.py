@@ -124,3 +124,69 @@ def test_batch_failure_reaches_every_caller():
 
     res = run(main())
     assert all(isinstance(r, RuntimeError) and "exploded" in str(r) for r in res)
+
+
+def test_one_failing_item_fails_alone_and_its_batch_neighbours_complete():
+    calls = []
+
+    def run_batch(key, payloads):
+        calls.append(list(payloads))
+        if "bad" in payloads:
+            raise ValueError(f"cannot run {payloads}")
+        return [p.upper() for p in payloads]
+
+    async def main():
+        eng = Engine(max_batch=8, max_wait_ms=50)
+        b = eng.add("gen", run_batch)
+        eng.start()
+        res = await asyncio.gather(*(b.submit("k", 1, p) for p in ("a", "b", "bad", "c", "d")), return_exceptions=True)
+        await eng.stop()
+        return res
+
+    res = run(main())
+    assert res[:2] == ["A", "B"] and res[3:] == ["C", "D"], res
+    assert isinstance(res[2], ValueError) and str(res[2]) == "cannot run ['bad']", res[2]  # the error of its own run
+    assert calls[0] == ["a", "b", "bad", "c", "d"]  # they did share the first batch
+    assert len(calls) <= 1 + 2 * 3, calls  # bisection: O(log n) re-runs per guilty item
+
+
+def test_admission_is_all_or_nothing_and_a_failed_request_leaves_nothing_queued():
+    gate = threading.Event()
+    ran = []
+
+    def run_batch(key, payloads):
+        gate.wait(5)
+        ran.extend(payloads)
+        if any(p.startswith("boom") for p in payloads):
+            raise RuntimeError("boom")
+        return payloads
+
+    async def main():
+        eng = Engine(max_batch=2, max_wait_ms=0, max_queue=4)
+        b = eng.add("gen", run_batch)
+        eng.start()
+        busy = asyncio.ensure_future(b.submit("k", 2, "busy"))  # occupies the model thread
+        await asyncio.sleep(0.05)
+        with pytest.raises(QueueFull, match="needs 6 samples, more than"):
+            await b.submit_all("k", [(2, "x1"), (2, "x2"), (2, "x3")])
+        assert b.queued_samples == 0 and not b.queue  # nothing of the refused request stayed
+        big = asyncio.ensure_future(b.submit_all("k", [(2, "y1"), (2, "y2")]))
+        await asyncio.sleep(0.02)
+        with pytest.raises(QueueFull, match="queue is full"):
+            await b.submit("k", 1, "z")
+        big.cancel()  # the caller goes away: both parts leave the queue at once
+        await asyncio.sleep(0.02)
+        assert b.queued_samples == 0 and not b.queue
+        failing = asyncio.ensure_future(b.submit_all("k", [(2, "boom"), (2, "w2")]))
+        await asyncio.sleep(0.02)
+        gate.set()
+        assert await busy == "busy"
+        with pytest.raises(RuntimeError):
+            await failing
+        await asyncio.sleep(0.05)
+        assert b.queued_samples == 0
+        await eng.stop()
+
+    run(main())
+    assert "y1" not in ran and "y2" not in ran and "x1" not in ran, ran
+    assert "w2" not in ran, ran  # withdrawn when its sibling part failed

@@ -6,6 +6,11 @@ the oldest item has waited max_wait_ms. The model runs on one worker thread, off
 so the server keeps accepting calls, answering health checks and computing rewards while a batch
 runs; weight updates run on the same thread, so they land between batches, never inside one.
 Items whose deadline passed or whose caller went away are dropped before their batch runs.
+
+Admission is all or nothing: a request's parts (a group larger than a batch is split) are queued
+together or not at all, and a refused, failed or cancelled request takes its queued parts with it.
+A batch that raises is split in halves and re-run until the items that fail on their own are
+found: only they get the error, their neighbours complete.
 """
 from __future__ import annotations
 
@@ -13,7 +18,7 @@ import asyncio
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Hashable, List, Optional
+from typing import Any, Callable, Dict, Hashable, List, Optional, Sequence, Tuple
 
 
 class QueueFull(Exception):
@@ -32,6 +37,7 @@ class WorkItem:
     deadline: Optional[float] = None  # time.monotonic() by which the result is needed
     future: Optional[asyncio.Future] = None
     enqueued: float = field(default_factory=time.monotonic)
+    siblings: List["WorkItem"] = field(default_factory=list)  # the other parts of the same request
 
 
 class DynamicBatcher:
@@ -66,25 +72,60 @@ class DynamicBatcher:
 
     async def submit(self, key: Hashable, size: int, payload: Any, deadline: Optional[float] = None):
         """Queues one item and waits for its result. Raises QueueFull, DeadlineExpired or what run_batch raised."""
-        if size > self.max_batch:
-            raise ValueError(f"{size} samples exceed the batch limit of {self.max_batch}")
+        (result,) = await self.submit_all(key, [(size, payload)], deadline)
+        return result
+
+    async def submit_all(self, key: Hashable, parts: Sequence[Tuple[int, Any]], deadline: Optional[float] = None
+                         ) -> List[Any]:
+        """Queues every (size, payload) part of one request at once, or none of them (QueueFull), and
+        waits for all their results. When one part fails, or the caller goes away, the parts still
+        queued are withdrawn before the error propagates: a failed request leaves no work behind."""
+        for size, _ in parts:
+            if size > self.max_batch:
+                raise ValueError(f"{size} samples exceed the batch limit of {self.max_batch}")
+        total = sum(size for size, _ in parts)
         if self._closing:
             raise QueueFull(f"{self.name} queue is draining")
-        if self.queued_samples + size > self.max_queue:
-            raise QueueFull(f"{self.name} queue is full ({self.queued_samples} of {self.max_queue} samples queued)")
-        item = WorkItem(key, size, payload, deadline, asyncio.get_running_loop().create_future())
-        self.queue.append(item)
-        self.queued_samples += size
+        if total > self.max_queue:
+            raise QueueFull(f"the request needs {total} samples, more than the {self.name} queue holds "
+                            f"({self.max_queue})")
+        if self.queued_samples + total > self.max_queue:
+            raise QueueFull(f"{self.name} queue is full ({self.queued_samples} of {self.max_queue} samples queued, "
+                            f"the request needs {total})")
+        loop = asyncio.get_running_loop()
+        items = [WorkItem(key, size, payload, deadline, loop.create_future()) for size, payload in parts]
+        if len(items) > 1:
+            for it in items:
+                it.siblings = [o for o in items if o is not it]
+        self.queue.extend(items)
+        self.queued_samples += total
         self._report_queue()
         self._wakeup.set()
         try:
-            return await item.future
-        except asyncio.CancelledError:  # the caller went away: free its slots now, not when a batch forms
-            if item in self.queue:
-                self.queue.remove(item)
-                self.queued_samples -= item.size
-                self._report_queue()
+            return list(await asyncio.gather(*(it.future for it in items)))
+        except BaseException:  # one part failed or the caller went away: withdraw the rest now
+            self._withdraw(items)
             raise
+
+    def _fail(self, item: WorkItem, exc: BaseException) -> None:
+        """item's caller gets exc; the other parts of its request leave the queue now, before any
+        of them can join a batch (the request has failed already)."""
+        if not item.future.done():
+            item.future.set_exception(exc)
+        if item.siblings:
+            self._withdraw(item.siblings)
+
+    def _withdraw(self, items: List[WorkItem]) -> None:
+        """Removes the still-queued items and cancels every unfinished one (a running batch drops its result)."""
+        ids = {id(it) for it in items}
+        kept = [it for it in self.queue if id(it) not in ids]
+        if len(kept) != len(self.queue):
+            self.queued_samples -= sum(it.size for it in self.queue if id(it) in ids)
+            self.queue = kept
+            self._report_queue()
+        for it in items:
+            if not it.future.done():
+                it.future.cancel()
 
     def _take_batch(self) -> List[WorkItem]:
         """The oldest live item and every later item with its key, up to max_batch samples."""
@@ -126,7 +167,6 @@ class DynamicBatcher:
         return same >= self.max_batch or time.monotonic() - oldest.enqueued >= self.max_wait
 
     async def _loop(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             if not self.queue:
                 if self._closing:
@@ -143,25 +183,51 @@ class DynamicBatcher:
                     pass
                 continue
             batch = self._take_batch()
-            if not batch:
+            if batch:
+                await self._run(batch)
+
+    async def _run(self, batch: List[WorkItem]) -> None:
+        """Runs one batch; when it raises, runs each half on its own (recursively), so that only the
+        items that fail by themselves get an error and every other item completes."""
+        loop = asyncio.get_running_loop()
+        start = time.monotonic()
+        try:
+            results = await loop.run_in_executor(self.executor, self.run_batch, batch[0].key,
+                                                 [it.payload for it in batch])
+            if len(results) != len(batch):
+                raise RuntimeError(f"run_batch returned {len(results)} results for {len(batch)} items")
+        except Exception as exc:
+            live = self._still_wanted(batch)
+            if len(batch) == 1 or not live:
+                for it in live:
+                    self._fail(it, exc)
+                return
+            half = len(live) // 2 or 1
+            for part in (live[:half], live[half:]):
+                part = self._still_wanted(part)  # the first half's run took time: deadlines may have passed
+                if part:
+                    await self._run(part)
+            return
+        if self.on_batch:
+            self.on_batch(self.name, sum(it.size for it in batch), time.monotonic() - start)
+        for it, res in zip(batch, results):
+            if not it.future.done():
+                if isinstance(res, Exception):
+                    self._fail(it, res)
+                else:
+                    it.future.set_result(res)
+
+    def _still_wanted(self, items: List[WorkItem]) -> List[WorkItem]:
+        """The items whose caller still waits; expired ones get DeadlineExpired."""
+        now, live = time.monotonic(), []
+        for it in items:
+            if it.future.done():
                 continue
-            start = time.monotonic()
-            try:
-                results = await loop.run_in_executor(self.executor, self.run_batch, batch[0].key,
-                                                     [it.payload for it in batch])
-            except Exception as exc:  # the whole batch failed: every caller hears why
-                for it in batch:
-                    if not it.future.done():
-                        it.future.set_exception(exc)
+            if it.deadline is not None and now > it.deadline:
+                self._fail(it, DeadlineExpired(f"deadline passed after {now - it.enqueued:.3f} s"))
                 continue
-            if self.on_batch:
-                self.on_batch(self.name, sum(it.size for it in batch), time.monotonic() - start)
-            for it, res in zip(batch, results):
-                if not it.future.done():
-                    if isinstance(res, Exception):
-                        it.future.set_exception(res)
-                    else:
-                        it.future.set_result(res)
+            live.append(it)
+        return live
 
 
 class Engine:

@@ -11,6 +11,8 @@ Conventions:
   guidance rule as sampling, so the trainer's log-probs equal the recorded ones to float32 rounding.
 - Weight names are the policy's own canonical names (for BAGEL: the official checkpoint's keys);
   `weight_specs()` lists exactly what `import_weights()` accepts.
+- Seeds are any non-negative integer (requests carry uint64); `seed_streams` is the one place a
+  sample's seed becomes torch generator seeds.
 """
 from __future__ import annotations
 
@@ -22,6 +24,18 @@ import numpy as np
 import torch
 
 from ..sampling.sampler import ImageTrajectory, SamplingConfig, TextConfig
+
+
+SEED_MODULUS = 1 << 64  # torch generators take seeds in [0, 2^64); requests carry uint64 seeds
+
+
+def seed_streams(seed: int, n: int) -> Tuple[int, ...]:
+    """The n torch generator seeds of one sample (its noise, text, ... streams): (n * seed + k) mod 2^64
+    for k < n. Every seed a request can carry (the whole uint64 range, any Python int here) gives
+    valid generator seeds; below 2^64 / n they are exactly n * seed + k, so existing seeds keep
+    their images. Seeds equal modulo 2^64 / n share their streams."""
+    base = (int(seed) % SEED_MODULUS) * n
+    return tuple((base + k) % SEED_MODULUS for k in range(n))
 
 
 @dataclass
@@ -261,6 +275,11 @@ class Policy(abc.ABC):
 
     def resolve_text(self, overrides: Optional[dict] = None) -> TextConfig:
         return self.info.text_defaults.replace(**dict(overrides or {}))
+
+    def check_context(self, prompts: Sequence[str], text: TextConfig, think: bool, reflect: bool = False) -> None:
+        """Called at the door, before a request is queued: ValueError naming `prompts[i]` when a
+        context cannot be served (longer than the policy's context window with the text budget).
+        Default: every prompt fits."""
 
     def require(self, capability: str) -> None:
         """CapabilityError naming `capability` (think, reflect, understanding, lora) when it is missing."""

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 
 from ..sampling.sampler import SamplingConfig, TextConfig, sample_images
-from .base import Capabilities, CanvasRule, Policy, PolicyInfo, Sample, TextSample
+from .base import Capabilities, CanvasRule, Policy, PolicyInfo, Sample, TextSample, seed_streams
 from .layout import Batch, collate, to_uint8
 from .tiny_umm import KIND_NOISY, KIND_TEXT, TinyUMM, TinyUMMConfig, attention_mask, patchify, timestep_embedding
 from .tokenizer import Tokenizer
@@ -136,6 +136,20 @@ class TinyPolicy(Policy):
             return [("text", head + [t.img_id], False), ("image", image),
                     ("text", [t.img_end_id, t.assistant_id, t.think_id], False)]
         return [("text", head + [t.assistant_id] + ([t.think_id] if think else [t.img_id]), False)]
+
+    def check_context(self, prompts, text: TextConfig, think: bool, reflect: bool = False) -> None:
+        """Every position of a context must fit the position table (max_positions): the prompt's
+        tokens, the image to refine, and the thought or critique budget (max_tokens + </think> <img>)."""
+        c = self.model.cfg
+        n_patches = (c.canvas // c.patch) ** 2
+        budget = text.max_tokens + 2 if (think or reflect) else 0
+        for i, p in enumerate(prompts):
+            image = np.zeros((c.canvas, c.canvas, 3), np.uint8) if reflect else None
+            segs = self.prefix(p, think or reflect, image)
+            used = sum(len(seg[1]) if seg[0] == "text" else n_patches for seg in segs)
+            if used + budget > c.max_positions:
+                raise ValueError(f"prompts[{i}] is too long for the tiny UMM: {used} context positions + {budget} for "
+                                 f"the thought exceed its {c.max_positions} (shorten it or lower max_thought_tokens)")
 
     def uncond_prefix(self) -> list:
         t = self.tok
@@ -261,9 +275,10 @@ class TinyPolicy(Policy):
         c = m.cfg
         # the starting noise comes from a CPU generator (the same images for a seed on any device);
         # the SDE noise from one generator per sample on the policy's device
-        noise0 = torch.stack([torch.randn(3, c.canvas, c.canvas, generator=torch.Generator().manual_seed(2 * int(s)))
-                              for s in seeds]).to(dev)
-        gens = [torch.Generator(device=dev).manual_seed(2 * int(s)) for s in seeds]
+        image_seeds = [seed_streams(s, 2)[0] for s in seeds]  # stream 0: image noise; 1: text
+        noise0 = torch.stack([torch.randn(3, c.canvas, c.canvas, generator=torch.Generator().manual_seed(s))
+                              for s in image_seeds]).to(dev)
+        gens = [torch.Generator(device=dev).manual_seed(s) for s in image_seeds]
         if dev.type == "cpu":  # on the CPU the SDE noise continues the starting noise's stream (as before devices)
             for g in gens:
                 torch.randn(3, c.canvas, c.canvas, generator=g)
@@ -287,7 +302,7 @@ class TinyPolicy(Policy):
         if (sampling.width or c.canvas, sampling.height or c.canvas) != (c.canvas, c.canvas):
             raise ValueError(f"the tiny UMM draws {c.canvas}x{c.canvas} only, got {sampling.width}x{sampling.height}")
         if think:
-            tgens = [torch.Generator(device=self.device).manual_seed(2 * int(s) + 1) for s in seeds]
+            tgens = [torch.Generator(device=self.device).manual_seed(seed_streams(s, 2)[1]) for s in seeds]
             texts = self.sample_text(prefixes, tgens, text)
             contexts = [self.with_text(p, ts.ids) for p, ts in zip(prefixes, texts)]
         else:

@@ -20,6 +20,12 @@ MODES = ("ode", "sde")
 RENORM_TYPES = ("none", "global", "channel", "text_channel")
 
 
+class SamplingDiverged(ValueError):
+    """The sampling settings, though each within its range, drove the image state to non-finite
+    values (large noise_level, cfg_scale and timestep_shift together). Raised by sample_images;
+    a server answers it as INVALID_ARGUMENT for that request alone."""
+
+
 def shifted_sigmas(steps: int, shift: float = 2.0) -> torch.Tensor:
     """[steps + 1] noise levels from 1 to 0: t' = s t / (1 + (s - 1) t) on a uniform grid."""
     if steps < 1:
@@ -159,6 +165,14 @@ class ImageTrajectory:
                                self.log_probs.to(device), self.window_start, self.sigma_max)
 
 
+def _check_finite(t: torch.Tensor, k: int, cfg: SamplingConfig, what: str) -> None:
+    if not bool(torch.isfinite(t).all()):
+        raise SamplingDiverged(
+            f"params: sampling diverged at step {k + 1} of {cfg.steps} (non-finite {what}) with mode {cfg.mode}, "
+            f"noise_level {cfg.noise_level:g}, cfg_scale {cfg.cfg_scale:g}, timestep_shift {cfg.shift:g}; "
+            f"lower params.noise_level, params.cfg_scale or params.timestep_shift")
+
+
 # velocity(x, sigma [B]) -> (v, v_uncond or None, scale): the policy's guided velocity; when it
 # returns (v_cond, v_uncond, scale) the step kernel fuses v_uncond + scale (v_cond - v_uncond)
 VelocityFn = Callable[[torch.Tensor, torch.Tensor], Tuple[torch.Tensor, Optional[torch.Tensor], float]]
@@ -188,6 +202,7 @@ def sample_images(velocity: VelocityFn, noise0: torch.Tensor, cfg: SamplingConfi
     for k in range(cfg.steps):
         s, sn = float(sig[k]), float(sig[k + 1])
         v, v_uncond, scale = velocity(x, torch.full((B,), s, device=dev))
+        _check_finite(v if v_uncond is None else torch.stack([v, v_uncond]), k, cfg, "velocity")
         in_window = k in window
         if in_window:
             if not chain:
@@ -200,7 +215,9 @@ def sample_images(velocity: VelocityFn, noise0: torch.Tensor, cfg: SamplingConfi
                             sigma_max=sigma_max, noise=noise,
                             v_uncond=None if v_uncond is None else v_uncond.float(), cfg_scale=scale)
         x = out.x_next
+        _check_finite(x, k, cfg, "state")
         if in_window:
+            _check_finite(out.log_prob, k, cfg, "step log-prob")
             chain.append(x)
             logps.append(out.log_prob)
     K = len(logps)

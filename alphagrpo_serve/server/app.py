@@ -6,6 +6,7 @@ work up to the grace period, exit 0).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import signal
@@ -22,6 +23,7 @@ from .._proto.alphagrpo.v1 import policy_pb2, policy_pb2_grpc, reward_pb2, rewar
 from ..engine import Engine
 from ..models.registry import load_policy
 from ..tasks.registry import load_task
+from .guard import MalformedRequestGuard
 from .metrics import Metrics
 from .policy_service import PolicyServicer
 from .reward_service import RewardServicer
@@ -68,8 +70,9 @@ class ServeConfig:
 class AuthInterceptor(grpc.aio.ServerInterceptor):
     """Requires `authorization: Bearer <token>` on every method but health checking and reflection."""
 
-    def __init__(self, token: str):
+    def __init__(self, token: str, metrics: Optional[Metrics] = None):
         self.expected = f"Bearer {token}"
+        self.metrics = metrics
 
     async def intercept_service(self, continuation, details):
         if details.method.startswith(UNAUTHENTICATED_OK):
@@ -79,11 +82,16 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             return await continuation(details)
         handler = await continuation(details)
         why = "missing authorization metadata" if "authorization" not in meta else "wrong token"
+        metrics, method = self.metrics, details.method.rsplit("/", 1)[-1]
 
         async def deny_unary(request, context):
+            if metrics:
+                metrics.record(method, grpc.StatusCode.UNAUTHENTICATED)
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, why)
 
         async def deny_stream(request_iterator, context):
+            if metrics:
+                metrics.record(method, grpc.StatusCode.UNAUTHENTICATED)
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, why)
 
         if handler is None:
@@ -128,7 +136,9 @@ class Server:
                 token = f.read().strip()
             if not token:
                 raise ValueError(f"auth token file {cfg.auth_token_file} is empty")
-            interceptors.append(AuthInterceptor(token))
+            interceptors.append(AuthInterceptor(token, self.metrics))
+        interceptors.append(MalformedRequestGuard(self.metrics))  # inside auth: strangers learn nothing of parsing
+        limits = dataclasses.replace(cfg.limits, max_message_bytes=limit)
         self._server = grpc.aio.server(interceptors=interceptors, options=[
             ("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)])
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
@@ -154,10 +164,10 @@ class Server:
         task = load_task(task_name)
         if self.reward is None:
             self.reward = self._load_reward(task)
-        self.policy_service = PolicyServicer(self.policy, self.engine, cfg.limits, self.metrics, self.boot_id,
+        self.policy_service = PolicyServicer(self.policy, self.engine, limits, self.metrics, self.boot_id,
                                              task.check_prompt, task_name)
         policy_pb2_grpc.add_PolicyServiceServicer_to_server(self.policy_service, self._server)
-        self.reward_service = RewardServicer(self.reward, cfg.limits, self.metrics)
+        self.reward_service = RewardServicer(self.reward, limits, self.metrics)
         reward_pb2_grpc.add_RewardServiceServicer_to_server(self.reward_service, self._server)
         extra = []
         if cfg.kserve:  # the KServe v2 models on the same engine (beside the native services unless kserve_port)

@@ -1,6 +1,7 @@
 """Prometheus metrics of one server (its own registry, so several servers can live in one process)."""
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -8,6 +9,17 @@ import time
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+
+def cancelled_code(context) -> grpc.StatusCode:
+    """Why gRPC cancelled a handler: its deadline passed (DEADLINE_EXCEEDED) or the client went away
+    (CANCELLED); an explicit code set before the cancellation wins."""
+    if isinstance(context.code(), grpc.StatusCode):
+        return context.code()
+    remaining = context.time_remaining()
+    if remaining is not None and remaining <= 0.001:
+        return grpc.StatusCode.DEADLINE_EXCEEDED
+    return grpc.StatusCode.CANCELLED
 
 
 class Metrics:
@@ -26,19 +38,33 @@ class Metrics:
 
     @contextlib.contextmanager
     def track(self, method: str, context):
+        """Records the call under the status code its client sees: OK, the code it was aborted with,
+        DEADLINE_EXCEEDED or CANCELLED when gRPC cancelled the handler (deadline passed, client gone),
+        UNKNOWN for any other exception (what gRPC answers then)."""
         start = time.monotonic()
         code = grpc.StatusCode.OK
         try:
             yield
+        except asyncio.CancelledError:
+            code = cancelled_code(context)
+            raise
         except BaseException:
             code = context.code() if isinstance(context.code(), grpc.StatusCode) else grpc.StatusCode.UNKNOWN
             raise
         finally:
-            seconds = time.monotonic() - start
-            self.requests.labels(method, code.name).inc()
-            self.latency.labels(method).observe(seconds)
-            logging.getLogger("alphagrpo.server").info(json.dumps(
-                {"event": "rpc", "method": method, "code": code.name, "seconds": round(seconds, 4)}))
+            self.record(method, code, time.monotonic() - start)
+
+    def record(self, method: str, code: grpc.StatusCode, seconds: float = 0.0) -> None:
+        """One finished call: the counter, the latency histogram and a log line."""
+        self.requests.labels(method, code.name).inc()
+        self.latency.labels(method).observe(seconds)
+        logging.getLogger("alphagrpo.server").info(json.dumps(
+            {"event": "rpc", "method": method, "code": code.name, "seconds": round(seconds, 4)}))
+
+    def count(self, method: str, code: str) -> int:
+        """Calls recorded so far for (method, code name)."""
+        value = self.registry.get_sample_value("alphagrpo_requests_total", {"method": method, "code": code})
+        return int(value or 0)
 
     def on_queue(self, kind: str, samples: int) -> None:
         self.queue_depth.labels(kind).set(samples)

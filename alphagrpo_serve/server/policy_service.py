@@ -5,17 +5,16 @@ into work items and batched by the engine with every item of compatible settings
 """
 from __future__ import annotations
 
-import asyncio
 from typing import Callable, List
 
 from .._proto.alphagrpo.v1 import policy_pb2, policy_pb2_grpc
 from ..engine import BatchKey, Engine, Work
 from ..models.base import Policy
-from ..wire import NAMES, config_to_params, image_to_proto, proto_to_image, trajectory_to_proto
+from ..wire import NAMES, config_to_params, image_to_proto, proto_to_image, sample_seed, trajectory_to_proto
 from .errors import CLIENT_ERRORS, BadRequest, abort_for
 from .metrics import Metrics
-from .validation import Limits, check_prompts, deadline, request_settings
-from .weights import receive_weights
+from .validation import Limits, check_answer_size, check_message_size, check_prompts, deadline, request_settings
+from .weights import StreamBudget, receive_weights
 
 
 class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
@@ -23,6 +22,7 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
                  check_prompt: Callable[[str], None], task: str = "open"):
         self.policy, self.engine, self.limits, self.metrics = policy, engine, limits, metrics
         self.boot_id, self.check_prompt, self.task = boot_id, check_prompt, task
+        self.weight_budget = StreamBudget(limits.max_update_total_bytes)
         self.generate_batcher = engine.add("generate", self._run_batch)
         self.reflect_batcher = engine.add("reflect", self._run_batch)
         metrics.policy_version.set(policy.version)
@@ -65,22 +65,30 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
             text = self.policy.info.text_defaults
         key = BatchKey(kind, sc, text, think)
         batcher = self.reflect_batcher if kind == "reflect" else self.generate_batcher
-        calls, index = [], []
+        try:
+            self.policy.check_context(prompts, text, think, reflect=kind == "reflect")
+        except ValueError as exc:
+            raise BadRequest(str(exc)) from None
+        parts, index = [], []
         step = batcher.max_batch  # a group larger than a batch is split into batch-sized parts
         for i, p in enumerate(prompts):
             for j0 in range(0, G, step):
                 n = min(step, G - j0)
-                work = Work([p] * n, [int(seed) + i * G + j for j in range(j0, j0 + n)],
+                work = Work([p] * n, [sample_seed(seed, i * G + j) for j in range(j0, j0 + n)],
                             None if images is None else [images[i]] * n)
-                calls.append(batcher.submit(key, n, work, until))
+                parts.append((n, work))
                 index.append((i, j0))
-        results = await asyncio.gather(*calls)
+        results = await batcher.submit_all(key, parts, until)  # all parts queued, or none
         self.metrics.images.inc(len(prompts) * G)
         samples = [(i, j0 + dj, s) for (i, j0), part in zip(index, results) for dj, s in enumerate(part)]
         return samples, sc, text, think
 
     async def _run(self, request, context, kind: str, prompts, images=None):
         """Returns (samples, resolved params)."""
+        G = request.group_size or 1
+        if 1 <= G <= self.limits.max_group:  # (sample() names a bad group size)
+            sc, _, _ = request_settings(self.policy, request.params, self.limits, reflect=kind == "reflect")
+            check_answer_size(len(prompts) * G, sc.width, sc.height, request.return_raw, self.limits)
         samples, sc, text, think = await self.sample(kind, prompts, request.group_size, request.params,
                                                      int(request.seed), deadline(context), images)
         return ([self._sample_proto(s, i, j, request.return_raw, request.return_trajectory) for i, j, s in samples],
@@ -98,9 +106,11 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
             try:
                 prompts = check_prompts(request.prompts, self.limits, self.check_prompt)
                 samples, resolved = await self._run(request, context, "generate", prompts)
+                response = policy_pb2.GenerateResponse(samples=samples, boot_id=self.boot_id, resolved_params=resolved)
+                check_message_size(response, self.limits)
             except CLIENT_ERRORS as exc:
                 await abort_for(context, exc)
-            return policy_pb2.GenerateResponse(samples=samples, boot_id=self.boot_id, resolved_params=resolved)
+            return response
 
     async def Reflect(self, request: policy_pb2.ReflectRequest, context) -> policy_pb2.ReflectResponse:
         with self.metrics.track("Reflect", context):
@@ -119,25 +129,29 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
                     self.check_reflect_image(arr, sc, f"images[{i}]")
                     images.append(arr)
                 samples, resolved = await self._run(request, context, "reflect", prompts, images)
+                response = policy_pb2.ReflectResponse(samples=samples, boot_id=self.boot_id, resolved_params=resolved)
+                check_message_size(response, self.limits)
             except CLIENT_ERRORS as exc:
                 await abort_for(context, exc)
-            return policy_pb2.ReflectResponse(samples=samples, boot_id=self.boot_id, resolved_params=resolved)
+            return response
 
     async def UpdateWeights(self, request_iterator, context) -> policy_pb2.UpdateWeightsResponse:
         with self.metrics.track("UpdateWeights", context):
             try:
-                specs = self.policy.weight_specs(lora=False)
-                tensors, lora, received = await receive_weights(request_iterator, specs, self.limits.max_update_bytes)
-                if lora:
-                    self.policy.require("lora")
-                await self.engine.exclusive(lambda: self.policy.import_weights(tensors, lora=lora))
+                with self.weight_budget.hold() as hold:  # this stream's received bytes, until applied or refused
+                    tensors, lora, received = await receive_weights(
+                        request_iterator, self.policy.weight_specs(lora=False), self.limits.max_update_bytes,
+                        self.policy.weight_specs(lora=True), hold, lambda: self.policy.require("lora"))
+                    await self.engine.exclusive(lambda: self.policy.import_weights(tensors, lora=lora))
+                    applied = len(tensors)
+                    tensors.clear()  # the received bytes are freed before the stream's share is returned
             except CLIENT_ERRORS as exc:
                 await abort_for(context, exc, f"weights not updated (still version {self.policy.version}): ")
             except (KeyError, TypeError, ValueError) as exc:  # the policy's import refused a tensor
                 why = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
                 await abort_for(context, BadRequest(why), f"weights not updated (still version {self.policy.version}): ")
             self.metrics.policy_version.set(self.policy.version)
-            return policy_pb2.UpdateWeightsResponse(policy_version=self.policy.version, tensors_applied=len(tensors),
+            return policy_pb2.UpdateWeightsResponse(policy_version=self.policy.version, tensors_applied=applied,
                                                     bytes_received=received)
 
     async def GetModelInfo(self, request, context) -> policy_pb2.ModelInfo:

@@ -3,13 +3,14 @@ their own threads, beside the model thread."""
 from __future__ import annotations
 
 import asyncio
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 from .._proto.alphagrpo.v1 import reward_pb2, reward_pb2_grpc
 from ..wire import proto_to_image
-from .errors import BadRequest, Upstream, abort_for
+from .errors import BadRequest, ResourceLimit, Upstream, abort_for
 from .metrics import Metrics
 from .validation import Limits, check_prompts
 
@@ -22,10 +23,31 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
     def __init__(self, reward, limits: Limits, metrics: Metrics, workers: int = 2):
         self.reward, self.limits, self.metrics = reward, limits, metrics
         self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="reward")
+        self.pending = 0  # items admitted and not finished (queued for or running on the reward threads)
+        self._lock = threading.Lock()
 
-    async def _call(self, fn, *args):
+    def _release(self, n: int) -> None:
+        with self._lock:
+            self.pending -= n
+
+    async def _call(self, fn, prompts, *args):
+        """fn(prompts, *args) on the reward threads. Admission counts items (prompts): past
+        limits.max_reward_queue items waiting or running, ResourceLimit; an item leaves the count when
+        its work finishes, or at once when its caller goes away before the work started."""
+        n = len(prompts)
+        with self._lock:
+            if self.pending + n > self.limits.max_reward_queue:
+                raise ResourceLimit(f"the reward queue is full ({self.pending} of {self.limits.max_reward_queue} items "
+                                    f"waiting or running, the request has {n})")
+            self.pending += n
         try:
-            return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+            work = self.executor.submit(fn, prompts, *args)
+        except BaseException:
+            self._release(n)
+            raise
+        work.add_done_callback(lambda _: self._release(n))
+        try:
+            return await asyncio.wrap_future(work)
         except (ValueError, TypeError) as exc:  # prompts the reward cannot judge (PromptError is a ValueError)
             raise BadRequest(str(exc)) from None
         except RuntimeError as exc:  # reward backend failures (openai_backend.BackendError)
@@ -55,8 +77,11 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
                         raise BadRequest(str(exc)) from None
                 if len({im.shape for im in images}) > 1:
                     raise BadRequest("items: every image of one request must have the same size")
-                results = await self._call(self.reward, prompts, np.stack(images))
-            except (BadRequest, Upstream) as exc:
+                try:
+                    results = await self._call(self.reward, prompts, np.stack(images))
+                except BadRequest as exc:  # the reward judged the items (prompts outside its domain, image sizes)
+                    raise BadRequest(_naming("items", str(exc))) from None
+            except (BadRequest, ResourceLimit, Upstream) as exc:
                 await abort_for(context, exc)
             return reward_pb2.VerifyResponse(rewards=[_reward_proto(r) for r in results])
 
@@ -64,11 +89,19 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
         with self.metrics.track("Decompose", context):
             try:
                 prompts = check_prompts(request.prompts, self.limits, _accept)
-                qs = await self._call(self.reward.decompose, prompts)
-            except (BadRequest, Upstream) as exc:
+                try:
+                    qs = await self._call(self.reward.decompose, prompts)
+                except BadRequest as exc:
+                    raise BadRequest(_naming("prompts", str(exc))) from None
+            except (BadRequest, ResourceLimit, Upstream) as exc:
                 await abort_for(context, exc)
             return reward_pb2.DecomposeResponse(decompositions=[
                 reward_pb2.Decomposition(prompt=p, questions=[_question_proto(q) for q in qq]) for p, qq in zip(prompts, qs)])
+
+
+def _naming(field: str, message: str) -> str:
+    """A reward backend's message, prefixed with the request field it is about."""
+    return message if message.startswith(field) else f"{field}: {message}"
 
 
 def _question_proto(q) -> reward_pb2.Question:

@@ -10,17 +10,22 @@ from typing import Callable, List, Optional, Tuple
 from ..models.base import CapabilityError, Policy
 from ..sampling.sampler import SamplingConfig, TextConfig
 from ..wire import params_to_overrides
-from .errors import BadRequest
+from .errors import BadRequest, ResourceLimit
 
 
 @dataclass
 class Limits:
+    """Every per-request limit of the server; docs/limits_and_errors.md lists each with its flag and
+    the code a client gets."""
     max_prompts: int = 64  # prompts (or items) per request
     max_prompt_chars: int = 512
     max_group: int = 64
     max_steps: int = 100
     max_thought_tokens: int = 128
-    max_update_bytes: int = 1 << 30  # one UpdateWeights stream
+    max_update_bytes: int = 1 << 30  # bytes one UpdateWeights stream may declare
+    max_update_total_bytes: int = 2 << 30  # bytes held by all UpdateWeights streams in progress together
+    max_reward_queue: int = 1024  # Verify/Decompose items waiting for or running on the reward threads
+    max_message_bytes: int = 64 << 20  # gRPC message size limit (set from --max-message-mb by the server)
 
 
 def check_prompts(prompts, limits: Limits, check_prompt: Callable[[str], None], field: str = "prompts") -> List[str]:
@@ -74,6 +79,30 @@ def request_settings(policy: Policy, params, limits: Limits, reflect: bool) -> T
     if params.think and not reflect:
         policy.require("think")
     return sc, text, think
+
+
+# bytes a Sample message takes beyond its image and trajectory (indices, seed, version, thought, framing)
+SAMPLE_OVERHEAD = 64
+
+
+def check_answer_size(n_samples: int, width: int, height: int, raw: bool, limits: Limits) -> None:
+    """Refuses, before anything is computed, an answer whose declared size alone (the raw images it
+    asks for) passes the message limit. Answers still too large once computed (PNGs, thoughts,
+    trajectories) are refused by check_message_size."""
+    declared = n_samples * ((width * height * 3 if raw else 0) + SAMPLE_OVERHEAD)
+    if declared > limits.max_message_bytes:
+        raise ResourceLimit(f"the answer would hold at least {declared} bytes ({n_samples} samples"
+                            f"{' with raw images' if raw else ''}), more than the message limit of "
+                            f"{limits.max_message_bytes} bytes: ask for fewer samples per request")
+
+
+def check_message_size(msg, limits: Limits) -> None:
+    """A computed answer larger than the message limit is refused as RESOURCE_EXHAUSTED (gRPC would
+    drop it on the way out)."""
+    size = msg.ByteSize()
+    if size > limits.max_message_bytes:
+        raise ResourceLimit(f"the answer holds {size} bytes, more than the message limit of {limits.max_message_bytes} "
+                            f"bytes: ask for fewer samples per request, or without return_raw / return_trajectory")
 
 
 def deadline(context) -> Optional[float]:
