@@ -291,7 +291,12 @@ def cmd_serve(args) -> int:
                       max_message_mb=args.max_message_mb, auth_token_file=args.auth_token_file,
                       tls_cert=args.tls_cert, tls_key=args.tls_key, metrics_port=args.metrics_port,
                       grace_s=args.grace_s, limits=Limits(max_prompts=args.max_prompts, max_steps=args.max_steps,
-                                                              max_thought_tokens=args.max_thought_tokens))
+                                                              max_thought_tokens=args.max_thought_tokens,
+                                                              max_group=args.max_group,
+                                                              max_prompt_chars=args.max_prompt_chars,
+                                                              max_update_bytes=args.max_update_mb << 20,
+                                                              max_update_total_bytes=args.max_update_total_mb << 20,
+                                                              max_reward_queue=args.max_reward_queue))
     try:
         return serve_main(cfg)
     except (ValueError, FileNotFoundError, OSError) as exc:
@@ -395,6 +400,14 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-steps", type=int, default=100, help="largest sampling steps accepted (default 100)")
     sv.add_argument("--max-thought-tokens", type=int, default=128,
                     help="longest thought or critique a request may ask for (default 128; BAGEL's app allows 1024)")
+    sv.add_argument("--max-group", type=int, default=64, help="samples per prompt (group_size) accepted (default 64)")
+    sv.add_argument("--max-prompt-chars", type=int, default=512, help="characters per prompt (default 512)")
+    sv.add_argument("--max-update-mb", type=int, default=1024,
+                    help="bytes one UpdateWeights stream may declare, MiB (default 1024)")
+    sv.add_argument("--max-update-total-mb", type=int, default=2048,
+                    help="bytes all UpdateWeights streams in progress may hold together, MiB (default 2048)")
+    sv.add_argument("--max-reward-queue", type=int, default=1024,
+                    help="Verify/Decompose items waiting or running before RESOURCE_EXHAUSTED (default 1024)")
     sv.add_argument("--max-message-mb", type=int, default=64, help="gRPC message size limit, MiB (default 64)")
     sv.add_argument("--auth-token-file", default=None, help="require 'authorization: Bearer <token in file>'")
     sv.add_argument("--tls-cert", default=None, help="PEM certificate chain (with --tls-key: serve TLS)")
