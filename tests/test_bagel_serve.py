@@ -90,27 +90,63 @@ def test_generate_reflect_update_weights_and_model_info(bagel_server):
         a = c.generate(["a red circle"], seed=5, steps=3)[0].image
         b = local.generate(["a red circle"], [5], local.resolve_sampling(dict(steps=3)), local.resolve_text())[0].image
         assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
+        # leave the server's adapters at zero (the base policy) for the full fine-tuning runs below
+        c.update_weights({k: torch.zeros_like(v) for k, v in local.export_weights(lora=True).items()}, lora=True)
 
 
-def test_train_rt2i_and_srr_steps_against_a_bagel_server(bagel_server, tmp_path):
-    addr, path, _ = bagel_server
-    out = tmp_path / "run"
+def train(tmp, addr, path, name, ranks=1, **kw):
+    out = tmp / name
     cfg = dict(task="mixed", mixed_rt2i_steps=1, group_size=2, prompts_per_step=2, steps=4, sde_window_size=2,
                sde_window_range=[0, 4], max_thought_tokens=4, max_steps=2, checkpoint_every=2, eval_final_limit=1,
                eval_steps=2, eval_srr=False, lr=1e-3, policy={"name": "bagel", "path": path},
-               prompt_task="shapes", out_dir=str(out), lora_rank=2, lora_alpha=4.0)
-    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
-    with Client(addr) as c:
-        v0 = c.model_info().policy_version
-    cmd = [sys.executable, "-m", "alphagrpo_serve.cli", "train", "--config", str(tmp_path / "c.yaml"), "--server", addr,
-           "--no-progress"]
+               prompt_task="shapes", out_dir=str(out), **kw)
+    (tmp / f"{name}.yaml").write_text(yaml.safe_dump(cfg))
+    launch = [sys.executable] if ranks == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                   "--nproc_per_node", str(ranks)]
+    cmd = launch + ["-m", "alphagrpo_serve.cli", "train", "--config", str(tmp / f"{name}.yaml"), "--server", addr,
+                    "--no-progress"]
     res = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return out, [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def one_rank_run(bagel_server, tmp_path_factory):
+    addr, path, _ = bagel_server
+    with Client(addr) as c:
+        v0 = c.model_info().policy_version
+    out, rows = train(tmp_path_factory.mktemp("one"), addr, path, "one")
+    return out, rows, v0
+
+
+def test_train_rt2i_and_srr_steps_against_a_bagel_server(bagel_server, one_rank_run):
+    addr, _, _ = bagel_server
+    out, rows, v0 = one_rank_run
     assert [r["task"] for r in rows] == ["rt2i", "srr"]
     for r in rows:  # the trainer's recompute equals the server's record
         assert r["image_logp_dev"] < 1e-4 and r["text_logp_dev"] < 1e-4, r
     with Client(addr) as c:
-        info = c.model_info()
-    assert info.policy_version >= v0 + 3 and info.lora_enabled  # first push (full + adapters), one per step
-    assert (out / "policy" / "ema.safetensors").exists() and (out / "policy" / "lora" / "adapter_config.json").exists()
+        assert c.model_info().policy_version >= v0 + 3  # the first push, then one per step
+    assert (out / "policy" / "ema.safetensors").exists() and (out / "eval_after.json").exists()
+
+
+def test_fsdp_two_ranks_give_the_weights_of_one_rank(bagel_server, one_rank_run, tmp_path):
+    """Full fine-tuning sharded with FSDP2 over two torchrun ranks (gloo, CPU) ends at the weights
+    the one-rank run reached."""
+    from safetensors.torch import load_file
+
+    addr, path, _ = bagel_server
+    one, _, _ = one_rank_run
+    two, rows = train(tmp_path, addr, path, "two", ranks=2, fsdp=True)
+    assert [r["task"] for r in rows] == ["rt2i", "srr"] and all(r["image_logp_dev"] < 1e-4 for r in rows)
+    wa, wb = load_file(str(one / "policy" / "ema.safetensors")), load_file(str(two / "policy" / "ema.safetensors"))
+    base = load_file(os.path.join(path, "ema.safetensors"))
+    # Adam's first steps move every element by about lr x sign(gradient); an element whose gradient
+    # is a near-cancelling sum (the G samples of a group share a context) may flip sign with the
+    # summation order, so compare the total movement, not the largest element
+    moved = sum(float((wa[k] - base[k]).abs().sum()) for k in wa)
+    diff = sum(float((wa[k] - wb[k]).abs().sum()) for k in wa)
+    assert moved > 0 and diff < 1e-3 * moved, (moved, diff)
+    ckpt = torch.load(two / "checkpoint.pt", weights_only=False)  # full tensors, not one rank's shards
+    assert ckpt["model"]["language_model.model.layers.0.mlp.up_proj.weight"].shape == \
+        base["language_model.model.layers.0.mlp.up_proj.weight"].shape

@@ -285,3 +285,10 @@ class Policy(abc.ABC):
         """CapabilityError naming `capability` (think, reflect, understanding, lora) when it is missing."""
         if not getattr(self.info.capabilities, capability):
             raise CapabilityError(f"policy {self.info.name!r} does not support {capability}")
+
+    def fsdp_modules(self) -> Tuple[torch.nn.Module, List[torch.nn.Module]]:
+        """(root, units) for sharding full fine-tuning with FSDP2 (the trainer's `fsdp: true`): root's
+        state_dict() is this policy's state_dict(); each unit becomes one fully_shard group and must
+        run as a module call; parameters outside the units stay replicated. CapabilityError for a
+        policy that does not support it."""
+        raise CapabilityError(f"policy {self.info.name!r} does not support FSDP sharding")

@@ -28,11 +28,13 @@ from alphagrpo_serve.tasks import load_task
 
 from .config import TrainConfig, config_yaml
 from .data import PromptSource, shard
-from .evaluation import EVAL_MODES, draw_grid, evaluate_file, modes_for, read_heldout_file
+from .evaluation import EVAL_MODES, cached_evaluation, draw_grid, evaluate_file, modes_for, read_heldout_file
+from .fsdp import average_grads, clip_grad_norm, gathered
 from .loss import grpo_backward
-from .report import before_after_table, plot_curves, write_report
+from .report import before_after_table, plot_panels, write_report
 from .rollout import RolloutRunner, Rollouts
 from .servers import ServerPool
+from .shaping import Refiller, format_flags, shaped_rewards, step_stats
 
 
 def policy_device(cfg: TrainConfig) -> str:
@@ -63,6 +65,12 @@ class Trainer:
         self.policy = load_policy(cfg.policy["name"], cfg.policy["path"], device, cfg.dtype)
         if cfg.lora_rank:
             self.policy.enable_lora(cfg.lora_rank, cfg.lora_alpha)
+        self.fsdp = cfg.fsdp and self.distributed  # fsdp.py: every rank takes part in reading the weights
+        if self.fsdp:
+            from .fsdp import shard
+
+            shard(self.policy, device)
+            self.log("fsdp: the policy is sharded over the ranks; the trainer's evaluations and grids are skipped")
         self.ref = load_policy(cfg.policy["name"], cfg.policy["path"], device, cfg.dtype) \
             if (cfg.kl_text > 0 or cfg.kl_image > 0) else None
         self.params = self.policy.trainable_parameters()
@@ -74,6 +82,7 @@ class Trainer:
         self.pool = ServerPool(addresses, cfg.server_timeout_s, cfg.server_retries, cfg.server_backoff_s,
                                offset=self.rank)
         self.runner = RolloutRunner(self.pool, cfg)
+        self.refiller = Refiller(cfg, self.world) if cfg.dynamic_sampling else None
         self.step = 0
         self.history: List[Dict] = []  # per-step metrics (rank 0)
         self.periodic: List[Dict] = []  # periodic evaluations
@@ -90,14 +99,20 @@ class Trainer:
         return os.path.join(self.out, self.CKPT)
 
     def checkpoint(self) -> None:
+        if self.fsdp:  # collective: full tensors on rank 0
+            from .fsdp import full_state
+
+            model, optim = full_state(self.policy, self.opt)
         if self.rank != 0:
             return
+        if not self.fsdp:
+            model, optim = self.policy.state_dict(), self.opt.state_dict()
         state = {
             "format": "alphagrpo-train-1",
             "step": self.step,
             "data_position": self.source.position(self.step),
-            "model": self.policy.state_dict(),
-            "optimizer": self.opt.state_dict(),
+            "model": model,
+            "optimizer": optim,
             "schedule": {"lr": self.lr_at(self.step), "kind": self.cfg.lr_schedule},
             "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
             "policy_version": self.policy.version,
@@ -120,8 +135,13 @@ class Trainer:
                    if state["config"].get(k) != getattr(self.cfg, k)}
         if changed:
             raise ValueError(f"--resume: the config differs from the checkpoint's in {sorted(changed)}")
-        self.policy.load_state_dict(state["model"])
-        self.opt.load_state_dict(state["optimizer"])
+        if self.fsdp:
+            from .fsdp import load_full_state
+
+            load_full_state(self.policy, self.opt, state["model"], state["optimizer"])
+        else:
+            self.policy.load_state_dict(state["model"])
+            self.opt.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"]["torch"])
         np.random.set_state(state["rng"]["numpy"])
         random.setstate(state["rng"]["python"])
@@ -209,19 +229,24 @@ class Trainer:
             sets.append((self.policy.export_weights(lora=False), False))
         if self.cfg.lora_rank:
             sets.append((self.policy.export_weights(lora=True), True))
-        return sets
+        return [(gathered(w), lora) for w, lora in sets] if self.fsdp else sets
 
     def sync_servers(self, force: bool = False) -> None:
         """Rank 0 pushes the current weights to every server that does not hold them (all when
         force); every rank then learns the servers' (boot id, version)."""
+        stale = None
         if self.rank == 0:
             stale = list(range(len(self.pool.addresses))) if force else self.pool.stale()
+        if self.fsdp:  # gathering the weights takes every rank
+            stale = self._broadcast(stale)
+        sets = self.weight_sets(full=True) if stale and (self.rank == 0 or self.fsdp) else None
+        if self.rank == 0:
             if stale:
                 if not force:
                     self.restarts += len(stale)
                     self.log(f"server(s) {[self.pool.addresses[i] for i in stale]} restarted or changed: "
                              f"pushing the current weights (policy version {self.policy.version})")
-                self.pool.push(self.weight_sets(full=True), only=stale)
+                self.pool.push(sets, only=stale)
         self.pool.known = self._broadcast(self.pool.known)
 
     # ---- evaluation ------------------------------------------------------------------------------
@@ -233,8 +258,11 @@ class Trainer:
         return self.policy.resolve_sampling(ov)
 
     def evaluate(self, limit: int = 0, modes=None) -> Optional[Dict[str, Dict]]:
-        """The held-out file scored by the server's reward, else the task's suite (None: neither)."""
+        """The held-out file scored by the server's reward, else the task's suite (None: neither, or
+        a sharded policy, which computes only with every rank)."""
         c = self.cfg
+        if self.fsdp:
+            return None
         modes = modes_for(self.policy, modes or [m for m in EVAL_MODES if c.eval_srr or not m[2]])
         self.policy.eval()
         with torch.no_grad():
@@ -244,9 +272,12 @@ class Trainer:
             return self.task.evaluate(self.policy, self.eval_sampling(), modes, limit)
 
     def grid(self, name: str) -> Optional[str]:
+        if self.fsdp:
+            return None
         prompts = self.task.grid_prompts() if self.heldout is None else [r["prompt"] for r in self.heldout[:6]]
         with torch.no_grad():
-            return draw_grid(self.policy, os.path.join(self.out, name), prompts, range(4), self.eval_sampling())
+            return draw_grid(self.policy, os.path.join(self.out, name), prompts, range(4), self.eval_sampling(),
+                             title=f"{name.rsplit('.', 1)[0].replace('_', ' ')} (step {self.step}; think mode, ODE, greedy thoughts)")
 
     # ---- one step ---------------------------------------------------------------------------------------
     def rollouts(self, inp: Dict) -> Rollouts:
@@ -264,9 +295,16 @@ class Trainer:
         inp = self.step_inputs(self.step)
         roll = self.rollouts(inp)
         t_roll = time.time() - t0
+        # format reward, then dynamic sampling (shaping.py); advantages come from the shaped rewards
+        ok, has = format_flags(self.task, roll)
+        rewards = shaped_rewards(c, roll, ok)
+        refilled = 0
+        if self.refiller is not None:
+            roll, rewards, ok, has, refilled = self.refiller.refill(self, inp, roll, rewards, ok, has)
+        t_roll = time.time() - t0
         t_gen, t_ver = self.runner.timing.pop("generate", 0.0), self.runner.timing.pop("verify", 0.0)
         # advantages over the whole batch (all ranks), then this rank's rows
-        rewards_all = self._gather_rewards(roll.rewards)
+        rewards_all = self._gather_rewards(rewards)
         adv_all = kernels.grpo_advantages(rewards_all, std_scope=c.adv_std_scope, clip=c.adv_clip)
         P = roll.rewards.shape[0]
         adv = adv_all[self.rank * P:(self.rank + 1) * P].reshape(-1)
@@ -290,17 +328,19 @@ class Trainer:
                     p.grad = torch.zeros_like(p)
             if samples:
                 lm = grpo_backward(self.policy, samples, adv[keep], c, refl, self.ref)
+                if u == 0:  # the recompute's deviation from the record is measured before any update
+                    gap = {k: lm[k] for k in ("image_logp_dev", "text_logp_dev") if k in lm}
+                lm.update(gap)
             if self.distributed:
-                for p in self.params:
-                    dist.all_reduce(p.grad)
-                    p.grad /= self.world
-            gnorm = float(torch.nn.utils.clip_grad_norm_(self.params, c.grad_clip))
+                average_grads(self.params, self.world)  # FSDP-sharded gradients are averaged already
+            gnorm = clip_grad_norm(self.params, c.grad_clip)
             self.opt.step()
         self.policy.eval()
         t_train = time.time() - t1
         t2 = time.time()
+        sets = self.weight_sets(full=False) if self.rank == 0 or self.fsdp else None
         if self.rank == 0:
-            versions = self.pool.push(self.weight_sets(full=False))
+            versions = self.pool.push(sets)
             self.policy.version = max(versions.values())
         self.pool.known = self._broadcast(self.pool.known)
         self.policy.version = self._broadcast(self.policy.version)
@@ -311,7 +351,8 @@ class Trainer:
              "reward_quality": float(roll.quality.mean()), "grad_norm": gnorm, "lr": self.lr_at(self.step - 1),
              "off_policy_count": float(len(off)), "dropped_count": float(len(roll.samples) - len(keep)),
              "time_generate_s": t_gen, "time_verify_s": t_ver, "time_rollout_s": t_roll, "time_train_s": t_train,
-             "time_push_s": t_push, **lm}
+             "time_push_s": t_push, "reward_shaped_mean": float(rewards.mean()), "refilled_count": float(refilled),
+             **step_stats(self.task, roll, rewards, ok, has, c.dynamic_min_std), **lm}
         if roll.kind == "srr":
             m["srr_stage1_mean"] = float(roll.stage1_rewards.mean())
             m["srr_improved_frac"] = float((roll.raw_rewards > roll.stage1_rewards.min(1, keepdim=True).values).float().mean())
@@ -357,7 +398,7 @@ class Trainer:
                 f.write(config_yaml(c))
             if self.before is None and c.max_steps > 0:
                 self.log("evaluating the base policy on the held-out split ...")
-                self.before = self.evaluate(limit=c.eval_final_limit)
+                self.before = cached_evaluation(c, self.policy, lambda: self.evaluate(limit=c.eval_final_limit))
                 if self.before is None:
                     self.log(f"task {c.prompt_task!r} has no held-out suite and no heldout_file is set: no evaluation")
                 else:
@@ -392,6 +433,13 @@ class Trainer:
                 dist.barrier()
         bar.close()
         summary = {"steps": self.step, "restarts": self.restarts}
+        saved = None
+        if self.fsdp:  # collective: the last checkpoint (a 0-step run has none) and the gathered weights
+            if self._broadcast(not os.path.exists(self.ckpt_path)):
+                self.checkpoint()
+            from .fsdp import save_policy
+
+            saved = save_policy(self.policy, c, os.path.join(self.out, "policy"), self.rank)
         if self.rank == 0:
             if not os.path.exists(self.ckpt_path):  # the loop checkpoints its last step; a 0-step run has none
                 self.checkpoint()
@@ -403,10 +451,10 @@ class Trainer:
             grid_after = self.grid("grid_after.png")
             if grid_after:
                 files["grid after training"] = grid_after
-            files["reward curve"] = plot_curves(self.history, os.path.join(self.out, "reward_curve.png"))
+            files.update(plot_panels(self.out, self.history, self.periodic, self.before, after))
             files["metrics (JSONL)"] = metrics_path
             files["checkpoint"] = self.ckpt_path
-            weights = self.policy.save(os.path.join(self.out, "policy"))
+            weights = saved or self.policy.save(os.path.join(self.out, "policy"))
             files["trained weights (full, merged)"] = weights
             report = write_report(self.out, c.to_dict(), self.before, after, self.history, self.periodic, files,
                                   self.elapsed(), self.task.results_table)

@@ -140,8 +140,8 @@ class BagelPolicy(Policy):
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
     def fsdp_modules(self) -> Tuple[nn.Module, List[nn.Module]]:
-        """(root, units) for FSDP2: each MoT layer and the ViT tower is one unit."""
-        return self.model, [*self.model.language_model.model.layers, self.model.vit_model]
+        """(root, units) for FSDP2: each MoT layer and the ViT tower (called as modules by core.py)."""
+        return self.model, [*self.model.language_model.model.layers, self.model.vit_model.vision_model]
 
     # ---- inputs ---------------------------------------------------------------------------------
     def _grid(self, sc: SamplingConfig) -> Tuple[int, int]:
