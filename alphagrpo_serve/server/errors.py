@@ -37,7 +37,7 @@ CLIENT_ERRORS = tuple(exc for exc, _ in CODES)
 
 def details(message: str) -> str:
     """An error message cut to MAX_DETAILS characters (a request may carry megabytes in one field)."""
-    return message if len(message) <= MAX_DETAILS else message[:MAX_DETAILS - 15] + " ... (truncated)"
+    return message if len(message) <= MAX_DETAILS else message[:MAX_DETAILS - 16] + " ... (truncated)"
 
 
 async def abort_for(context, exc: BaseException, prefix: str = ""):
