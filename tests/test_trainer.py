@@ -228,7 +228,7 @@ def test_two_steps_change_the_served_weights_and_bump_the_version(served, tmp_pa
     sc = SamplingConfig(steps=3, mode="ode", cfg_scale=3.0)
     local = trained.generate(["a red circle"], [5], sc, TextConfig(max_tokens=4), think=True)[0].image
     assert np.array_equal(local, after)
-    for f in ("report.md", "grid_before.png", "grid_after.png", "reward_curve.png", "checkpoint.pt", "config.yaml"):
+    for f in ("report.md", "grid_before.png", "grid_after.png", "curves.png", "checkpoint.pt", "config.yaml"):
         assert (out / f).exists(), f
     assert any(n.startswith("events.out.tfevents") for n in os.listdir(out / "tb"))
 

@@ -48,6 +48,9 @@ class TrainConfig:
     kl_image: float = 0.0  # beta of the KL between step means of policy and base policy
     adv_std_scope: str = "batch"  # group | batch | none: what the advantages are divided by (the paper: batch)
     adv_clip: Optional[float] = None  # clamp advantages to [-c, c]
+    dynamic_sampling: bool = False  # replace the groups whose reward spread (population std) is below dynamic_min_std by groups of fresh prompts (one refill round; the batch keeps prompts_per_step groups, the widest-spread first)
+    dynamic_min_std: float = 0.05  # dynamic sampling: the least reward std of a group that is kept
+    format_weight: float = 0.0  # format reward: a sample whose thought or critique fails the task's format check (ShapesTask.format_ok) loses this much reward; 0: off
     text_weight: float = 1.0  # weight of the text loss beside the image loss
     text_aggregation: str = "token-mean"  # see kernels.grpo_token_loss
     updates_per_batch: int = 1  # optimiser steps on each batch of rollouts (>1: the clipped ratios matter)
@@ -69,6 +72,7 @@ class TrainConfig:
     eval_final_limit: int = 0  # held-out rows of the before/after evaluations (0: all 360; tests use fewer)
     eval_steps: int = 20  # denoising steps of every evaluation (ODE)
     eval_srr: bool = True  # evaluate think + one round of SRR at inference too
+    eval_cache: Optional[str] = None  # folder that caches the before-evaluation by a hash of the weights and the evaluation settings (evaluations are deterministic: ODE, fixed seeds, greedy text); null: always evaluate
     checkpoint_every: int = 10  # checkpoint cadence in steps (and always at the end)
     seed: int = 0  # prompts, think flags, windows and sample seeds of every step derive from (seed, step)
     out_dir: str = "runs/train"  # checkpoint, metrics, TensorBoard, evaluations, report
@@ -108,6 +112,8 @@ class TrainConfig:
              f"clip_text must be [eps_low in [0, 1), eps_high >= 0], got {self.clip_text}")
         need(self.clip_image > 0, f"clip_image must be > 0, got {self.clip_image}")
         need(self.kl_text >= 0 and self.kl_image >= 0, "kl_text and kl_image must be >= 0")
+        need(self.dynamic_min_std >= 0, f"dynamic_min_std must be >= 0, got {self.dynamic_min_std}")
+        need(self.format_weight >= 0, f"format_weight must be >= 0, got {self.format_weight}")
         need(self.adv_std_scope in STD_SCOPES, f"adv_std_scope must be one of {STD_SCOPES}, got {self.adv_std_scope!r}")
         need(self.text_aggregation in AGGREGATIONS, f"text_aggregation must be one of {AGGREGATIONS}")
         need(self.off_policy in OFF_POLICY, f"off_policy must be one of {OFF_POLICY}, got {self.off_policy!r}")

@@ -3,7 +3,10 @@ rule per category), or a held-out JSONL of prompts scored by the server's reward
 Q), plus the before/after image grids. Every mode draws with ODE and fixed seeds."""
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence
+import hashlib
+import json
+import os
+from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -23,6 +26,39 @@ def read_heldout_file(path: str) -> List[Dict]:
     if not rows:
         raise ValueError(f"{path}: no prompts")
     return rows
+
+
+EVAL_VERSION = "2"  # bump when what an evaluation computes changes: cached evaluations of other versions are not used
+
+
+def weights_digest(policy) -> str:
+    """sha256 of the policy's full weights (names and float32 bytes)."""
+    h = hashlib.sha256()
+    for name, t in sorted(policy.export_weights(lora=False).items()):
+        h.update(name.encode())
+        h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def cached_evaluation(cfg, policy, evaluate: Callable[[], Optional[Dict]]) -> Optional[Dict]:
+    """evaluate(), or its earlier result from cfg.eval_cache for the same weights and evaluation
+    settings (an evaluation is deterministic: ODE, fixed seeds, greedy text)."""
+    if not cfg.eval_cache:
+        return evaluate()
+    key = dict(version=EVAL_VERSION, weights=weights_digest(policy), policy=cfg.policy["name"], task=cfg.prompt_task,
+               heldout_file=cfg.heldout_file, limit=cfg.eval_final_limit, steps=cfg.eval_steps, cfg_scale=cfg.cfg_scale,
+               srr=cfg.eval_srr)
+    path = os.path.join(cfg.eval_cache, hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20] + ".json")
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)["result"]
+    result = evaluate()
+    if result is not None:
+        from alphagrpo_serve.fileio import write_json_atomic
+
+        os.makedirs(cfg.eval_cache, exist_ok=True)
+        write_json_atomic({"key": key, "result": result}, path)
+    return result
 
 
 def modes_for(policy, modes: Sequence[tuple]) -> List[tuple]:
@@ -66,18 +102,15 @@ def evaluate_file(policy, rows: List[Dict], sampling: SamplingConfig, verify, mo
 
 
 def draw_grid(policy, path: str, prompts: Sequence[str], seeds: Sequence[int], sampling: SamplingConfig,
-              think: bool = True, scale: int = 4) -> Optional[str]:
-    """PNG grid: one column per prompt, one row per seed (greedy thoughts, ODE); None without prompts."""
-    from PIL import Image
-
+              think: bool = True, title: Optional[str] = None) -> Optional[str]:
+    """PNG grid (matplotlib): one column per prompt, one row per seed (greedy thoughts, ODE), the
+    prompt under each image; None without prompts."""
     if not prompts:
         return None
     think = think and policy.info.capabilities.think
     greedy = TextConfig(temperature=0.0, max_tokens=policy.info.text_defaults.max_tokens)
-    rows = []
-    for seed in seeds:
-        out = policy.generate(list(prompts), [seed] * len(prompts), sampling, greedy, think=think)
-        rows.append(np.concatenate([s.image for s in out], axis=1))
-    grid = np.concatenate(rows, axis=0)
-    Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST).save(path)
-    return path
+    rows = [[s.image for s in policy.generate(list(prompts), [seed] * len(prompts), sampling, greedy, think=think)]
+            for seed in seeds]
+    from .report import image_grid
+
+    return image_grid(path, rows, list(prompts), [f"seed {s}" for s in seeds], title)

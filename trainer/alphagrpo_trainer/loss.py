@@ -65,8 +65,10 @@ def grpo_backward(policy: Policy, samples: List[Sample], advantages: torch.Tenso
         (scale * cfg.text_weight * out.loss).backward()
         total += cfg.text_weight * float(out.loss.detach())
         ratio, clip, kl = (float(x) for x in out.metrics[:3])
+        log_ratio = (out.logp.detach() - old)[mask]
         m.update(text_loss=float(out.loss.detach()), text_ratio=ratio, text_clip_frac=clip, text_kl=kl,
-                 text_logp_dev=float(((out.logp.detach() - old).abs() * mask).max()))
+                 text_logp_dev=float(log_ratio.abs().max()) if log_ratio.numel() else 0.0,
+                 text_ratio_std=float(log_ratio.exp().std(unbiased=False)) if log_ratio.numel() else 0.0)
     # ---- image ---------------------------------------------------------------------------------
     K = samples[0].trajectory.log_probs.shape[0]
     if any(s.trajectory.log_probs.shape[0] != K for s in samples):
@@ -76,7 +78,8 @@ def grpo_backward(policy: Policy, samples: List[Sample], advantages: torch.Tenso
         raise ValueError(f"samples of one batch must share the SDE noise level, got {sorted(noise)}")
     noise_level = noise.pop()
     dev = policy.info.device
-    agg = {"image_loss": 0.0, "image_ratio": 0.0, "image_clip_frac": 0.0, "image_kl": 0.0, "image_logp_dev": 0.0}
+    agg = {"image_loss": 0.0, "image_ratio": 0.0, "image_clip_frac": 0.0, "image_kl": 0.0, "image_logp_dev": 0.0,
+           "image_ratio_std": 0.0}
     for k in range(K):
         tr = [s.trajectory for s in samples]
         x = torch.stack([t.latents[k] for t in tr]).to(dev)
@@ -104,6 +107,7 @@ def grpo_backward(policy: Policy, samples: List[Sample], advantages: torch.Tenso
         agg["image_clip_frac"] += float(out.metrics[1]) / K
         agg["image_kl"] += float(out.metrics[2]) / K
         agg["image_logp_dev"] = max(agg["image_logp_dev"], float((logp.detach() - old).abs().max()))
+        agg["image_ratio_std"] += float((logp.detach() - old).exp().std(unbiased=False)) / K
     m.update(agg)
     m["loss"] = total
     return m

@@ -1,61 +1,154 @@
-"""The run's report: before/after table (held-out split, GenEval rule), per-category tables,
-image grids of fixed prompts, and the reward curve, as Markdown beside the PNGs."""
+"""The run's report: the before/after table (held-out split, GenEval rule), per-category changes,
+the reward-hacking watch (S and Q, extra objects, critique format) with its flags, training curves
+(matplotlib, one panel per signal: raw points and a smoothed line, labelled axes) and before/after
+image grids with the prompt under each image, as Markdown beside the PNGs."""
 from __future__ import annotations
 
 import json
+import math
 import os
-from typing import Dict, List, Optional
+import textwrap
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
+Q_DROP = 0.05  # a run whose held-out Q falls by more than this is flagged
+CATEGORY_ORDER = ("single_object", "two_object", "counting", "colors", "position", "color_attr", "implicit")
 
 
-def plot_curves(rows: List[Dict], path: str, keys=("reward_mean", "reward_semantic", "reward_quality"),
-                size=(640, 360)) -> str:
-    """A line plot of metrics per step (PIL only: no plotting dependency)."""
-    from PIL import Image, ImageDraw
+def _plt():
+    import matplotlib
 
-    W, H = size
-    L, R, T, Bm = 50, 150, 20, 30
-    im = Image.new("RGB", (W, H), "white")
-    d = ImageDraw.Draw(im)
-    series = {k: [(r["step"], r[k]) for r in rows if k in r and r[k] is not None] for k in keys}
-    series = {k: v for k, v in series.items() if v}
-    d.rectangle([L, T, W - R, H - Bm], outline="black")
-    if not series:
-        d.text((L + 10, T + 10), "no data", fill="black")
-        im.save(path)
-        return path
-    xs = [x for v in series.values() for x, _ in v]
-    ys = [y for v in series.values() for _, y in v]
-    x0, x1 = min(xs), max(max(xs), min(xs) + 1)
-    y0, y1 = min(0.0, min(ys)), max(1.0, max(ys))
+    matplotlib.use("Agg")  # headless: no display needed
+    import matplotlib.pyplot as plt
 
-    def px(x, y):
-        return (L + (x - x0) / (x1 - x0) * (W - L - R), H - Bm - (y - y0) / (y1 - y0) * (H - T - Bm))
+    return plt
 
-    for frac in (0.0, 0.25, 0.5, 0.75, 1.0):
-        y = y0 + frac * (y1 - y0)
-        _, py = px(x0, y)
-        d.line([L - 4, py, L, py], fill="black")
-        d.text((5, py - 6), f"{y:.2f}", fill="black")
-    d.text((L, H - Bm + 8), f"step {x0}", fill="black")
-    d.text((W - R - 60, H - Bm + 8), f"step {x1}", fill="black")
-    colors = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd"]
-    for n, (k, v) in enumerate(series.items()):
-        c = colors[n % len(colors)]
-        pts = [px(x, y) for x, y in v]
-        if len(v) >= 8:  # a moving average over 5 steps beside the raw points
-            ys_ = np.convolve([y for _, y in v], np.ones(5) / 5, mode="valid")
-            pts = [px(v[i + 2][0], y) for i, y in enumerate(ys_)]
-            d.point([px(x, y) for x, y in v], fill=c)
-        if len(pts) > 1:
-            d.line(pts, fill=c, width=2)
-        d.text((W - R + 8, T + 16 * n), k, fill=c)
-    im.save(path)
+
+def smooth(y: Sequence[float], window: int = 9) -> np.ndarray:
+    """Centred moving average over up to `window` points (shorter at the ends)."""
+    y = np.asarray(y, dtype=np.float64)
+    if len(y) < 3:
+        return y
+    w = max(1, min(window, len(y) // 2 * 2 - 1))
+    h = w // 2
+    return np.asarray([y[max(0, i - h):i + h + 1].mean() for i in range(len(y))])
+
+
+def _series(rows: List[Dict], key: str, task: Optional[str] = None):
+    pts = [(r["step"], r[key]) for r in rows
+           if isinstance(r.get(key), (int, float)) and not math.isnan(r[key]) and (task is None or r.get("task") == task)]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def _line(ax, x, y, label, color, marker="o"):
+    if not x:
+        return
+    ax.scatter(x, y, s=6, alpha=0.35, color=color, marker=marker, linewidths=0)
+    ax.plot(x, smooth(y), color=color, lw=1.6, label=label)
+
+
+def _eval_points(periodic: List[Dict], before: Optional[Dict], after: Optional[Dict], last_step: int):
+    """[(step, results)] of every held-out evaluation: before (step 0), periodic, after."""
+    pts = []
+    if before:
+        pts.append((0, before))
+    pts += [(p["step"], p["results"]) for p in periodic if p.get("results")]
+    if after:
+        pts.append((last_step, after))
+    return pts
+
+
+def plot_panels(out_dir: str, rows: List[Dict], periodic: List[Dict], before: Optional[Dict], after: Optional[Dict],
+                name: str = "curves.png") -> Dict[str, str]:
+    """One figure, one panel per signal; returns {label: path} for the report."""
+    plt = _plt()
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    last = rows[-1]["step"] if rows else 0
+    evals = _eval_points(periodic, before, after, last)
+    kinds = sorted({r.get("task") for r in rows if r.get("task")})
+    panels = [
+        ("reward (rectified on SRR steps)", "reward", [("reward_mean", k) for k in kinds]),
+        ("S: semantic score", "S", [("reward_semantic", k) for k in kinds]),
+        ("Q: quality score", "Q", [("reward_quality", k) for k in kinds]),
+        ("images with more objects than asked", "share", [("extra_objects_frac", k) for k in kinds]),
+        ("held-out accuracy per category (think)", "accuracy", "eval_categories"),
+        ("held-out overall per mode", "accuracy", "eval_modes"),
+        ("format of rollout texts", "share well formed", [("thought_format_rate", None), ("critique_format_rate", None)]),
+        ("KL to the base policy", "KL", [("text_kl", None), ("image_kl", None)]),
+        ("clip fraction", "fraction clipped", [("text_clip_frac", None), ("image_clip_frac", None)]),
+        ("ratio spread (std of the ratio)", "std", [("text_ratio_std", None), ("image_ratio_std", None)]),
+        ("reward spread within groups", "mean group std", [(k, None) for k in
+                                                            sorted({k for r in rows for k in r if k.startswith("spread_")})]),
+        ("gradient norm (before clipping)", "norm", [("grad_norm", None)]),
+    ]
+    ncol = 4
+    nrow = (len(panels) + ncol - 1) // ncol
+    fig, axes = plt.subplots(nrow, ncol, figsize=(4.2 * ncol, 3.1 * nrow), squeeze=False)
+    for ax, (title, ylabel, what) in zip(axes.flat, panels):
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("step")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        if what == "eval_categories":
+            cats = [c for c in CATEGORY_ORDER if any(c in (r.get("think") or {}).get("accuracy", {}) for _, r in evals)]
+            for i, c in enumerate(cats):
+                pts = [(s, r["think"]["accuracy"][c]) for s, r in evals if c in (r.get("think") or {}).get("accuracy", {})]
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color=colors[i % len(colors)], label=c, ms=4)
+            ax.set_ylim(-0.02, 1.02)
+        elif what == "eval_modes":
+            modes = [m for m in ("plain", "think", "think+reflect") if any(m in r for _, r in evals)]
+            for i, m in enumerate(modes):
+                pts = [(s, r[m]["overall"]) for s, r in evals if m in r]
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color=colors[i], label=m, ms=4)
+            ax.set_ylim(-0.02, 1.02)
+        else:
+            for i, (key, task) in enumerate(what):
+                x, y = _series(rows, key, task)
+                label = key.replace("spread_", "") + (f" ({task})" if task and len(kinds) > 1 else "")
+                _line(ax, x, y, label, colors[i % len(colors)], "x" if task == "srr" else "o")
+            if what and what[0][0] == "critique_format_rate" or title.startswith("format"):
+                for s, r in evals:  # the held-out critiques' format at each evaluation with reflection
+                    v = (r.get("think+reflect") or {}).get("critique_format_rate")
+                    if v is not None:
+                        ax.scatter([s], [v], marker="D", color="black", s=22, zorder=3)
+                ax.scatter([], [], marker="D", color="black", s=22, label="held-out critiques")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7, loc="best")
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    fig.suptitle(f"GRPO run: {last} steps (points: each step; lines: moving average over 9)", fontsize=11)
+    fig.tight_layout()
+    path = os.path.join(out_dir, name)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return {"training curves": path}
+
+
+def image_grid(path: str, rows: List[List[np.ndarray]], captions: Sequence[str], row_labels: Sequence[str],
+               title: Optional[str] = None) -> str:
+    """rows x columns of images, each with its column's caption (the prompt) under it."""
+    plt = _plt()
+    n_r, n_c = len(rows), len(rows[0])
+    fig, axes = plt.subplots(n_r, n_c, figsize=(1.9 * n_c, 2.25 * n_r), squeeze=False)
+    for i in range(n_r):
+        for j in range(n_c):
+            ax = axes[i][j]
+            ax.imshow(rows[i][j], interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_xlabel("\n".join(textwrap.wrap(captions[j], 22)), fontsize=7)
+            if j == 0:
+                ax.set_ylabel(row_labels[i], fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
     return path
 
 
+# ---- tables ----------------------------------------------------------------------------------------
 def before_after_table(before: Dict[str, Dict], after: Dict[str, Dict]) -> str:
     lines = ["| mode | overall before | overall after | change | implicit before | implicit after | reward before | reward after |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
@@ -73,20 +166,106 @@ def before_after_table(before: Dict[str, Dict], after: Dict[str, Dict]) -> str:
     return "\n".join(lines)
 
 
+def category_change_table(before: Dict[str, Dict], after: Dict[str, Dict]) -> str:
+    """Per category and mode: before -> after (change); the share of the overall gain each of the
+    six GenEval categories supplies."""
+    modes = [m for m in before if m in after and before[m].get("accuracy")]
+    if not modes:
+        return ""
+    lines = ["| category | " + " | ".join(modes) + " |", "|---|" + "---|" * len(modes)]
+    for c in CATEGORY_ORDER:
+        cells = []
+        for m in modes:
+            b, a = before[m]["accuracy"].get(c), after[m]["accuracy"].get(c)
+            cells.append("-" if b is None or a is None else f"{b:.2f} -> {a:.2f} ({a - b:+.2f})")
+        lines.append(f"| {c} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def learning_summary(before: Dict[str, Dict], after: Dict[str, Dict]) -> Dict[str, Dict]:
+    """Per mode: overall change, categories improved (of 7), the largest share of the overall gain
+    one GenEval category supplies (its change / 6 over the overall change)."""
+    out = {}
+    for m in before:
+        if m not in after or not before[m].get("accuracy"):
+            continue
+        b, a = before[m]["accuracy"], after[m]["accuracy"]
+        d = {c: a[c] - b[c] for c in b if c in a}
+        gain = after[m]["overall"] - before[m]["overall"]
+        six = [c for c in d if c != "implicit"]
+        top = max(six, key=lambda c: d[c]) if six else None
+        out[m] = {"gain": gain, "improved": sum(v > 0 for v in d.values()), "categories": len(d),
+                  "top_category": top, "top_share": (d[top] / len(six) / gain) if top and gain > 0 else None,
+                  "implicit_change": d.get("implicit")}
+    return out
+
+
+def hacking_flags(before: Optional[Dict], after: Optional[Dict]) -> List[str]:
+    """Flags of the reward-hacking watch: held-out Q down by more than Q_DROP, critiques well formed
+    less often than before, more images with extra objects."""
+    flags = []
+    if not before or not after:
+        return flags
+    for m in before:
+        b, a = before[m], after.get(m)
+        if not a:
+            continue
+        if b.get("quality") is not None and a.get("quality") is not None and a["quality"] < b["quality"] - Q_DROP:
+            flags.append(f"{m}: held-out Q fell {b['quality']:.3f} -> {a['quality']:.3f} (more than {Q_DROP})")
+        if b.get("critique_format_rate") is not None and a.get("critique_format_rate") is not None \
+                and a["critique_format_rate"] < b["critique_format_rate"]:
+            flags.append(f"{m}: critiques well formed less often than before "
+                         f"({b['critique_format_rate']:.3f} -> {a['critique_format_rate']:.3f})")
+        if b.get("extra_objects_frac") is not None and a.get("extra_objects_frac") is not None \
+                and a["extra_objects_frac"] > b["extra_objects_frac"] + Q_DROP:
+            flags.append(f"{m}: more images with more objects than asked "
+                         f"({b['extra_objects_frac']:.3f} -> {a['extra_objects_frac']:.3f})")
+    return flags
+
+
+def watch_table(before: Dict[str, Dict], after: Dict[str, Dict]) -> str:
+    keys = [("semantic", "S"), ("quality", "Q"), ("extra_objects_frac", "more objects than asked"),
+            ("critique_format_rate", "critiques well formed"), ("critique_intended_rate", "drawing critiques: intended prompt")]
+    lines = ["| mode | " + " | ".join(k[1] for k in keys) + " |", "|---|" + "---:|" * len(keys)]
+    for m in before:
+        if m not in after:
+            continue
+        cells = []
+        for k, _ in keys:
+            b, a = before[m].get(k), after[m].get(k)
+            cells.append("-" if b is None or a is None else f"{b:.3f} -> {a:.3f}")
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def write_report(out_dir: str, cfg: Dict, before: Optional[Dict], after: Optional[Dict], rows: List[Dict],
                  periodic: List[Dict], files: Dict[str, str], elapsed_s: float, modes_table=None) -> str:
     """modes_table(results) -> Markdown: the task's results table (Task.results_table)."""
     modes_table = modes_table or (lambda r: "```json\n" + json.dumps(r, indent=1) + "\n```")
     path = os.path.join(out_dir, "report.md")
     suite = ("Evaluation: the held-out file's prompts scored by the server's reward, ODE, fixed seeds."
-              if cfg.get("heldout_file") else
-              f"Evaluation: the held-out suite of task {cfg.get('prompt_task', 'shapes')!r} (ShapesWorld: GenEval "
-              "rule), ODE, the split's fixed seeds.")
+             if cfg.get("heldout_file") else
+             f"Evaluation: the held-out suite of task {cfg.get('prompt_task', 'shapes')!r} (ShapesWorld: GenEval "
+             "rule), ODE, the split's fixed seeds.")
     parts = ["# GRPO run report", "",
              f"Steps: {rows[-1]['step'] if rows else 0} of {cfg['max_steps']}, task {cfg['task']}, G = {cfg['group_size']}, "
-             f"{cfg['prompts_per_step']} prompts per step, wall time {elapsed_s / 60:.1f} min. " + suite, ""]
+             f"{cfg['prompts_per_step']} prompts per step, seed {cfg.get('seed')}, wall time {elapsed_s / 60:.1f} min. " + suite, ""]
     if before and after:
         parts += ["## Before / after", "", before_after_table(before, after), ""]
+        cat = category_change_table(before, after)
+        if cat:
+            summary = learning_summary(before, after)
+            parts += ["Per category, before -> after (change):", "", cat, ""]
+            for m, s in summary.items():
+                share = "-" if s["top_share"] is None else f"{s['top_share']:.2f}"
+                parts.append(f"- {m}: overall {s['gain']:+.3f}; {s['improved']} of {s['categories']} categories improved; "
+                             f"largest share of the gain from one category: {share} ({s['top_category']})")
+            parts.append("")
+        flags = hacking_flags(before, after)
+        parts += ["## Reward-hacking watch", "", watch_table(before, after), "",
+                  ("**Flagged:**\n\n" + "\n".join(f"- {f}" for f in flags)) if flags else
+                  f"No flags (held-out Q within {Q_DROP} of before, critiques well formed at least as often, "
+                  "no rise in images with extra objects).", ""]
     if before:
         parts += ["## Before (base policy)", "", modes_table(before), ""]
     if after:

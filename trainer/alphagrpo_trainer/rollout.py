@@ -45,6 +45,28 @@ class Rollouts:
     stage1_rewards: Optional[torch.Tensor] = None  # SRR: [P, G1]
     seeds: List[int] = field(default_factory=list)  # request seeds (for the record)
 
+    def groups(self, idx: Sequence[int]) -> "Rollouts":
+        """The rollouts of the prompts (groups) idx, in that order."""
+        G = self.rewards.shape[1]
+        rows = [p * G + g for p in idx for g in range(G)]
+        ix = torch.tensor(list(idx), dtype=torch.long)
+        pick = lambda t: None if t is None else t[ix]  # noqa: E731
+        return Rollouts(self.kind, [self.prompts[p] for p in idx], [self.samples[i] for i in rows], self.rewards[ix],
+                        self.raw_rewards[ix], self.semantic[ix], self.quality[ix], [self.addresses[i] for i in rows],
+                        None if self.reflect_images is None else [self.reflect_images[i] for i in rows],
+                        pick(self.stage1_rewards), list(self.seeds))
+
+    @staticmethod
+    def cat(parts: Sequence["Rollouts"]) -> "Rollouts":
+        """The groups of several Rollouts of one kind, one after another."""
+        a = parts[0]
+        cat = lambda name: None if getattr(a, name) is None else torch.cat([getattr(r, name) for r in parts])  # noqa: E731
+        return Rollouts(a.kind, [p for r in parts for p in r.prompts], [s for r in parts for s in r.samples],
+                        cat("rewards"), cat("raw_rewards"), cat("semantic"), cat("quality"),
+                        [x for r in parts for x in r.addresses],
+                        None if a.reflect_images is None else [x for r in parts for x in r.reflect_images],
+                        cat("stage1_rewards"), [s for r in parts for s in r.seeds])
+
 
 def to_sample(g, think: bool, reflect: bool = False) -> Sample:
     """A wire sample (alphagrpo_serve.client.GeneratedImage with trajectory and the settings the

@@ -28,12 +28,13 @@ from alphagrpo_serve.tasks import load_task
 
 from .config import TrainConfig, config_yaml
 from .data import PromptSource, shard
-from .evaluation import EVAL_MODES, draw_grid, evaluate_file, modes_for, read_heldout_file
+from .evaluation import EVAL_MODES, cached_evaluation, draw_grid, evaluate_file, modes_for, read_heldout_file
 from .fsdp import average_grads, clip_grad_norm, gathered
 from .loss import grpo_backward
-from .report import before_after_table, plot_curves, write_report
+from .report import before_after_table, plot_panels, write_report
 from .rollout import RolloutRunner, Rollouts
 from .servers import ServerPool
+from .shaping import Refiller, format_flags, shaped_rewards, step_stats
 
 
 def policy_device(cfg: TrainConfig) -> str:
@@ -81,6 +82,7 @@ class Trainer:
         self.pool = ServerPool(addresses, cfg.server_timeout_s, cfg.server_retries, cfg.server_backoff_s,
                                offset=self.rank)
         self.runner = RolloutRunner(self.pool, cfg)
+        self.refiller = Refiller(cfg, self.world) if cfg.dynamic_sampling else None
         self.step = 0
         self.history: List[Dict] = []  # per-step metrics (rank 0)
         self.periodic: List[Dict] = []  # periodic evaluations
@@ -274,7 +276,8 @@ class Trainer:
             return None
         prompts = self.task.grid_prompts() if self.heldout is None else [r["prompt"] for r in self.heldout[:6]]
         with torch.no_grad():
-            return draw_grid(self.policy, os.path.join(self.out, name), prompts, range(4), self.eval_sampling())
+            return draw_grid(self.policy, os.path.join(self.out, name), prompts, range(4), self.eval_sampling(),
+                             title=f"{name.rsplit('.', 1)[0].replace('_', ' ')} (step {self.step}; think mode, ODE, greedy thoughts)")
 
     # ---- one step ---------------------------------------------------------------------------------------
     def rollouts(self, inp: Dict) -> Rollouts:
@@ -292,9 +295,16 @@ class Trainer:
         inp = self.step_inputs(self.step)
         roll = self.rollouts(inp)
         t_roll = time.time() - t0
+        # format reward, then dynamic sampling (shaping.py); advantages come from the shaped rewards
+        ok, has = format_flags(self.task, roll)
+        rewards = shaped_rewards(c, roll, ok)
+        refilled = 0
+        if self.refiller is not None:
+            roll, rewards, ok, has, refilled = self.refiller.refill(self, inp, roll, rewards, ok, has)
+        t_roll = time.time() - t0
         t_gen, t_ver = self.runner.timing.pop("generate", 0.0), self.runner.timing.pop("verify", 0.0)
         # advantages over the whole batch (all ranks), then this rank's rows
-        rewards_all = self._gather_rewards(roll.rewards)
+        rewards_all = self._gather_rewards(rewards)
         adv_all = kernels.grpo_advantages(rewards_all, std_scope=c.adv_std_scope, clip=c.adv_clip)
         P = roll.rewards.shape[0]
         adv = adv_all[self.rank * P:(self.rank + 1) * P].reshape(-1)
@@ -318,6 +328,9 @@ class Trainer:
                     p.grad = torch.zeros_like(p)
             if samples:
                 lm = grpo_backward(self.policy, samples, adv[keep], c, refl, self.ref)
+                if u == 0:  # the recompute's deviation from the record is measured before any update
+                    gap = {k: lm[k] for k in ("image_logp_dev", "text_logp_dev") if k in lm}
+                lm.update(gap)
             if self.distributed:
                 average_grads(self.params, self.world)  # FSDP-sharded gradients are averaged already
             gnorm = clip_grad_norm(self.params, c.grad_clip)
@@ -338,7 +351,8 @@ class Trainer:
              "reward_quality": float(roll.quality.mean()), "grad_norm": gnorm, "lr": self.lr_at(self.step - 1),
              "off_policy_count": float(len(off)), "dropped_count": float(len(roll.samples) - len(keep)),
              "time_generate_s": t_gen, "time_verify_s": t_ver, "time_rollout_s": t_roll, "time_train_s": t_train,
-             "time_push_s": t_push, **lm}
+             "time_push_s": t_push, "reward_shaped_mean": float(rewards.mean()), "refilled_count": float(refilled),
+             **step_stats(self.task, roll, rewards, ok, has, c.dynamic_min_std), **lm}
         if roll.kind == "srr":
             m["srr_stage1_mean"] = float(roll.stage1_rewards.mean())
             m["srr_improved_frac"] = float((roll.raw_rewards > roll.stage1_rewards.min(1, keepdim=True).values).float().mean())
@@ -384,7 +398,7 @@ class Trainer:
                 f.write(config_yaml(c))
             if self.before is None and c.max_steps > 0:
                 self.log("evaluating the base policy on the held-out split ...")
-                self.before = self.evaluate(limit=c.eval_final_limit)
+                self.before = cached_evaluation(c, self.policy, lambda: self.evaluate(limit=c.eval_final_limit))
                 if self.before is None:
                     self.log(f"task {c.prompt_task!r} has no held-out suite and no heldout_file is set: no evaluation")
                 else:
@@ -437,7 +451,7 @@ class Trainer:
             grid_after = self.grid("grid_after.png")
             if grid_after:
                 files["grid after training"] = grid_after
-            files["reward curve"] = plot_curves(self.history, os.path.join(self.out, "reward_curve.png"))
+            files.update(plot_panels(self.out, self.history, self.periodic, self.before, after))
             files["metrics (JSONL)"] = metrics_path
             files["checkpoint"] = self.ckpt_path
             weights = saved or self.policy.save(os.path.join(self.out, "policy"))

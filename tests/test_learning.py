@@ -1,0 +1,160 @@
+"""The learning-side pieces of the trainer, on hand-made inputs (seconds): the format check of
+thoughts and critiques, the extra-object count, the format reward, dynamic sampling's group
+selection, Rollouts slicing, the cached before-evaluation, the reward-hacking flags and the
+matplotlib report (headless)."""
+from __future__ import annotations
+
+import os
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from alphagrpo_serve.models.base import Sample, TextSample
+from alphagrpo_serve.sampling.sampler import ImageTrajectory
+from alphagrpo_serve.shapes.evaluate import ground_truth_images
+from alphagrpo_serve.shapes.task import ShapesTask, objects_exceed, text_format
+from alphagrpo_trainer.config import TrainConfig
+from alphagrpo_trainer.evaluation import cached_evaluation
+from alphagrpo_trainer.report import hacking_flags, image_grid, learning_summary, plot_panels, smooth
+from alphagrpo_trainer.rollout import Rollouts
+from alphagrpo_trainer.shaping import Refiller, format_flags, shaped_rewards, step_stats
+
+
+def test_text_format_of_thoughts_and_critiques():
+    implicit = "a shape with no corners, coloured like the sky"
+    assert text_format(implicit, "a blue circle", False) == (True, True)
+    assert text_format(implicit, "a red circle", False) == (True, False)  # well formed, not what was asked
+    assert text_format(implicit, "a blue", False) == (False, False)
+    crit = "i see a blue circle . the circle should be red . draw a red circle"
+    assert text_format("a red circle", crit, True) == (True, True)
+    assert text_format("a red circle", "i see a red circle . it is correct", True) == (True, True)
+    assert text_format("a red circle", "i see a blue circle . the circle should be red . draw a", True) == (False, False)
+    assert text_format("a red circle", "i see a blue circle . the circle should be red", True) == (False, False)
+    assert text_format("two red circles", crit, True) == (True, False)
+
+
+def test_objects_exceed_counts_extra_copies():
+    one = ground_truth_images(["a red circle"], seeds=[0])[0]
+    two = ground_truth_images(["two red circles"], seeds=[0])[0]
+    assert objects_exceed(["a red circle", "a red circle", "two red circles"], np.stack([one, two, two])) == \
+        [False, True, False]
+
+
+def _sample(prompt, text="", reflect=False):
+    ids = [1] * len(text.split())
+    tr = ImageTrajectory(torch.zeros(2, 3, 4, 4), torch.ones(1), torch.zeros(1), torch.zeros(1))
+    return Sample(prompt, np.zeros((32, 32, 3), np.uint8), text, TextSample(ids, [0.0] * len(ids), text), tr, 0,
+                  think=bool(text), reflect=reflect)
+
+
+def _rollouts(prompts, texts, rewards, kind="rt2i"):
+    G = len(rewards[0])
+    r = torch.tensor(rewards, dtype=torch.float32)
+    samples = [_sample(p, t, kind == "srr") for p, row in zip(prompts, texts) for t in row]
+    return Rollouts(kind, list(prompts), samples, r, r.clone(), r.clone(), r.clone(), ["a"] * len(samples),
+                    None, None, [0])
+
+
+def test_format_reward_lowers_only_malformed_samples():
+    roll = _rollouts(["a shape with no corners, coloured like the sky"], [["a blue circle", "a blue", ""]],
+                     [[0.5, 0.5, 0.5]])
+    ok, has = format_flags(ShapesTask(), roll)
+    assert ok.tolist() == [[1.0, 0.0, 1.0]] and has.tolist() == [[True, True, False]]
+    cfg = TrainConfig(format_weight=0.2)
+    assert torch.allclose(shaped_rewards(cfg, roll, ok), torch.tensor([[0.5, 0.3, 0.5]]))
+    assert torch.equal(shaped_rewards(TrainConfig(), roll, ok), roll.rewards)
+    m = step_stats(ShapesTask(), roll, roll.rewards, ok, has, 0.05)
+    assert m["thought_format_rate"] == 0.5 and m["groups_flat_frac"] == 1.0 and m["spread_implicit"] == 0.0
+
+
+def test_rollouts_groups_and_cat_keep_samples_with_their_rewards():
+    roll = _rollouts(["a red circle", "a blue square", "a circle"], [["", ""]] * 3, [[0.1, 0.2], [0.3, 0.4], [0.5, 0.6]])
+    sub = roll.groups([2, 0])
+    assert sub.prompts == ["a circle", "a red circle"] and torch.allclose(sub.rewards, torch.tensor([[0.5, 0.6], [0.1, 0.2]]))
+    assert [s.prompt for s in sub.samples] == ["a circle", "a circle", "a red circle", "a red circle"]
+    both = Rollouts.cat([sub, roll.groups([1])])
+    assert both.prompts[-1] == "a blue square" and both.rewards.shape == (3, 2) and len(both.samples) == 6
+
+
+def test_dynamic_sampling_replaces_flat_groups_and_keeps_the_batch_size():
+    cfg = TrainConfig(group_size=2, prompts_per_step=3, dynamic_sampling=True, dynamic_min_std=0.05)
+    first = _rollouts(["a red circle", "a blue square", "a circle"], [["", ""]] * 3, [[0.1, 0.9], [0.5, 0.5], [0.2, 0.2]])
+    fresh = {"n": None}
+
+    def rt2i(prompts, think, seed, window):  # the refill round: one fresh group with spread, one without
+        fresh["n"] = len(prompts)
+        return _rollouts(prompts, [["", ""]] * len(prompts), [[0.0, 1.0], [0.3, 0.31]][:len(prompts)])
+
+    trainer = SimpleNamespace(rank=0, task=ShapesTask(), runner=SimpleNamespace(rt2i=rt2i))
+    ref = Refiller(cfg, world=1)
+    inp = {"step": 4, "task": "rt2i", "seeds": [100], "window": (0, 2)}
+    ok = torch.ones(3, 2)
+    has = torch.zeros(3, 2, dtype=torch.bool)
+    roll, r, ok2, has2, replaced = ref.refill(trainer, inp, first, first.rewards, ok, has)
+    assert fresh["n"] == 2 and r.shape == (3, 2) and len(roll.samples) == 6
+    # both groups with spread first, then the widest of the rest (the fresh 0.3/0.31 beats the flat originals)
+    assert r.std(1, unbiased=False).tolist() == pytest.approx([0.4, 0.5, 0.005], abs=1e-6) and replaced == 2
+    assert roll.prompts[0] == "a red circle" and [s.prompt for s in roll.samples[:2]] == ["a red circle"] * 2
+    # a batch without flat groups is left alone and draws nothing
+    fresh["n"] = None
+    assert ref.refill(trainer, inp, first.groups([0]), first.rewards[:1], ok[:1], has[:1])[4] == 0 and fresh["n"] is None
+    # the refill prompts depend only on (seed, step, rank) and are training prompts
+    assert Refiller(cfg, 1).fresh(4, 0, 2) == ref.fresh(4, 0, 2)
+
+
+def test_cached_evaluation_runs_once_per_weights_and_settings(tmp_path):
+    from alphagrpo_trainer.evaluation import weights_digest
+
+    from test_trainer import small_policy
+
+    pol = small_policy()
+    calls = []
+    cfg = TrainConfig(eval_cache=str(tmp_path), eval_final_limit=7)
+    run = lambda: calls.append(1) or {"plain": {"overall": 0.25}}  # noqa: E731
+    assert cached_evaluation(cfg, pol, run) == {"plain": {"overall": 0.25}}
+    assert cached_evaluation(cfg, pol, run) == {"plain": {"overall": 0.25}} and len(calls) == 1
+    cached_evaluation(TrainConfig(eval_cache=str(tmp_path), eval_final_limit=8), pol, run)  # other settings
+    assert len(calls) == 2
+    d0 = weights_digest(pol)
+    with torch.no_grad():
+        pol.trainable_parameters()[0].add_(1e-3)
+    assert weights_digest(pol) != d0  # other weights: another key
+    cached_evaluation(cfg, pol, run)
+    assert len(calls) == 3
+    assert cached_evaluation(TrainConfig(), pol, run) and len(calls) == 4  # no cache folder: always evaluates
+
+
+def _evals(q, crit, extra, acc):
+    cats = ["single_object", "two_object", "counting", "colors", "position", "color_attr", "implicit"]
+    res = {"accuracy": dict(zip(cats, acc)), "overall": float(np.mean(acc[:6])), "mean_reward": 0.5, "semantic": 0.5,
+           "quality": q, "extra_objects_frac": extra}
+    return {"think": dict(res), "think+reflect": dict(res, critique_format_rate=crit)}
+
+
+def test_hacking_flags_and_learning_summary():
+    before = _evals(0.85, 0.9, 0.2, [0.3, 0.3, 0.3, 0.7, 0.1, 0.3, 0.5])
+    fine = _evals(0.83, 0.9, 0.22, [0.6, 0.4, 0.4, 0.8, 0.2, 0.4, 0.6])
+    assert hacking_flags(before, fine) == []
+    hacked = _evals(0.70, 0.5, 0.5, [0.9, 0.3, 0.3, 0.7, 0.1, 0.3, 0.5])
+    flags = hacking_flags(before, hacked)
+    assert any("Q fell" in f for f in flags) and any("critiques" in f for f in flags) and any("more objects" in f for f in flags)
+    s = learning_summary(before, hacked)["think"]
+    assert s["top_category"] == "single_object" and s["top_share"] == pytest.approx(1.0) and s["improved"] == 1
+    s = learning_summary(before, fine)["think"]
+    assert s["improved"] == 7 and s["top_share"] == pytest.approx((0.3 / 6) / s["gain"])
+
+
+def test_report_figures_render_headless(tmp_path):
+    rows = [{"step": i + 1, "task": "rt2i" if i < 6 else "srr", "reward_mean": 0.5 + 0.01 * i, "reward_semantic": 0.5,
+             "reward_quality": 0.8, "text_kl": 0.0, "image_kl": 0.001 * i, "spread_colors": 0.1,
+             "critique_format_rate": 0.9, "grad_norm": 0.1} for i in range(10)]
+    ev = _evals(0.85, 0.9, 0.2, [0.3] * 7)
+    files = plot_panels(str(tmp_path), rows, [{"step": 5, "results": ev}], ev, ev)
+    assert os.path.getsize(files["training curves"]) > 10_000
+    img = np.zeros((32, 32, 3), np.uint8)
+    path = image_grid(str(tmp_path / "g.png"), [[img, img]] * 2, ["a red circle", "a shape with no corners, coloured like the sky"],
+                      ["seed 0", "seed 1"], "before")
+    assert os.path.getsize(path) > 1000
+    assert smooth([0.0, 1.0, 0.0, 1.0, 0.0], 3).tolist() == pytest.approx([0.5, 1 / 3, 2 / 3, 1 / 3, 0.5])
