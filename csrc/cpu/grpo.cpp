@@ -20,6 +20,69 @@ int aggregation_code(const std::string& name) {
   return kSeqMeanTokenSumNorm;
 }
 
+// ---- group advantages -----------------------------------------------------------------------------
+// Sums in double with kAdvLanes independent accumulators (so the loops vectorise without
+// reassociating anything); the output loop multiplies by 1 / denominator (within an ulp of double
+// of the division, before rounding to the output type).
+constexpr int kAdvLanes = 8;
+
+template <typename T>
+inline __attribute__((always_inline)) double lane_sum(const T* p, int64_t n, double shift, bool square) {
+  double acc[kAdvLanes] = {};
+  int64_t i = 0;
+  for (; i + kAdvLanes <= n; i += kAdvLanes) {
+    for (int j = 0; j < kAdvLanes; ++j) {
+      const double d = static_cast<double>(load_acc(p, i + j)) - shift;
+      acc[j] += square ? d * d : d;
+    }
+  }
+  for (; i < n; ++i) {
+    const double d = static_cast<double>(load_acc(p, i)) - shift;
+    acc[0] += square ? d * d : d;
+  }
+  for (int w = kAdvLanes / 2; w > 0; w /= 2) {
+    for (int j = 0; j < w; ++j) acc[j] += acc[j + w];
+  }
+  return acc[0];
+}
+
+template <typename T>
+inline __attribute__((always_inline)) void advantages_body(const T* r,      // [P, G]
+                                                           acc_t<T>* out,   // [P, G]
+                                                           int64_t P, int64_t G, int scope, double eps, double lo,
+                                                           double hi) {
+  const int64_t n = P * G;
+  std::vector<double> mean(P);
+  double total = 0;
+  for (int64_t i = 0; i < P; ++i) {
+    const double s = lane_sum(r + i * G, G, 0.0, false);
+    mean[i] = s / static_cast<double>(G);
+    total += s;
+  }
+  const double batch_mean = total / static_cast<double>(n);
+  const double batch_inv = scope == 1 ? 1.0 / (std::sqrt(lane_sum(r, n, batch_mean, true) / n) + eps) : 1.0;
+  for (int64_t i = 0; i < P; ++i) {
+    const T* g = r + i * G;
+    const double m = mean[i];
+    const double inv = scope == 0 ? 1.0 / (std::sqrt(lane_sum(g, G, m, true) / G) + eps) : batch_inv;
+    for (int64_t j = 0; j < G; ++j) {
+      const double a = (static_cast<double>(load_acc(g, j)) - m) * inv;
+      out[i * G + j] = static_cast<acc_t<T>>(a < lo ? lo : (a > hi ? hi : a));
+    }
+  }
+}
+
+// float32 rewards (the usual case) get AVX-512 / AVX2 clones picked at load time.
+__attribute__((target_clones("avx512f", "avx2", "default"))) void advantages(const float* r, float* out, int64_t P,
+                                                                            int64_t G, int scope, double eps,
+                                                                            double lo, double hi) {
+  advantages_body(r, out, P, G, scope, eps, lo, hi);
+}
+template <typename T>
+void advantages(const T* r, acc_t<T>* out, int64_t P, int64_t G, int scope, double eps, double lo, double hi) {
+  advantages_body(r, out, P, G, scope, eps, lo, hi);
+}
+
 template <typename T>
 Tensor4 token_loss_impl(const Tensor& logits, const Tensor& tokens, const Tensor& advantages, const Tensor& mask,
                         const std::optional<Tensor>& old_logp, const std::optional<Tensor>& ref_logp,
@@ -115,44 +178,10 @@ Tensor grpo_advantages_cpu(const Tensor& rewards, const std::string& std_scope, 
   const int64_t P = r.size(0), G = r.size(1);
   auto out = at::empty({P, G}, r.options().dtype(r.scalar_type() == at::kDouble ? at::kDouble : at::kFloat));
   const int scope = std_scope == "group" ? 0 : (std_scope == "batch" ? 1 : 2);
+  const double lo = clip ? -*clip : -INFINITY, hi = clip ? *clip : INFINITY;
   dispatch_floating(r.scalar_type(), "grpo_advantages", [&](auto tag) {
     using T = typename decltype(tag)::type;
-    using A = acc_t<T>;
-    const T* rp = r.data_ptr<T>();
-    A* op = out.data_ptr<A>();
-    // one pass for the group means and the batch sums, accumulated in double
-    std::vector<double> mean(P);
-    double batch_sum = 0, batch_sq = 0;
-    for (int64_t i = 0; i < P; ++i) {
-      double s = 0;
-      for (int64_t j = 0; j < G; ++j) s += static_cast<double>(load_acc(rp, i * G + j));
-      mean[i] = s / G;
-      batch_sum += s;
-    }
-    const double batch_mean = batch_sum / static_cast<double>(P * G);
-    for (int64_t k = 0; k < P * G; ++k) {
-      const double d = static_cast<double>(load_acc(rp, k)) - batch_mean;
-      batch_sq += d * d;
-    }
-    const double batch_std = std::sqrt(batch_sq / static_cast<double>(P * G));
-    const double lo = clip ? -*clip : -INFINITY, hi = clip ? *clip : INFINITY;
-    for (int64_t i = 0; i < P; ++i) {
-      double denom = 1.0;
-      if (scope == 0) {
-        double var = 0;
-        for (int64_t j = 0; j < G; ++j) {
-          const double d = static_cast<double>(load_acc(rp, i * G + j)) - mean[i];
-          var += d * d;
-        }
-        denom = std::sqrt(var / G) + eps;
-      } else if (scope == 1) {
-        denom = batch_std + eps;
-      }
-      for (int64_t j = 0; j < G; ++j) {
-        const double a = (static_cast<double>(load_acc(rp, i * G + j)) - mean[i]) / denom;
-        op[i * G + j] = static_cast<A>(a < lo ? lo : (a > hi ? hi : a));
-      }
-    }
+    advantages(r.data_ptr<T>(), out.data_ptr<acc_t<T>>(), P, G, scope, eps, lo, hi);
   });
   return out;
 }
