@@ -81,5 +81,7 @@ echo "== grpo_linear_token_loss at 16 x 1,024 x 3,584 x 151,936 bf16, every prov
 echo "   peak extra MiB, and ms <= liger's)"
 grep -E "liger provider skipped" "$OUT_DIR/kernels.log" || true
 grep -E "^\| grpo_linear_token_loss" "$OUT_DIR/kernels.log" || echo "no grpo_linear_token_loss rows (see $OUT_DIR/kernels.log)"
+echo "== BAGEL on cuda: tiny checkpoint served in bf16 (Generate, Reflect, UpdateWeights) + one train step"
+bash benchmarks/gpu_bagel.sh 2>&1 | tee "$OUT_DIR/gpu_bagel.log" | tail -8; [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 echo "== summary: tests $(tail -1 "$OUT_DIR/gpu_tests.log"); exit status $status"
 exit $status
