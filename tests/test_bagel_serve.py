@@ -95,11 +95,16 @@ def test_generate_reflect_update_weights_and_model_info(bagel_server):
 
 
 def train(tmp, addr, path, name, ranks=1, **kw):
+    """`alphagrpo train` (RT2I step, then SRR step) on ShapesWorld prompts from a file, rewarded by the
+    server; no held-out file, so no evaluation (the trainer's evaluations are tested on the tiny UMM)."""
     out = tmp / name
+    prompts = tmp / f"{name}.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in
+                               ("a red circle", "a blue square to the left of a yellow triangle", "two green triangles")))
     cfg = dict(task="mixed", mixed_rt2i_steps=1, group_size=2, prompts_per_step=2, steps=4, sde_window_size=2,
-               sde_window_range=[0, 4], max_thought_tokens=4, max_steps=2, checkpoint_every=2, eval_final_limit=1,
-               eval_steps=2, eval_srr=False, lr=1e-3, policy={"name": "bagel", "path": path},
-               prompt_task="shapes", out_dir=str(out), **kw)
+               sde_window_range=[0, 4], max_thought_tokens=4, max_steps=2, checkpoint_every=2, lr=1e-3,
+               policy={"name": "bagel", "path": path}, prompt_task="open", prompts_file=str(prompts),
+               out_dir=str(out), **kw)
     (tmp / f"{name}.yaml").write_text(yaml.safe_dump(cfg))
     launch = [sys.executable] if ranks == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                                    "--nproc_per_node", str(ranks)]
@@ -127,7 +132,7 @@ def test_train_rt2i_and_srr_steps_against_a_bagel_server(bagel_server, one_rank_
         assert r["image_logp_dev"] < 1e-4 and r["text_logp_dev"] < 1e-4, r
     with Client(addr) as c:
         assert c.model_info().policy_version >= v0 + 3  # the first push, then one per step
-    assert (out / "policy" / "ema.safetensors").exists() and (out / "eval_after.json").exists()
+    assert (out / "policy" / "ema.safetensors").exists() and (out / "report.md").exists()
 
 
 def test_fsdp_two_ranks_give_the_weights_of_one_rank(bagel_server, one_rank_run, tmp_path):
