@@ -31,11 +31,11 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [REPO, os.path.join(REPO, "trainer"), os.path.join(REPO, "tools"), os.path.dirname(__file__)]
 
+import make_tiny_bagel  # noqa: E402
 import numpy as np  # noqa: E402
+import results  # noqa: E402
 import torch  # noqa: E402
 
-import make_tiny_bagel  # noqa: E402
-import results  # noqa: E402
 from alphagrpo_serve.client import Client  # noqa: E402
 
 PROMPTS = ["a red circle", "a blue square to the left of a yellow triangle", "three green triangles",
@@ -119,8 +119,9 @@ def mid_size_checkpoint(out: str) -> str:
 
 
 def push_throughput(path: str, rounds: int, log) -> dict:
-    from alphagrpo_serve.models.bagel.policy import BagelPolicy
     from alphagrpo_trainer.servers import LocalServer
+
+    from alphagrpo_serve.models.bagel.policy import BagelPolicy
 
     local = BagelPolicy.load(path)
     full = local.export_weights()

@@ -99,8 +99,8 @@ def train(tmp, addr, path, name, ranks=1, **kw):
     server; no held-out file, so no evaluation (the trainer's evaluations are tested on the tiny UMM)."""
     out = tmp / name
     prompts = tmp / f"{name}.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in
-                               ("a red circle", "a blue square to the left of a yellow triangle", "two green triangles")))
+    rows = ("a red circle", "a blue square to the left of a yellow triangle", "two green triangles")
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in rows))
     cfg = dict(task="mixed", mixed_rt2i_steps=1, group_size=2, prompts_per_step=2, steps=4, sde_window_size=2,
                sde_window_range=[0, 4], max_thought_tokens=4, max_steps=2, checkpoint_every=2, lr=1e-3,
                policy={"name": "bagel", "path": path}, prompt_task="open", prompts_file=str(prompts),
