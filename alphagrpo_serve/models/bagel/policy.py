@@ -404,6 +404,9 @@ class BagelPolicy(Policy):
         with torch.no_grad():
             if lora:
                 targets = peft_lora.wire_names(self.model)
+                for name, (layer, which) in targets.items():  # adapters not sent keep their effect at scale 1
+                    if which == "B" and name not in tensors:
+                        peft_lora.adapter_weight(layer, "B").mul_(peft_lora.scale_of(layer))
                 for name, t in tensors.items():
                     layer, which = targets[name]
                     peft_lora.adapter_weight(layer, which).copy_(t)
