@@ -292,6 +292,11 @@ def advantages_cases(groups, G, device):
 def run(args) -> list:
     device = torch.device(args.device)
     repeats = 3 if args.quick else args.repeats
+    if device.type == "cpu":
+        # glibc serves allocations above its mmap threshold (128 KiB until a larger mmapped block is
+        # freed) with fresh pages, faulted in on every call: free one 30 MiB block first so that the
+        # outputs of the first case come from the heap like those of every later case.
+        torch.empty(30 << 20, dtype=torch.uint8).fill_(0)  # freed at once
     copy_bw = copy_bandwidth_gbps(device, (64 << 20) if device.type == "cpu" else (2 << 30), repeats)
     print(f"device copy bandwidth: {copy_bw:.1f} GB/s", flush=True)
     if device.type == "cuda":
@@ -380,12 +385,17 @@ def main(argv=None):
     p.add_argument("--slow-repeats", type=int, default=3,
                    help="timed repeats of the cases that take seconds per call (grpo_linear_token_loss)")
     p.add_argument("--only", nargs="*", default=None, help="run only these ops (e.g. grpo_linear_token_loss)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch.set_num_threads for every provider (on a shared, oversubscribed machine 1 thread "
+                        "keeps OpenMP barrier waits out of the comparison)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile(reference) provider")
     p.add_argument("--json", default=None, help="where to write the rows as JSON (default benchmarks/out/kernels-<device>.json)")
     p.add_argument("--results", default=None, help="append the table with date, machine and versions to this Markdown file")
     args = p.parse_args(argv)
     if not K.have_extension():
         sys.exit(f"the native extension is not built: {K.build_info()['error']}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     rows, copy_bw = run(args)
     if args.device == "cuda":
