@@ -444,3 +444,27 @@ def test_limits_deadlines_and_cancellation():
                 assert (await busy).as_numpy("seed").tolist() == [50, 51]
 
     run(main())
+
+
+def test_reflection_lists_kserve_and_no_kserve_turns_it_off():
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    async def services(addr):
+        async with grpc.aio.insecure_channel(addr) as ch:
+            stub = reflection_pb2_grpc.ServerReflectionStub(ch)
+            responses = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+            return {svc.name async for resp in responses for svc in resp.list_services_response.service}
+
+    async def main():
+        async with running() as (_, addr):
+            assert "inference.GRPCInferenceService" in await services(addr)
+        async with running(kserve=False) as (_, addr):
+            assert "inference.GRPCInferenceService" not in await services(addr)
+            async with tca.InferenceServerClient(addr) as c:
+                with pytest.raises(InferenceServerException) as info:
+                    await c.is_server_live()
+                assert status(info.value) == "UNIMPLEMENTED"
+            async with AsyncClient(addr) as native:  # the native services are unaffected
+                assert len(await native.generate(["a red circle"], steps=2)) == 1
+
+    run(main())
