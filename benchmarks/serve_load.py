@@ -1,11 +1,14 @@
 """Server load test on loopback: closed-loop clients (each sends Generate(1 prompt x G=4, 20 steps)
 again as soon as the last answer arrives) for a fixed time, against `alphagrpo serve` with
 batching on and with batching off (max-batch = G: one request per batch), and, in the same run,
-the same model in a direct in-process batched loop at its best batch size (the ceiling).
+the same model in a direct in-process batched loop at its best batch size (the ceiling). Then the
+same closed loop through tritonclient (the KServe v2 model alphagrpo_generate) against the native
+client on one server, in alternating rounds (native, KServe, KServe, native, ...).
 
 Reports images/s, p50/p99 latency, mean batch size (from the server's metrics) and server RSS.
 
     python benchmarks/serve_load.py [--clients 1,8,64,256] [--seconds 20] [--results benchmarks/RESULTS.md]
+    python benchmarks/serve_load.py --kserve-only [--kserve-clients 64 --kserve-rounds 4]
 """
 from __future__ import annotations
 
@@ -70,6 +73,99 @@ async def closed_loop(addr: str, clients: int, seconds: float):
         await asyncio.gather(*(one(i, c) for i in range(clients)))
         elapsed = time.monotonic() - t0
     return len(lat) * G / elapsed, lat
+
+
+async def closed_loop_kserve(addr: str, clients: int, seconds: float):
+    """closed_loop's requests through tritonclient.grpc.aio and the KServe model alphagrpo_generate."""
+    import numpy as np
+    import tritonclient.grpc as tc
+    import tritonclient.grpc.aio as tca
+
+    def request(i: int):
+        ins = []
+        for name, datatype, arr in (("prompt", "BYTES", np.array([PROMPTS[i % len(PROMPTS)].encode()], dtype=object)),
+                                    ("group_size", "INT32", np.array([G], np.int32)),
+                                    ("steps", "INT32", np.array([STEPS], np.int32)), ("seed", "INT64", np.array([i]))):
+            t = tc.InferInput(name, [1], datatype)
+            t.set_data_from_numpy(arr)
+            ins.append(t)
+        return ins
+
+    lat = []
+    stop = time.monotonic() + seconds
+
+    async def one(i, c):
+        while time.monotonic() < stop:
+            t = time.monotonic()
+            (await c.infer("alphagrpo_generate", request(i), client_timeout=600)).as_numpy("image")
+            lat.append(time.monotonic() - t)
+
+    async with tca.InferenceServerClient(addr) as c:
+        await c.infer("alphagrpo_generate", request(0), client_timeout=600)  # warm-up
+        t0 = time.monotonic()
+        await asyncio.gather(*(one(i, c) for i in range(clients)))
+        elapsed = time.monotonic() - t0
+    return len(lat) * G / elapsed, lat
+
+
+async def mixed(addr: str, clients: int, seconds: float):
+    """clients / 2 native and clients / 2 tritonclient closed loops at once (their requests share
+    batches): each protocol's images/s under exactly the same load."""
+    (n_ips, n_lat), (k_ips, k_lat) = await asyncio.gather(closed_loop(addr, clients // 2, seconds),
+                                                          closed_loop_kserve(addr, clients - clients // 2, seconds))
+    return n_ips, k_ips
+
+
+def kserve_vs_native(clients: int, seconds: float, rounds: int, results_path=None):
+    """The native client and tritonclient against one server (max-batch 64), alternating rounds of
+    `seconds` (native, KServe, KServe, native, ...) so that drift in the machine's load hits both;
+    then one mixed round, half the clients on each protocol at once."""
+    port, mport = free_port(), free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "alphagrpo_serve.cli", "serve", "--port", str(port), "--max-batch",
+                             "64", "--max-wait-ms", "10", "--max-queue", "100000", "--metrics-port", str(mport)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    loops = {"native": closed_loop, "KServe (tritonclient)": closed_loop_kserve}
+    got = {name: [] for name in loops}
+    try:
+        for _ in range(20):
+            if "listening on" in proc.stdout.readline():
+                break
+        import threading
+
+        threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()  # keep the log pipe open
+        for r in range(rounds):
+            for name in (list(loops) if r % 2 == 0 else list(loops)[::-1]):
+                s0, c0 = batch_totals(mport)
+                ips, lat = asyncio.run(loops[name](f"127.0.0.1:{port}", clients, seconds))
+                s1, c1 = batch_totals(mport)
+                got[name].append((ips, lat, (s1 - s0) / max(c1 - c0, 1)))
+                print(f"round {r}: {name:22s} {clients} clients: {ips:6.1f} img/s batch {got[name][-1][2]:.1f}",
+                      flush=True)
+        mixed_ips = asyncio.run(mixed(f"127.0.0.1:{port}", clients, seconds))
+        print(f"mixed round: native {mixed_ips[0]:.1f} img/s, KServe {mixed_ips[1]:.1f} img/s", flush=True)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+    lines = ["| client | clients | images/s per round | mean images/s | p50 s | p99 s | mean batch |",
+             "|---|---:|---|---:|---:|---:|---:|"]
+    means = {}
+    for name, runs in got.items():
+        lat = sorted(x for _, ls, _ in runs for x in ls)
+        means[name] = statistics.mean(ips for ips, _, _ in runs)
+        lines.append(f"| {name} | {clients} | {', '.join(f'{ips:.1f}' for ips, _, _ in runs)} | {means[name]:.1f} | "
+                     f"{statistics.median(lat):.2f} | {lat[min(len(lat) - 1, int(0.99 * len(lat)))]:.2f} | "
+                     f"{statistics.mean(b for _, _, b in runs):.1f} |")
+    native, kserve = means.values()
+    lines += ["", f"KServe / native images/s: {100 * kserve / native:.0f}% (target >= 90%)", "",
+              f"Mixed round ({clients // 2} native + {clients - clients // 2} tritonclient clients at once, sharing "
+              f"batches): native {mixed_ips[0]:.1f} images/s, KServe {mixed_ips[1]:.1f} images/s "
+              f"(KServe / native {100 * mixed_ips[1] / mixed_ips[0]:.0f}%)"]
+    table = "\n".join(lines)
+    print(table)
+    if results_path:
+        results.append(results_path, f"Server load, native client vs tritonclient (KServe v2), Generate(1 x G={G}, "
+                                     f"{STEPS} steps), {rounds} alternating rounds of {seconds:g} s", table)
+    return kserve / native
 
 
 def ceiling(batch: int, seconds: float) -> float:
@@ -159,7 +255,14 @@ def main(argv=None):
                    help="instead: send this many requests (8 clients, --rss-steps steps) and report RSS growth after warm-up")
     p.add_argument("--rss-steps", type=int, default=2, help="sampling steps of the RSS run's requests (default 2)")
     p.add_argument("--results", default=None, help="append the table with date and machine to this Markdown file")
+    p.add_argument("--kserve-clients", type=int, default=64,
+                   help="clients of the native vs tritonclient (KServe v2) comparison (default 64; 0: skip it)")
+    p.add_argument("--kserve-rounds", type=int, default=4,
+                   help="alternating rounds of each client in that comparison (default 4)")
+    p.add_argument("--kserve-only", action="store_true", help="run only the native vs tritonclient comparison")
     args = p.parse_args(argv)
+    if args.kserve_only:
+        return kserve_vs_native(args.kserve_clients, args.seconds, args.kserve_rounds, args.results)
     if args.rss_requests:
         return rss_growth(args.rss_requests, args.rss_steps, args.results)
     clients = [int(c) for c in args.clients.split(",")]
@@ -175,6 +278,8 @@ def main(argv=None):
     print(table)
     if args.results:
         results.append(args.results, f"Server load, Generate(1 x G={G}, {STEPS} steps)", table)
+    if args.kserve_clients:
+        kserve_vs_native(args.kserve_clients, args.seconds, args.kserve_rounds, args.results)
 
 
 if __name__ == "__main__":
