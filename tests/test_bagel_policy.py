@@ -198,6 +198,9 @@ def test_greedy_text_and_canvas_rule(pol):
     assert pol.info.capabilities.canvas.max_side == 16 * pol.config.max_latent_size
     with pytest.raises(ValueError, match="height"):
         pol.resolve_sampling(dict(width=64, height=40))
+    pol.check_context([PROMPT, LONG], pol.resolve_text(), think=True, reflect=True)
+    with pytest.raises(ValueError, match=r"prompts\[1\] needs"):  # the tiny checkpoint has 4,096 positions
+        pol.check_context([PROMPT, "red " * 4000], pol.resolve_text(), think=True)
 
 
 def test_lora_on_the_generation_expert_through_peft_format(pol, tiny_bagel_dir, tmp_path):  # noqa: F811

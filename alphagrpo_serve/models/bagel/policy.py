@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from ...sampling.sampler import SamplingConfig, TextConfig, sample_images
-from ..base import CanvasRule, Capabilities, Policy, PolicyInfo, Sample, TextSample
+from ..base import CanvasRule, Capabilities, Policy, PolicyInfo, Sample, TextSample, seed_streams
 from . import lora as peft_lora
 from .cache import KVCache
 from .contexts import Branches, ContextBuilder, ImageSet, Job, extend, shared_prefill
@@ -52,8 +52,7 @@ def canvas_rule(max_latent_size: int) -> CanvasRule:
 
 def sample_seeds(seed: int) -> Tuple[int, int, int]:
     """(starting noise, SDE noise, text) generator seeds of one sample: three disjoint streams."""
-    s = int(seed) % (1 << 60)
-    return 3 * s, 3 * s + 1, 3 * s + 2
+    return seed_streams(seed, 3)
 
 
 class BagelPolicy(Policy):
@@ -188,6 +187,21 @@ class BagelPolicy(Policy):
         no_text = self._prefill([c.no_text(j) for j in jobs], images) if need_text else None
         no_image = self._prefill([c.no_image(j) for j in jobs], images) if need_image else None
         return Branches(full, no_text, no_image)
+
+    def check_context(self, prompts, text: TextConfig, think: bool, reflect: bool = False) -> None:
+        """ValueError naming prompts[i] when its context, the written text and the image would run past
+        the language model's positions (llm_config max_position_embeddings). An image segment (VAE or
+        ViT) takes one position, however many tokens it has."""
+        limit = int(getattr(self.config.llm, "max_position_embeddings", 0) or 0)
+        if not limit:
+            return
+        for i, p in enumerate(prompts):
+            job = Job(p, think or reflect, 0 if reflect else None)
+            used = sum(len(x) - 1 if x[0] == "text" else 1 for x in self.contexts.prefix(job))
+            used += (text.max_tokens + 2 if (think or reflect) else 0) + 1  # written text, the image drawn
+            if used > limit:
+                raise ValueError(f"prompts[{i}] needs {used} positions with a text budget of {text.max_tokens} "
+                                 f"tokens; the model has {limit}")
 
     # ---- text --------------------------------------------------------------------------------------
     def _sample_text(self, cache, generators: Sequence[torch.Generator], text: TextConfig) -> List[TextSample]:
