@@ -10,7 +10,7 @@ PYTEST_ARGS   ?=
 VLLM_VENV     ?= .venv-vllm
 VLLM_VERSION  ?= 0.32.0
 
-.PHONY: help venv vllm-env build test test-fast test-gpu bench demo clean
+.PHONY: help venv vllm-env build test test-fast test-gpu test-install fuzz bench demo clean
 
 help:
 	@echo "make demo        the main job: GRPO (RT2I then SRR) on ShapesWorld + the tiny UMM, then the before/after table"
@@ -20,13 +20,15 @@ help:
 	@echo "make build       (re)build the native extension in place (incremental)"
 	@echo "make bench       kernel microbenchmarks on this machine -> benchmarks/out/, benchmarks/RESULTS.md"
 	@echo "make test-gpu    GPU-marked tests only (needs CUDA)"
+	@echo "make test-install editable, wheel and sdist installs into fresh venvs, extension compiled, server started"
+	@echo "make fuzz        the long fuzz run against a real server (FUZZ_EXAMPLES per RPC; summary in benchmarks/out/)"
 	@echo "make clean       remove build products (keeps .venv)"
 	@echo "variables: PYTHON=$(PYTHON) VENV=$(VENV) TORCH_VERSION=$(TORCH_VERSION) PYTEST_ARGS=..."
 
 $(VENV)/.installed: pyproject.toml setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check "torch==$(TORCH_VERSION)"
-	$(PY) -m pip install --quiet --disable-pip-version-check setuptools wheel ninja
+	$(PY) -m pip install --quiet --disable-pip-version-check setuptools wheel ninja "grpcio-tools>=1.60"
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-build-isolation -e ".[test]"
 	touch $@
 
@@ -58,6 +60,15 @@ demo: build
 
 test-gpu: build
 	$(PY) -m pytest -q -m gpu $(PYTEST_ARGS)
+
+test-install: build
+	ALPHAGRPO_INSTALL_TESTS=full $(PY) -m pytest -q tests/test_install.py $(PYTEST_ARGS)
+
+FUZZ_EXAMPLES ?= 3000
+fuzz: build
+	mkdir -p benchmarks/out
+	ALPHAGRPO_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) ALPHAGRPO_FUZZ_REPORT=benchmarks/out/fuzz.json \
+		$(PY) -m pytest -q -s tests/test_fuzz.py $(PYTEST_ARGS)
 
 bench: build
 	$(PY) benchmarks/kernels.py

@@ -7,8 +7,13 @@ Environment switches (all optional):
   MAX_JOBS=N                parallel compile jobs (read by torch's BuildExtension; default: all cores).
   ALPHAGRPO_DEBUG=1         -O0 -g, no optimisation (for debuggers and sanitizers).
   ALPHAGRPO_PTXAS_VERBOSE=1 print ptxas register/spill reports for every CUDA kernel.
+  ALPHAGRPO_SKIP_EXTENSION=1 no native extension at all: the kernels run their PyTorch reference
+                            implementations (packaging checks, machines without a compiler).
 
 A CPU-only torch builds the CPU kernels only; a CUDA torch plus nvcc adds csrc/cuda/.
+
+Every way of installing (editable, wheel, sdist) generates the gRPC stubs alphagrpo_serve/_proto
+from protos/ first, with grpcio-tools from the build environment (a build requirement).
 """
 import glob
 import os
@@ -50,6 +55,8 @@ def cuda_archs(version):
 
 
 def _extensions():
+    if _env_flag("ALPHAGRPO_SKIP_EXTENSION"):
+        return []
     import torch
     from torch.utils.cpp_extension import CUDA_HOME, CppExtension, CUDAExtension
 
@@ -87,18 +94,59 @@ def _extensions():
     ]
 
 
+PROTO_PACKAGES = ["alphagrpo_serve._proto", "alphagrpo_serve._proto.alphagrpo", "alphagrpo_serve._proto.alphagrpo.v1"]
+
+
+def generate_stubs():
+    """alphagrpo_serve/_proto from protos/ (tools/gen_protos.py); fails loudly, naming what is missing."""
+    import importlib.util
+
+    if importlib.util.find_spec("grpc_tools") is None:
+        raise RuntimeError("alphagrpo-serve generates its gRPC stubs at build time with grpcio-tools, which the build "
+                           "environment lacks: `pip install 'grpcio-tools>=1.60'` first (with --no-build-isolation), "
+                           "or build with isolation (pyproject.toml lists it as a build requirement)")
+    subprocess.check_call([sys.executable, os.path.join(ROOT, "tools", "gen_protos.py")], stdout=subprocess.DEVNULL)
+
+
 def _cmdclass():
     from setuptools.command.build_py import build_py
-    from torch.utils.cpp_extension import BuildExtension
+    from setuptools.command.develop import develop
 
     class BuildPyWithProtos(build_py):
-        """Generates the gRPC stubs (alphagrpo_serve/_proto) from protos/ before copying the package."""
+        """Wheels (and sdists, when built): the stubs are generated, then packaged with the rest. The
+        package list was found before they existed, so their packages are added here."""
 
         def run(self):
-            subprocess.check_call([sys.executable, os.path.join(ROOT, "tools", "gen_protos.py")])
+            generate_stubs()
+            for pkg in PROTO_PACKAGES:
+                if pkg not in self.packages:
+                    self.packages.append(pkg)
             super().run()
 
-    return {"build_ext": BuildExtension.with_options(use_ninja=True), "build_py": BuildPyWithProtos}
+    class DevelopWithProtos(develop):
+        """Legacy editable installs (`setup.py develop`), which never run build_py."""
+
+        def run(self):
+            generate_stubs()
+            super().run()
+
+    cmds = {"build_py": BuildPyWithProtos, "develop": DevelopWithProtos}
+    try:  # PEP 660 editable installs run build_py but ignore its failures: generate here, where they count
+        from setuptools.command.editable_wheel import editable_wheel
+
+        class EditableWheelWithProtos(editable_wheel):
+            def run(self):
+                generate_stubs()
+                super().run()
+
+        cmds["editable_wheel"] = EditableWheelWithProtos
+    except ImportError:  # setuptools < 64: editable installs go through develop
+        pass
+    if not _env_flag("ALPHAGRPO_SKIP_EXTENSION"):
+        from torch.utils.cpp_extension import BuildExtension
+
+        cmds["build_ext"] = BuildExtension.with_options(use_ninja=True)
+    return cmds
 
 
 if __name__ == "__main__":  # setuptools runs this file as __main__; tests import it for cuda_archs

@@ -67,15 +67,20 @@ def request_settings(policy: Policy, params, limits: Limits, reflect: bool) -> T
     try:
         sc = policy.resolve_sampling(ov, reflect=reflect)
         text = policy.resolve_text(text_ov)
-    except CapabilityError:
-        raise
+    except CapabilityError as exc:  # named as the client sent it: params.cfg_img_scale ...
+        raise CapabilityError(_wire_message(exc)) from None
     except (ValueError, TypeError) as exc:
         raise BadRequest(_wire_message(exc)) from None
-    if sc.steps > limits.max_steps:
-        raise BadRequest(f"params.steps must be in [1, {limits.max_steps}], got {sc.steps}")
-    if text.max_tokens > limits.max_thought_tokens:
-        raise BadRequest(f"params.max_thought_tokens must be in [1, {limits.max_thought_tokens}], got {text.max_tokens}")
+    if sc.steps > limits.max_steps:  # unset: the policy's default is over the server's limit
+        raise BadRequest(f"params.steps is unset and the policy's default {sc.steps} exceeds the server's "
+                         f"--max-steps {limits.max_steps}: set it")
     think = bool(params.think) if not reflect else True
+    if think and text.max_tokens > limits.max_thought_tokens:
+        if "max_tokens" in text_ov:
+            raise BadRequest(f"params.max_thought_tokens must be in [1, {limits.max_thought_tokens}], "
+                             f"got {text.max_tokens}")
+        raise BadRequest(f"params.max_thought_tokens is unset and the policy's default {text.max_tokens} exceeds the "
+                         f"server's --max-thought-tokens {limits.max_thought_tokens}: set it")
     if params.think and not reflect:
         policy.require("think")
     return sc, text, think
