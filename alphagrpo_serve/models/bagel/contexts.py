@@ -37,8 +37,8 @@ from .guidance import cfg_active, cfg_combine
 
 # official inferencer.py
 GEN_THINK_SYSTEM_PROMPT = ("You should first think about the planning process in the mind and then generate the "
-                           "image. \nThe planning process is enclosed within <think> </think> tags, i.e. <think> planning "
-                           "process here </think> image here")
+                           "image. \nThe planning process is enclosed within <think> </think> tags, i.e. <think> "
+                           "planning process here </think> image here")
 
 # ours (SRR): the editing layout with a critique in place of the plan
 REFLECT_SYSTEM_PROMPT = ("You are given an image that was generated for the user's prompt. You should first examine "

@@ -100,9 +100,9 @@ def set_scale(model: nn.Module, scale: float = 1.0) -> None:
         layer.scaling[ADAPTER] = scale
 
 
-def specs_for(model: nn.Module, names: Iterable[str], dtype: torch.dtype) -> Tuple[Dict[str, tuple], List[str]]:
-    """Shapes of the adapters named (any rank, read off lora_A) for a model without LoRA: ({wire
-    name: (shape, dtype)}, problems). Names must pair A with B on a targetable layer."""
+def named_layers(model: nn.Module, names: Iterable[str]) -> Tuple[Dict[str, nn.Linear], List[str]]:
+    """The layers a set of wire names puts adapters on, for a model without LoRA: ({module name: its
+    linear}, problems). Names must pair lora_A with lora_B on a targetable layer."""
     lin = targetable(model)
     names = list(names)
     problems, modules = [], {}

@@ -386,7 +386,7 @@ class BagelPolicy(Policy):
         if len(ranks) != 1:
             raise ValueError(f"a LoRA import needs lora_A tensors of one rank, got ranks {sorted(ranks)}")
         r = ranks.pop()
-        modules, problems = peft_lora.specs_for(self.model, tensors, self.dtype)
+        modules, problems = peft_lora.named_layers(self.model, tensors)
         if problems:
             raise KeyError(problems[0])
         specs = {}
