@@ -272,3 +272,20 @@ def test_a_partial_lora_import_keeps_the_other_adapters_effect(pol):
     after = pol.export_weights(lora=True)
     for k, v in before.items():
         assert torch.allclose(after[k], layer0.get(k, v), atol=1e-6), k
+
+
+def test_training_checkpoints_layers_with_the_same_gradients(pol):
+    sc = pol.resolve_sampling(dict(steps=3, mode="sde", sde_window=(0, 2)))
+    samples = pol.generate([PROMPT, LONG], [1, 2], sc, pol.resolve_text(dict(max_tokens=3)), think=True)
+    grads = {}
+    for ckpt in (False, True):
+        pol.model.checkpoint_layers = ckpt
+        pol.train()
+        pol.model.zero_grad(set_to_none=True)
+        hidden, _, _ = pol.token_hidden(samples)
+        (pol.guided_velocity(samples, 1).square().mean() + hidden.square().mean()).backward()
+        grads[ckpt] = {n: p.grad.clone() for n, p in pol.model.named_parameters() if p.grad is not None}
+    pol.eval()
+    assert set(grads[True]) == set(grads[False])
+    for n, g in grads[False].items():
+        assert_close(grads[True][n], g, atol=1e-6, rtol=1e-5, name=n)

@@ -21,6 +21,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from .cache import KVCache
 from .images import grid_position_ids, patchify
@@ -103,8 +104,12 @@ def forward_embeds(model: BagelModel, embeds: torch.Tensor, positions: torch.Ten
     cos, sin = lm.rotary_emb(embeds, positions)
     x = embeds
     keys, values = [], []
+    # activation checkpointing (model.checkpoint_layers, while training with autograd): each layer keeps
+    # its input and recomputes its activations in the backward pass; the values are the same
+    ckpt = getattr(model, "checkpoint_layers", False) and model.training and torch.is_grad_enabled()
     for i, layer in enumerate(lm.layers):
-        x, k_all, v_all = layer(x, routing, cos, sin, mask, cache.keys[i], cache.values[i])
+        args = (x, routing, cos, sin, mask, cache.keys[i], cache.values[i])
+        x, k_all, v_all = checkpoint(layer, *args, use_reentrant=False) if ckpt else layer(*args)
         keys.append(k_all)
         values.append(v_all)
     hidden = lm.final_norm(x, routing)

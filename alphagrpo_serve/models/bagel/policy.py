@@ -68,6 +68,9 @@ class BagelPolicy(Policy):
         self.version = version
         self.contexts = ContextBuilder(self.tokenizer, self.tokens)
         self.share_prefill = True  # benchmarks switch it off to measure G prefills
+        # in train mode the recompute checkpoints each MoT layer (core.forward_embeds): activation memory of
+        # one hidden state per layer and token, the price a second forward of each layer in backward
+        self.model.checkpoint_layers = True
         self._info: Optional[PolicyInfo] = None
 
     # ---- construction ------------------------------------------------------------------------
