@@ -215,7 +215,8 @@ def test_bytes_held_by_concurrent_weight_streams_are_bounded():
 # ---- 3. floats and enums at the door ---------------------------------------------------------------------
 NAN, INF = float("nan"), float("inf")
 BAD_PARAMS = [
-    (P(cfg_scale=NAN), "params.cfg_scale"), (P(cfg_scale=INF), "params.cfg_scale"), (P(cfg_scale=-1), "params.cfg_scale"),
+    (P(cfg_scale=NAN), "params.cfg_scale"), (P(cfg_scale=INF), "params.cfg_scale"),
+    (P(cfg_scale=-1), "params.cfg_scale"),
     (P(mode=2, noise_level=NAN), "params.noise_level"), (P(mode=2, noise_level=INF), "params.noise_level"),
     (P(temperature=1e-38, think=True), "params.temperature"), (P(temperature=NAN), "params.temperature"),
     (P(top_p=0.0), "params.top_p"), (P(top_p=NAN), "params.top_p"),
@@ -224,7 +225,8 @@ BAD_PARAMS = [
     (P(cfg_img_scale=NAN), "params.cfg_img_scale"), (P(cfg_renorm_min=INF), "params.cfg_renorm_min"),
     (P(timestep_shift=0.0), "params.timestep_shift"), (P(timestep_shift=-INF), "params.timestep_shift"),
     (P(mode=7), "params.mode"), (P(mode=-1), "params.mode"),
-    (P(steps=-3), "params.steps"), (P(width=-32), "params.width"), (P(max_thought_tokens=0), "params.max_thought_tokens"),
+    (P(steps=-3), "params.steps"), (P(width=-32), "params.width"),
+    (P(max_thought_tokens=0), "params.max_thought_tokens"),
     (P(cfg_renorm_type="x" * 100_000), "params.cfg_renorm_type"),
     (P(mode=2, sde_window_start=1, sde_window_size=9, steps=4), "params.sde_window_start/sde_window_size"),
 ]
@@ -241,7 +243,8 @@ def test_every_bad_float_and_enum_is_refused_at_the_door_naming_it_on_generate_a
                     params = P(steps=2, **{f.name: v for f, v in params.ListFields()}) if not params.HasField("steps") \
                         else params
                     bad_g = stub.Generate(policy_pb2.GenerateRequest(prompts=["a red circle"], params=params))
-                    bad_r = stub.Reflect(policy_pb2.ReflectRequest(prompts=["a red circle"], images=[img], params=params))
+                    bad_r = stub.Reflect(policy_pb2.ReflectRequest(prompts=["a red circle"], images=[img],
+                                                                   params=params))
                     good = stub.Generate(policy_pb2.GenerateRequest(**GOOD))
                     (cg, dg), (cr, dr), (ok, _) = await asyncio.gather(outcome(bad_g), outcome(bad_r), outcome(good))
                     assert (cg, cr, ok) == ("INVALID_ARGUMENT", "INVALID_ARGUMENT", "OK"), (field, cg, dg, cr, dr, ok)
@@ -368,8 +371,9 @@ def test_png_bombs_are_refused_from_the_header_beside_good_requests():
                 ps, rs = policy_pb2_grpc.PolicyServiceStub(ch), reward_pb2_grpc.RewardServiceStub(ch)
                 bomb = common_pb2.Image(png=png_claiming(20000, 20000))
                 good_img = image_to_proto(np.zeros((32, 32, 3), np.uint8))
-                for req_images, field in (([bomb], "images[0]"), ([common_pb2.Image(png=png_claiming(0, 5))], "images[0]"),
-                                          ([common_pb2.Image(png=b"\x89PNG\r\n\x1a\n" + os.urandom(40))], "images[0]")):
+                zero = common_pb2.Image(png=png_claiming(0, 5))
+                junk = common_pb2.Image(png=b"\x89PNG\r\n\x1a\n" + os.urandom(40))
+                for req_images, field in (([bomb], "images[0]"), ([zero], "images[0]"), ([junk], "images[0]")):
                     (code, details), (ok, _) = await asyncio.gather(
                         outcome(ps.Reflect(policy_pb2.ReflectRequest(prompts=["a red circle"], images=req_images,
                                                                      params=P(steps=2)))),
@@ -378,8 +382,9 @@ def test_png_bombs_are_refused_from_the_header_beside_good_requests():
                     assert code == "INVALID_ARGUMENT" and details.startswith(field) and ok == "OK", (code, details)
                 item = reward_pb2.VerifyItem(prompt="a red circle", image=bomb)
                 good = reward_pb2.VerifyItem(prompt="a red circle", image=good_img)
-                (code, details), (ok, _) = await asyncio.gather(outcome(rs.Verify(reward_pb2.VerifyRequest(items=[item]))),
-                                                                outcome(rs.Verify(reward_pb2.VerifyRequest(items=[good]))))
+                (code, details), (ok, _) = await asyncio.gather(
+                    outcome(rs.Verify(reward_pb2.VerifyRequest(items=[item]))),
+                    outcome(rs.Verify(reward_pb2.VerifyRequest(items=[good]))))
                 assert code == "INVALID_ARGUMENT" and "items[0].image is 20000x20000" in details and ok == "OK", details
                 raw = common_pb2.Image(raw=common_pb2.Tensor(dtype="uint8", shape=[2000, 1, 3], data=b"\0" * 6000))
                 code, details = await outcome(rs.Verify(reward_pb2.VerifyRequest(
@@ -397,13 +402,13 @@ def test_verify_and_decompose_errors_name_their_fields():
                 rs = reward_pb2_grpc.RewardServiceStub(ch)
                 img = image_to_proto(np.zeros((32, 32, 3), np.uint8))
                 small = image_to_proto(np.zeros((8, 8, 3), np.uint8))
+                def one(prompt, image):
+                    return reward_pb2.VerifyRequest(items=[reward_pb2.VerifyItem(prompt=prompt, image=image)])
+
                 for req, start in ((reward_pb2.VerifyRequest(), "items is empty"),
-                                   (reward_pb2.VerifyRequest(items=[reward_pb2.VerifyItem(prompt="a red blob", image=img)]),
-                                    "items: cannot parse prompt"),
-                                   (reward_pb2.VerifyRequest(items=[reward_pb2.VerifyItem(prompt="a red circle", image=small)]),
-                                    "items: images must be square"),
-                                   (reward_pb2.VerifyRequest(items=[reward_pb2.VerifyItem(prompt=" ", image=img)]),
-                                    "items[0] is empty")):
+                                   (one("a red blob", img), "items: cannot parse prompt"),
+                                   (one("a red circle", small), "items: images must be square"),
+                                   (one(" ", img), "items[0] is empty")):
                     code, details = await outcome(rs.Verify(req))
                     assert code == "INVALID_ARGUMENT" and details.startswith(start), (start, details)
                     assert "prompts" not in details
@@ -440,7 +445,8 @@ def test_metrics_and_logs_record_the_code_the_client_saw(caplog):
                 await asyncio.sleep(1.0)  # the cancelled and expired calls finish on the server
                 m = server.metrics
                 assert m.count("Generate", "DEADLINE_EXCEEDED") == 1 and m.count("Generate", "CANCELLED") == 1
-                assert m.count("Generate", "INVALID_ARGUMENT") == 1 and m.count("UpdateWeights", "INVALID_ARGUMENT") == 1
+                assert m.count("Generate", "INVALID_ARGUMENT") == 1
+                assert m.count("UpdateWeights", "INVALID_ARGUMENT") == 1
                 assert m.count("Generate", "UNKNOWN") == 0 and m.count("UpdateWeights", "UNKNOWN") == 0
                 assert (await outcome(stub.Generate(policy_pb2.GenerateRequest(**GOOD))))[0] == "OK"
 
@@ -498,7 +504,8 @@ def test_the_reward_queue_is_bounded():
                 await asyncio.sleep(0.1)
                 with pytest.raises(grpc.aio.AioRpcError) as info:
                     await c.verify(["a red circle"] * 2, [img] * 2)
-                assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "reward queue" in info.value.details()
+                assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                assert "reward queue" in info.value.details(), info.value.details()
                 assert len(await c.verify(["a circle"], [img])) == 1  # one more item still fits
                 assert len(await first) == 2
                 assert len(await c.verify(["a red circle"] * 3, [img] * 3)) == 3
@@ -518,7 +525,8 @@ def test_valid_png_of_other_formats_is_not_decoded():
                 Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(buf, format="BMP")
                 code, details = await outcome(rs.Verify(reward_pb2.VerifyRequest(items=[reward_pb2.VerifyItem(
                     prompt="a red circle", image=common_pb2.Image(png=buf.getvalue()))])))
-                assert code == "INVALID_ARGUMENT" and details.startswith("items[0].image.png is not a valid PNG"), details
+                assert code == "INVALID_ARGUMENT", details
+                assert details.startswith("items[0].image.png is not a valid PNG"), details
 
     run(main())
 
