@@ -79,6 +79,7 @@ class BackgroundServer:
         self.details = collections.defaultdict(collections.Counter)  # (rpc, code) -> first words of its details
         self.rss_start = rss_mb()
         self.rss_peak = self.rss_start
+        self.rss_trace = []  # (requests so far, RSS MB), every 1,000 requests
         self.started = time.monotonic()
 
     def close(self):
@@ -106,6 +107,7 @@ def srv():
                "neighbours": dict(s.neighbours),
                "top_details": {k: dict(v.most_common(4)) for k, v in sorted(s.details.items())},
                "rss_start_mb": round(s.rss_start, 1), "rss_peak_mb": round(s.rss_peak, 1),
+               "rss_end_mb": round(rss_mb(), 1), "rss_every_1000_requests": s.rss_trace,
                "seconds": round(time.monotonic() - s.started, 1),
                "server_unknown_or_internal": sum(s.server.metrics.count(m, c) for m in
                                                  ("Generate", "Reflect", "UpdateWeights", "GetModelInfo", "Verify",
@@ -334,6 +336,9 @@ def after(srv):
     neighbour_ok(srv, good_generate(srv), "follow-up Generate")
     rss = rss_mb()
     srv.rss_peak = max(srv.rss_peak, rss)
+    n = sum(srv.codes.values())
+    if n % 1000 == 0:
+        srv.rss_trace.append((n, round(rss, 1)))
     assert rss - srv.rss_start < RSS_GROWTH_MB, f"RSS grew from {srv.rss_start:.0f} to {rss:.0f} MB"
 
 
