@@ -119,22 +119,40 @@ def peak_extra_bytes(fn: Callable[[], object], device, with_outputs: bool = Fals
     return (peak, nbytes) if with_outputs else peak
 
 
-def time_and_peak(fn: Callable[[], object], device, repeats: int, warmup: int = 1):
-    """For calls of seconds each: warm-up calls, then `repeats` timed calls of which the first also
-    measures the peak memory. Returns (median ms, peak extra bytes, output bytes)."""
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    t0 = time.perf_counter()
-    peak, nbytes = peak_extra_bytes(fn, device, with_outputs=True)
-    _sync(device)
-    times = [(time.perf_counter() - t0) * 1e3]
-    for _ in range(repeats - 1):
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times), peak, nbytes
+def time_and_peak_interleaved(providers: dict, device, repeats: int):
+    """For calls of seconds each on a shared machine: one warm-up call per provider (compilation
+    included), then `repeats` rounds that call every provider once in turn, so that load drifting
+    over the minutes hits all of them alike; the first round also measures peak memory. Returns
+    {name: (median ms, peak extra bytes, output bytes)}, or {name: exception} for one that failed."""
+    failed = {}
+    for name, fn in providers.items():
+        try:
+            fn()
+        except Exception as exc:  # reported by the caller, not fatal
+            failed[name] = exc
+        _release(device)
+    times = {name: [] for name in providers if name not in failed}
+    peaks = {}
+    for r in range(repeats):
+        for name in times:
+            fn = providers[name]
+            _sync(device)
+            t0 = time.perf_counter()
+            if r == 0:
+                peaks[name] = peak_extra_bytes(fn, device, with_outputs=True)
+            else:
+                fn()
+            _sync(device)
+            times[name].append((time.perf_counter() - t0) * 1e3)
+            _release(device)
+    out = {name: (statistics.median(t), *peaks[name]) for name, t in times.items()}
+    out.update(failed)
+    return out
+
+
+def _release(device):
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def copy_bandwidth_gbps(device, nbytes: int, repeats: int) -> float:
@@ -337,10 +355,13 @@ def run(args) -> list:
             if not args.no_compile:
                 providers["compile"] = torch.compile(eager)
             eager_ms = None
+            measured = time_and_peak_interleaved(providers, device, args.slow_repeats) if slow else None
             for name, fn in providers.items():
                 try:
                     if slow:
-                        ms, peak, out_bytes = time_and_peak(fn, device, args.slow_repeats)
+                        if isinstance(measured[name], Exception):
+                            raise measured[name]
+                        ms, peak, out_bytes = measured[name]
                     else:
                         ms = time_ms(fn, device, repeats)
                         peak, out_bytes = peak_extra_bytes(fn, device, with_outputs=True)
@@ -348,8 +369,7 @@ def run(args) -> list:
                     print(f"  {op} {mode} {name}: failed: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
                     continue
                 finally:
-                    if device.type == "cuda":
-                        torch.cuda.empty_cache()
+                    _release(device)
                 gbps = nbytes / ms / 1e6
                 row = Row(op, "x".join(map(str, shape)), str(dtype).replace("torch.", ""), mode, name, ms, gbps,
                           100 * gbps / copy_bw, peak / 2**20, outputs_mib=out_bytes / 2**20)
@@ -383,7 +403,8 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=10, help="timed repeats per case; the median is reported")
     p.add_argument("--quick", action="store_true", help="small shapes and 3 repeats (a smoke run)")
     p.add_argument("--slow-repeats", type=int, default=3,
-                   help="timed repeats of the cases that take seconds per call (grpo_linear_token_loss)")
+                   help="timed rounds of the cases that take seconds per call (grpo_linear_token_loss), which "
+                        "run their providers interleaved")
     p.add_argument("--only", nargs="*", default=None, help="run only these ops (e.g. grpo_linear_token_loss)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch.set_num_threads for every provider (on a shared, oversubscribed machine 1 thread "

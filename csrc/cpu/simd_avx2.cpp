@@ -1,6 +1,8 @@
 // The CPU loops of cpu_kernels.h for AVX2 with FMA and F16C: 8 floats per vector. Same body as the
 // AVX-512 file (alphagrpo/cpu_simd_body.h); used on CPUs without AVX-512 (simd_dispatch.cpp).
-#if defined(__x86_64__) || defined(__i386__)
+// Built by GCC on x86 (its `#pragma GCC target` regions); elsewhere the table is absent and the
+// dispatcher falls back to the next one.
+#if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__) && !defined(__clang__)
 #include <immintrin.h>
 
 #include <cmath>
@@ -98,4 +100,9 @@ namespace alphagrpo {
 const CpuKernels* cpu_kernels_avx2() { return &kTable; }
 }  // namespace alphagrpo
 
-#endif  // x86
+#else
+#include "alphagrpo/cpu_kernels.h"
+namespace alphagrpo {
+const CpuKernels* cpu_kernels_avx2() { return nullptr; }
+}  // namespace alphagrpo
+#endif

@@ -2,7 +2,9 @@
 // to float32 in registers, rounded back to nearest-even on store. Only the functions between
 // push_options and pop_options are compiled for AVX-512; they run only where the CPU has it
 // (simd_dispatch.cpp checks before handing out this table).
-#if defined(__x86_64__) || defined(__i386__)
+// Built by GCC on x86 (its `#pragma GCC target` regions); elsewhere the table is absent and the
+// dispatcher falls back to the next one.
+#if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__) && !defined(__clang__)
 #include <immintrin.h>
 
 #include <cmath>
@@ -104,4 +106,9 @@ namespace alphagrpo {
 const CpuKernels* cpu_kernels_avx512() { return &kTable; }
 }  // namespace alphagrpo
 
-#endif  // x86
+#else
+#include "alphagrpo/cpu_kernels.h"
+namespace alphagrpo {
+const CpuKernels* cpu_kernels_avx512() { return nullptr; }
+}  // namespace alphagrpo
+#endif

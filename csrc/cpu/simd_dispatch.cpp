@@ -30,11 +30,7 @@ bool runs(const CpuKernels* k) {
 }
 
 std::vector<const CpuKernels*> candidates() {
-#if defined(__x86_64__) || defined(__i386__)
-  return {cpu_kernels_avx512(), cpu_kernels_avx2(), cpu_kernels_scalar()};
-#else
-  return {cpu_kernels_scalar()};
-#endif
+  return {cpu_kernels_avx512(), cpu_kernels_avx2(), cpu_kernels_scalar()};  // absent tables are null
 }
 
 const CpuKernels* find(const std::string& name) {
