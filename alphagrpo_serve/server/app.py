@@ -119,6 +119,8 @@ class Server:
         self.serving = False  # what health says (KServe readiness follows it)
         self.kserve_port: Optional[int] = None  # set when KServe has a port of its own
         self._kserve_server: Optional[grpc.aio.Server] = None
+        self.policy_service: Optional[PolicyServicer] = None
+        self.reward_service: Optional[RewardServicer] = None
 
     async def _set_health(self, status) -> None:
         self.serving = status == health_pb2.HealthCheckResponse.SERVING
@@ -127,7 +129,9 @@ class Server:
             if asyncio.iscoroutine(res):
                 await res
 
-    async def start(self) -> int:
+    def new_grpc_server(self) -> grpc.aio.Server:
+        """A grpc.aio server with this server's interceptors (auth, malformed-request guard) and
+        message limits; the native services and a KServe port of its own both use one."""
         cfg = self.cfg
         limit = cfg.max_message_mb * 1024 * 1024
         interceptors = []
@@ -138,12 +142,13 @@ class Server:
                 raise ValueError(f"auth token file {cfg.auth_token_file} is empty")
             interceptors.append(AuthInterceptor(token, self.metrics))
         interceptors.append(MalformedRequestGuard(self.metrics))  # inside auth: strangers learn nothing of parsing
-        limits = dataclasses.replace(cfg.limits, max_message_bytes=limit)
-        self._server = grpc.aio.server(interceptors=interceptors, options=[
+        return grpc.aio.server(interceptors=interceptors, options=[
             ("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)])
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
-        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-        address = f"{cfg.host}:{cfg.port}"
+
+    def bind(self, grpc_server: grpc.aio.Server, port: int) -> int:
+        """Listens on host:port (TLS when configured); returns the port bound."""
+        cfg = self.cfg
+        address = f"{cfg.host}:{port}"
         if cfg.tls_cert or cfg.tls_key:
             if not (cfg.tls_cert and cfg.tls_key):
                 raise ValueError("TLS needs both --tls-cert and --tls-key")
@@ -151,9 +156,16 @@ class Server:
                 key = f.read()
             with open(cfg.tls_cert, "rb") as f:
                 cert = f.read()
-            self.port = self._server.add_secure_port(address, grpc.ssl_server_credentials([(key, cert)]))
-        else:
-            self.port = self._server.add_insecure_port(address)
+            return grpc_server.add_secure_port(address, grpc.ssl_server_credentials([(key, cert)]))
+        return grpc_server.add_insecure_port(address)
+
+    async def start(self) -> int:
+        cfg = self.cfg
+        limits = dataclasses.replace(cfg.limits, max_message_bytes=cfg.max_message_mb * 1024 * 1024)
+        self._server = self.new_grpc_server()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.port = self.bind(self._server, cfg.port)
         # services are registered before start; they answer once the model is loaded (health says when)
         self.engine = Engine(cfg.max_batch, cfg.max_wait_ms, cfg.max_queue, on_batch=self.metrics.on_batch,
                              on_queue=self.metrics.on_queue)
@@ -229,6 +241,8 @@ class Server:
             await self.engine.stop()
         if self._metrics_http:
             self._metrics_http.shutdown()
+        if self.reward_service is not None:
+            self.reward_service.executor.shutdown(wait=False)
         self._stopped.set()
 
     async def wait(self) -> None:

@@ -342,24 +342,8 @@ async def add_kserve(server) -> Optional[grpc.aio.Server]:
     if cfg.kserve_port is None:
         service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server._server)
         return None
-    from .app import AuthInterceptor
-
-    limit = cfg.max_message_mb * 1024 * 1024
-    interceptors = []
-    if cfg.auth_token_file:
-        with open(cfg.auth_token_file) as f:
-            interceptors.append(AuthInterceptor(f.read().strip()))
-    own = grpc.aio.server(interceptors=interceptors, options=[
-        ("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)])
+    own = server.new_grpc_server()  # the same auth, malformed-request guard and message limits
     service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, own)
-    address = f"{cfg.host}:{cfg.kserve_port}"
-    if cfg.tls_cert:
-        with open(cfg.tls_key, "rb") as f:
-            key = f.read()
-        with open(cfg.tls_cert, "rb") as f:
-            cert = f.read()
-        server.kserve_port = own.add_secure_port(address, grpc.ssl_server_credentials([(key, cert)]))
-    else:
-        server.kserve_port = own.add_insecure_port(address)
+    server.kserve_port = server.bind(own, cfg.kserve_port)
     await own.start()
     return own
