@@ -468,3 +468,23 @@ def test_reflection_lists_kserve_and_no_kserve_turns_it_off():
                 assert len(await native.generate(["a red circle"], steps=2)) == 1
 
     run(main())
+
+
+
+def test_an_answer_over_the_message_limit_is_resource_exhausted_and_the_next_is_served():
+    async def main():
+        async with running() as (server, addr):
+            # a 100 kB answer limit: one 32x32 sample fits, 64 of them (196 kB of pixels) do not
+            server.policy_service.limits.max_message_bytes = 100_000
+            c = tca.InferenceServerClient(addr)
+            try:
+                with pytest.raises(InferenceServerException) as info:
+                    await c.infer(GENERATE, inputs(prompt=("BYTES", "a red circle"), group_size=("INT32", 64),
+                                                   steps=("INT32", 1)))
+                assert status(info.value) == "RESOURCE_EXHAUSTED" and "message limit" in info.value.message()
+                ok = await c.infer(GENERATE, inputs(prompt=("BYTES", "a red circle"), steps=("INT32", 1)))
+                assert ok.as_numpy("image").shape == (1, 32, 32, 3)
+            finally:
+                await c.close()
+
+    run(main())

@@ -27,11 +27,11 @@ from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 from ..engine import DeadlineExpired, QueueFull
 from ..models.base import CapabilityError
 from ..wire import MAX_IMAGE_SIDE
-from .errors import BadRequest, Upstream
+from .errors import BadRequest, ResourceLimit, Upstream
 from .kserve_models import (DECOMPOSE, GENERATE, PLATFORM, REFLECT, VERIFY, VERSION, Model, build_models,
                             check_inputs, name_inputs, resolved_json, sampling_params, scalar, text)
 from .kserve_tensors import decode_inputs, encode_output
-from .validation import check_prompts, deadline, request_settings
+from .validation import check_message_size, check_prompts, deadline, request_settings
 
 SERVICE = "inference.GRPCInferenceService"
 log = logging.getLogger("alphagrpo.server")
@@ -53,6 +53,7 @@ CODES = (
     (QueueFull, grpc.StatusCode.UNAVAILABLE),
     (DeadlineExpired, grpc.StatusCode.DEADLINE_EXCEEDED),
     (Upstream, grpc.StatusCode.UNAVAILABLE),
+    (ResourceLimit, grpc.StatusCode.RESOURCE_EXHAUSTED),
 )
 ERRORS = tuple(exc for exc, _ in CODES)
 
@@ -208,6 +209,7 @@ class KServeServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         for name in names:
             tensor = res.outputs.add(name=name)
             res.raw_output_contents.append(encode_output(tensor, outputs[name], model.output(name).datatype))
+        check_message_size(res, self.policy_service.limits)  # gRPC would drop a larger answer on the way out
         return res
 
     @staticmethod
