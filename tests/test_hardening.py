@@ -14,16 +14,22 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from serving import running, small_policy
 
-from alphagrpo_serve._proto.alphagrpo.v1 import common_pb2, policy_pb2, policy_pb2_grpc, reward_pb2, reward_pb2_grpc
+from alphagrpo_serve._proto.alphagrpo.v1 import (
+    common_pb2,
+    policy_pb2,
+    policy_pb2_grpc,
+    reward_pb2,
+    reward_pb2_grpc,
+)
 from alphagrpo_serve.client import AsyncClient
 from alphagrpo_serve.models.base import seed_streams
 from alphagrpo_serve.models.tiny_policy import TinyPolicy
 from alphagrpo_serve.reward import embedded_reward
-from alphagrpo_serve.server.app import Server, ServeConfig
+from alphagrpo_serve.server.app import ServeConfig, Server
 from alphagrpo_serve.server.validation import Limits
 from alphagrpo_serve.wire import image_to_proto, sample_seed
-from test_server import running, small_policy
 
 P = policy_pb2.SamplingParams
 GOOD = dict(prompts=["a red circle"], params=P(steps=2))

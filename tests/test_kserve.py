@@ -15,19 +15,15 @@ import time
 import grpc
 import numpy as np
 import pytest
-import torch
 import tritonclient.grpc as tc
 import tritonclient.grpc.aio as tca
 from grpc_health.v1 import health_pb2
+from serving import run, running, small_policy
 from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from alphagrpo_serve.client import AsyncClient, Client
 from alphagrpo_serve.models.tiny_policy import TinyPolicy
-from alphagrpo_serve.models.tiny_umm import TinyUMM, TinyUMMConfig
-from alphagrpo_serve.models.tokenizer import Tokenizer
-from alphagrpo_serve.reward import embedded_reward
-from alphagrpo_serve.server.app import Server, ServeConfig
 from alphagrpo_serve.shapes.world import Obj, Scene, render
 
 GENERATE, REFLECT, VERIFY, DECOMPOSE = "alphagrpo_generate", "alphagrpo_reflect", "alphagrpo_verify", "alphagrpo_decompose"
@@ -35,9 +31,6 @@ NUMPY = {"BOOL": np.bool_, "UINT8": np.uint8, "INT32": np.int32, "INT64": np.int
 RED_CIRCLE = render(Scene([Obj("circle", "red", 16, 16, 5)]))
 
 
-def small_policy():
-    torch.manual_seed(0)
-    return TinyPolicy(TinyUMM(TinyUMMConfig(vocab_size=len(Tokenizer()), width=32, layers=1, heads=1)))
 
 
 def free_port() -> int:
@@ -103,19 +96,8 @@ def server(tmp_path_factory):
         yield addr
 
 
-@contextlib.asynccontextmanager
-async def running(policy=None, **cfg):
-    server = Server(ServeConfig(host="127.0.0.1", port=0, **cfg), policy=policy or small_policy(),
-                    reward=embedded_reward())
-    port = await server.start()
-    try:
-        yield server, f"127.0.0.1:{port}"
-    finally:
-        await server.stop(grace=1.0)
 
 
-def run(coro, timeout=120):
-    return asyncio.run(asyncio.wait_for(coro, timeout))
 
 
 def status(exc: InferenceServerException) -> str:

@@ -1,7 +1,6 @@
 """A real gRPC server on a free 127.0.0.1 port, talked to through the generated stubs and the client
 library (a small random tiny UMM keeps it fast). Every bad request is followed by a good one."""
 import asyncio
-import contextlib
 import dataclasses
 import subprocess
 import time
@@ -12,21 +11,13 @@ import numpy as np
 import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from serving import run, running, small_policy
 
 from alphagrpo_serve._proto.alphagrpo.v1 import common_pb2, policy_pb2, policy_pb2_grpc
 from alphagrpo_serve.client import AsyncClient
 from alphagrpo_serve.models.tiny_policy import TinyPolicy
-from alphagrpo_serve.models.tiny_umm import TinyUMM, TinyUMMConfig
-from alphagrpo_serve.models.tokenizer import Tokenizer
-from alphagrpo_serve.reward import embedded_reward
-from alphagrpo_serve.server.app import Server, ServeConfig
 from alphagrpo_serve.shapes.world import Obj, Scene, render
 from alphagrpo_serve.wire import image_to_proto
-
-
-def small_policy():
-    torch.manual_seed(0)
-    return TinyPolicy(TinyUMM(TinyUMMConfig(vocab_size=len(Tokenizer()), width=32, layers=1, heads=1)))
 
 
 class SlowPolicy(TinyPolicy):
@@ -41,18 +32,8 @@ class SlowPolicy(TinyPolicy):
         return super().generate(*a, **k)
 
 
-@contextlib.asynccontextmanager
-async def running(policy=None, **cfg):
-    server = Server(ServeConfig(host="127.0.0.1", port=0, **cfg), policy=policy or small_policy(), reward=embedded_reward())
-    port = await server.start()
-    try:
-        yield server, f"127.0.0.1:{port}"
-    finally:
-        await server.stop(grace=1.0)
 
 
-def run(coro, timeout=120):
-    return asyncio.run(asyncio.wait_for(coro, timeout))
 
 
 FAST = dict(steps=3, max_thought_tokens=4)

@@ -292,3 +292,23 @@ class Policy(abc.ABC):
         run as a module call; parameters outside the units stay replicated. CapabilityError for a
         policy that does not support it."""
         raise CapabilityError(f"policy {self.info.name!r} does not support FSDP sharding")
+
+
+class ModulePolicy(Policy):
+    """A policy whose weights all live in one nn.Module, `self.model`: the mode switch, the trainable
+    parameters and the checkpoint state are the module's."""
+
+    model: torch.nn.Module
+
+    def train(self, mode: bool = True) -> "ModulePolicy":
+        self.model.train(mode)
+        return self
+
+    def trainable_parameters(self) -> List[torch.nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def state_dict(self) -> Dict[str, torch.Tensor]:
+        return self.model.state_dict()
+
+    def load_state_dict(self, state: Dict[str, torch.Tensor]) -> None:
+        self.model.load_state_dict(state)

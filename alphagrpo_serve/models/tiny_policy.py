@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 
 from ..sampling.sampler import SamplingConfig, TextConfig, sample_images
-from .base import Capabilities, CanvasRule, Policy, PolicyInfo, Sample, TextSample, seed_streams
+from .base import Capabilities, CanvasRule, ModulePolicy, PolicyInfo, Sample, TextSample, seed_streams
 from .layout import Batch, collate, to_uint8
 from .tiny_umm import KIND_NOISY, KIND_TEXT, TinyUMM, TinyUMMConfig, attention_mask, patchify, timestep_embedding
 from .tokenizer import Tokenizer
@@ -51,7 +51,7 @@ def check_uint8_images(images: Sequence[np.ndarray], side: int, name: str = "ima
     return arr
 
 
-class TinyPolicy(Policy):
+class TinyPolicy(ModulePolicy):
     name = "tiny"
 
     def __init__(self, model: TinyUMM, tokenizer: Optional[Tokenizer] = None, version: int = 0):
@@ -106,20 +106,6 @@ class TinyPolicy(Policy):
                                             cfg_interval=(0.0, 1.0), shift=2.0, width=c.canvas, height=c.canvas),
             text_defaults=TextConfig(temperature=1.0, top_p=1.0, max_tokens=40),
             prompt_domain="shapes")
-
-    # ---- modes and parameters -------------------------------------------------------------------
-    def train(self, mode: bool = True) -> "TinyPolicy":
-        self.model.train(mode)
-        return self
-
-    def trainable_parameters(self) -> List[nn.Parameter]:
-        return [p for p in self.model.parameters() if p.requires_grad]
-
-    def state_dict(self) -> Dict[str, torch.Tensor]:
-        return self.model.state_dict()
-
-    def load_state_dict(self, state: Dict[str, torch.Tensor]) -> None:
-        self.model.load_state_dict(state)
 
     def tokenize(self, text: str) -> List[int]:
         return self.tok.encode(text)

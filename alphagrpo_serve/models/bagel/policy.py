@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from ...sampling.sampler import SamplingConfig, TextConfig, sample_images
-from ..base import CanvasRule, Capabilities, Policy, PolicyInfo, Sample, TextSample, seed_streams
+from ..base import CanvasRule, Capabilities, ModulePolicy, PolicyInfo, Sample, TextSample, seed_streams
 from . import lora as peft_lora
 from .cache import KVCache
 from .contexts import Branches, ContextBuilder, ImageSet, Job, extend, shared_prefill
@@ -55,7 +55,7 @@ def sample_seeds(seed: int) -> Tuple[int, int, int]:
     return seed_streams(seed, 3)
 
 
-class BagelPolicy(Policy):
+class BagelPolicy(ModulePolicy):
     name = "bagel"
 
     def __init__(self, bagel: Bagel, path: Optional[str] = None, version: int = 0):
@@ -120,20 +120,6 @@ class BagelPolicy(Policy):
                 text_defaults=TextConfig(temperature=1.0, top_p=1.0, max_tokens=128),  # the server's default cap
                 prompt_domain=None)
         return self._info
-
-    # ---- modes and parameters -------------------------------------------------------------------
-    def train(self, mode: bool = True) -> "BagelPolicy":
-        self.model.train(mode)
-        return self
-
-    def trainable_parameters(self) -> List[nn.Parameter]:
-        return [p for p in self.model.parameters() if p.requires_grad]
-
-    def state_dict(self) -> Dict[str, torch.Tensor]:
-        return self.model.state_dict()
-
-    def load_state_dict(self, state: Dict[str, torch.Tensor]) -> None:
-        self.model.load_state_dict(state)
 
     def tokenize(self, text: str) -> List[int]:
         return list(self.tokenizer.encode(text))

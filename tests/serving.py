@@ -1,0 +1,33 @@
+"""Shared helpers of the server tests: a small random tiny UMM and an in-process server on a free
+127.0.0.1 port (stopped at the end), and a bounded asyncio runner."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import torch
+
+from alphagrpo_serve.models.tiny_policy import TinyPolicy
+from alphagrpo_serve.models.tiny_umm import TinyUMM, TinyUMMConfig
+from alphagrpo_serve.models.tokenizer import Tokenizer
+from alphagrpo_serve.reward import embedded_reward
+from alphagrpo_serve.server.app import ServeConfig, Server
+
+
+def small_policy():
+    torch.manual_seed(0)
+    return TinyPolicy(TinyUMM(TinyUMMConfig(vocab_size=len(Tokenizer()), width=32, layers=1, heads=1)))
+
+
+@contextlib.asynccontextmanager
+async def running(policy=None, **cfg):
+    server = Server(ServeConfig(host="127.0.0.1", port=0, **cfg), policy=policy or small_policy(), reward=embedded_reward())
+    port = await server.start()
+    try:
+        yield server, f"127.0.0.1:{port}"
+    finally:
+        await server.stop(grace=1.0)
+
+
+def run(coro, timeout=120):
+    return asyncio.run(asyncio.wait_for(coro, timeout))
