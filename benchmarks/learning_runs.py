@@ -41,7 +41,7 @@ def run_stats(before, after, rows):
             for c in CATS:
                 if c in before[m]["accuracy"] and c in after[m]["accuracy"]:
                     s[f"{m}:{c}"] = after[m]["accuracy"][c] - before[m]["accuracy"][c]
-            for k in ("quality", "semantic", "extra_objects_frac", "critique_format_rate"):
+            for k in ("quality", "semantic", "extra_objects_frac", "critique_format_rate", "background_noise"):
                 if before[m].get(k) is not None and after[m].get(k) is not None:
                     s[f"{m}:{k}"] = after[m][k] - before[m][k]
     if "think" in after and "think+reflect" in after:
@@ -92,7 +92,7 @@ def main(argv=None):
             groups[m.group(1)][int(m.group(2))] = run_stats(*got)
     only = [x for x in args.only.split(",") if x]
     keys = ["plain", "think", "think+reflect", "srr gain after", "think:implicit", "think:quality", "think+reflect:critique_format_rate",
-            "think:extra_objects_frac", "rollout Q change", "think improved", "think top share", "wall min"]
+            "think:extra_objects_frac", "think:background_noise", "rollout Q change", "think improved", "think top share", "wall min"]
     keys += [k for k in args.keys.split(",") if k]
     if args.categories:
         keys = [f"{m}:{c}" for m in ("plain", "think") for c in CATS]

@@ -14,7 +14,7 @@ import torch
 from alphagrpo_serve.models.base import Sample, TextSample
 from alphagrpo_serve.sampling.sampler import ImageTrajectory
 from alphagrpo_serve.shapes.evaluate import ground_truth_images
-from alphagrpo_serve.shapes.task import ShapesTask, objects_exceed, text_format
+from alphagrpo_serve.shapes.task import ShapesTask, background_noise, objects_exceed, text_format
 from alphagrpo_trainer.config import TrainConfig
 from alphagrpo_trainer.evaluation import cached_evaluation
 from alphagrpo_trainer.report import hacking_flags, image_grid, learning_summary, plot_panels, smooth
@@ -40,6 +40,18 @@ def test_objects_exceed_counts_extra_copies():
     two = ground_truth_images(["two red circles"], seeds=[0])[0]
     assert objects_exceed(["a red circle", "a red circle", "two red circles"], np.stack([one, two, two])) == \
         [False, True, False]
+
+
+def test_background_noise_sees_tints_the_detector_ignores():
+    from alphagrpo_serve.shapes.detect import Detector
+
+    clean = ground_truth_images(["a red circle", "two blue squares"], seeds=[0, 1])
+    assert background_noise(clean).tolist() == [0.0, 0.0]  # object edges are not background
+    tinted = clean.astype(np.int16)
+    tinted[..., 2] += 12  # a faint blue cast everywhere
+    tinted = np.clip(tinted, 0, 255).astype(np.uint8)
+    assert background_noise(tinted) == pytest.approx([12.0, 12.0], abs=0.6)
+    assert [len(d.objects) for d in Detector().detect_batch(tinted)] == [1, 2]  # below the detector's threshold
 
 
 def _sample(prompt, text="", reflect=False):
@@ -129,7 +141,7 @@ def test_cached_evaluation_runs_once_per_weights_and_settings(tmp_path):
 def _evals(q, crit, extra, acc):
     cats = ["single_object", "two_object", "counting", "colors", "position", "color_attr", "implicit"]
     res = {"accuracy": dict(zip(cats, acc)), "overall": float(np.mean(acc[:6])), "mean_reward": 0.5, "semantic": 0.5,
-           "quality": q, "extra_objects_frac": extra}
+           "quality": q, "extra_objects_frac": extra, "background_noise": 3.0 + 10 * extra}
     return {"think": dict(res), "think+reflect": dict(res, critique_format_rate=crit)}
 
 
@@ -140,6 +152,7 @@ def test_hacking_flags_and_learning_summary():
     hacked = _evals(0.70, 0.5, 0.5, [0.9, 0.3, 0.3, 0.7, 0.1, 0.3, 0.5])
     flags = hacking_flags(before, hacked)
     assert any("Q fell" in f for f in flags) and any("critiques" in f for f in flags) and any("more objects" in f for f in flags)
+    assert any("noisier background" in f for f in flags)
     s = learning_summary(before, hacked)["think"]
     assert s["top_category"] == "single_object" and s["top_share"] == pytest.approx(1.0) and s["improved"] == 1
     s = learning_summary(before, fine)["think"]

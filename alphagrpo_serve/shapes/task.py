@@ -52,6 +52,26 @@ def objects_exceed(prompts: Sequence[str], images: np.ndarray, detector=None) ->
     return [len(d.objects) > sum(g.count for g in spec_of(p).groups) for p, d in zip(prompts, dets)]
 
 
+def background_noise(images: np.ndarray, alpha_threshold: float = 0.45) -> np.ndarray:
+    """Per image: mean RGB distance (0-255 units) from the background colour over the background,
+    i.e. pixels below the detector's foreground threshold and not next to an object. Tints, stripes
+    and specks too faint for the detector (and so for the reward) show up here; a clean render
+    scores 0."""
+    from scipy import ndimage
+
+    from .world import BACKGROUND, COLORS, PALETTE
+
+    bg = np.asarray(BACKGROUND, dtype=np.float32)
+    dirs = np.stack([np.asarray(PALETTE[c], dtype=np.float32) - bg for c in COLORS])
+    norms = np.linalg.norm(dirs, axis=1)
+    rel = np.asarray(images, dtype=np.float32) - bg  # [N, H, W, 3]
+    alpha = ((rel @ (dirs / norms[:, None]).T) / norms).max(-1)  # [N, H, W]
+    near = ndimage.binary_dilation(alpha > alpha_threshold, structure=np.ones((1, 3, 3), bool))
+    dist = np.linalg.norm(rel, axis=-1)
+    keep = ~near
+    return (dist * keep).sum((1, 2)) / np.maximum(keep.sum((1, 2)), 1)
+
+
 class _CritiqueRecorder:
     """Wraps a policy for evaluate_policy and keeps every critique its reflect() writes (the
     evaluation itself replaces the samples whose critique judges the image correct)."""
@@ -108,7 +128,8 @@ class ShapesTask(Task):
                        thought_correct_rate=res.thought_correct_rate,
                        semantic=float(np.mean([x.semantic for x in scored])),
                        quality=float(np.mean([x.quality for x in scored])),
-                       extra_objects_frac=float(np.mean(objects_exceed(prompts, res.images))))
+                       extra_objects_frac=float(np.mean(objects_exceed(prompts, res.images))),
+                       background_noise=float(np.mean(background_noise(res.images))))
             if reflect and rec.critiques:
                 fmt = [text_format(p, c, True) for p, c in zip(prompts, rec.critiques)]
                 drawing = [f[1] for f, c in zip(fmt, rec.critiques) if "it is correct" not in c]
@@ -137,6 +158,7 @@ class ShapesTask(Task):
         rep = evaluate(list(prompts), images)
         out = {f"acc_{k}": v for k, v in rep.accuracy.items()}
         out["extra_objects_frac"] = float(np.mean(objects_exceed(prompts, images)))
+        out["background_noise"] = float(np.mean(background_noise(images)))
         return out
 
     def category(self, prompt: str) -> str:

@@ -28,7 +28,7 @@ def read_heldout_file(path: str) -> List[Dict]:
     return rows
 
 
-EVAL_VERSION = "2"  # bump when what an evaluation computes changes: cached evaluations of other versions are not used
+EVAL_VERSION = "3"  # bump when what an evaluation computes changes: cached evaluations of other versions are not used
 
 
 def weights_digest(policy) -> str:

@@ -13,6 +13,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 
 Q_DROP = 0.05  # a run whose held-out Q falls by more than this is flagged
+BG_RISE = 2.0  # ... or whose background noise (mean RGB distance from the background colour, 0-255) rises by more than this
 CATEGORY_ORDER = ("single_object", "two_object", "counting", "colors", "position", "color_attr", "implicit")
 
 
@@ -72,6 +73,7 @@ def plot_panels(out_dir: str, rows: List[Dict], periodic: List[Dict], before: Op
         ("S: semantic score", "S", [("reward_semantic", k) for k in kinds]),
         ("Q: quality score", "Q", [("reward_quality", k) for k in kinds]),
         ("images with more objects than asked", "share", [("extra_objects_frac", k) for k in kinds]),
+        ("background noise (invisible to the reward)", "mean RGB distance", [("background_noise", k) for k in kinds]),
         ("held-out accuracy per category (think)", "accuracy", "eval_categories"),
         ("held-out overall per mode", "accuracy", "eval_modes"),
         ("format of rollout texts", "share well formed", [("thought_format_rate", None), ("critique_format_rate", None)]),
@@ -82,6 +84,8 @@ def plot_panels(out_dir: str, rows: List[Dict], periodic: List[Dict], before: Op
                                                             sorted({k for r in rows for k in r if k.startswith("spread_")})]),
         ("gradient norm (before clipping)", "norm", [("grad_norm", None)]),
     ]
+    panels = [p for p in panels if not isinstance(p[2], list) or any(_series(rows, k, t)[0] for k, t in p[2])
+              or p[0].startswith("format")]
     ncol = 4
     nrow = (len(panels) + ncol - 1) // ncol
     fig, axes = plt.subplots(nrow, ncol, figsize=(4.2 * ncol, 3.1 * nrow), squeeze=False)
@@ -202,7 +206,7 @@ def learning_summary(before: Dict[str, Dict], after: Dict[str, Dict]) -> Dict[st
 
 def hacking_flags(before: Optional[Dict], after: Optional[Dict]) -> List[str]:
     """Flags of the reward-hacking watch: held-out Q down by more than Q_DROP, critiques well formed
-    less often than before, more images with extra objects."""
+    less often than before, more images with extra objects, a noisier background."""
     flags = []
     if not before or not after:
         return flags
@@ -220,11 +224,16 @@ def hacking_flags(before: Optional[Dict], after: Optional[Dict]) -> List[str]:
                 and a["extra_objects_frac"] > b["extra_objects_frac"] + Q_DROP:
             flags.append(f"{m}: more images with more objects than asked "
                          f"({b['extra_objects_frac']:.3f} -> {a['extra_objects_frac']:.3f})")
+        if b.get("background_noise") is not None and a.get("background_noise") is not None \
+                and a["background_noise"] > b["background_noise"] + BG_RISE:
+            flags.append(f"{m}: noisier background ({b['background_noise']:.1f} -> {a['background_noise']:.1f}, "
+                         f"mean RGB distance from the background colour)")
     return flags
 
 
 def watch_table(before: Dict[str, Dict], after: Dict[str, Dict]) -> str:
     keys = [("semantic", "S"), ("quality", "Q"), ("extra_objects_frac", "more objects than asked"),
+            ("background_noise", "background noise"),
             ("critique_format_rate", "critiques well formed"), ("critique_intended_rate", "drawing critiques: intended prompt")]
     lines = ["| mode | " + " | ".join(k[1] for k in keys) + " |", "|---|" + "---:|" * len(keys)]
     for m in before:
@@ -265,7 +274,7 @@ def write_report(out_dir: str, cfg: Dict, before: Optional[Dict], after: Optiona
         parts += ["## Reward-hacking watch", "", watch_table(before, after), "",
                   ("**Flagged:**\n\n" + "\n".join(f"- {f}" for f in flags)) if flags else
                   f"No flags (held-out Q within {Q_DROP} of before, critiques well formed at least as often, "
-                  "no rise in images with extra objects).", ""]
+                  f"no rise in images with extra objects, background noise within {BG_RISE} of before).", ""]
     if before:
         parts += ["## Before (base policy)", "", modes_table(before), ""]
     if after:
