@@ -15,6 +15,7 @@ A CPU-only torch builds the CPU kernels only; a CUDA torch plus nvcc adds csrc/c
 Every way of installing (editable, wheel, sdist) generates the gRPC stubs alphagrpo_serve/_proto
 from protos/ first, with grpcio-tools from the build environment (a build requirement).
 """
+
 import glob
 import os
 import re
@@ -102,9 +103,11 @@ def generate_stubs():
     import importlib.util
 
     if importlib.util.find_spec("grpc_tools") is None:
-        raise RuntimeError("alphagrpo-serve generates its gRPC stubs at build time with grpcio-tools, which the build "
-                           "environment lacks: `pip install 'grpcio-tools>=1.60'` first (with --no-build-isolation), "
-                           "or build with isolation (pyproject.toml lists it as a build requirement)")
+        raise RuntimeError(
+            "alphagrpo-serve generates its gRPC stubs at build time with grpcio-tools, which the build "
+            "environment lacks: `pip install 'grpcio-tools>=1.60'` first (with --no-build-isolation), "
+            "or build with isolation (pyproject.toml lists it as a build requirement)"
+        )
     subprocess.check_call([sys.executable, os.path.join(ROOT, "tools", "gen_protos.py")], stdout=subprocess.DEVNULL)
 
 

@@ -16,6 +16,7 @@
 
 Run `alphagrpo COMMAND --help` for every flag.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -68,7 +69,7 @@ def cmd_eval_shapes(args) -> int:
                     prompts.append(row["prompt"])
                     images.append(_load_png(os.path.join(base, row["image"])))
                 except (json.JSONDecodeError, KeyError) as exc:
-                    raise SystemExit(f"error: {args.pairs}:{n}: expected {{\"prompt\": ..., \"image\": PATH}}: {exc}")
+                    raise SystemExit(f'error: {args.pairs}:{n}: expected {{"prompt": ..., "image": PATH}}: {exc}')
         if args.limit:
             prompts, images = prompts[: args.limit], images[: args.limit]
         images = np.stack(images)
@@ -104,8 +105,14 @@ def cmd_decompose(args) -> int:
         with open(args.inp) as f:
             lines = [ln.strip() for ln in f if ln.strip()]
         prompts = [json.loads(ln)["prompt"] if ln.startswith("{") else ln for ln in lines]
-        ep = Endpoint(args.url, args.model, os.environ.get(args.api_key_env) if args.api_key_env else None,
-                      args.concurrency, args.timeout, args.retries)
+        ep = Endpoint(
+            args.url,
+            args.model,
+            os.environ.get(args.api_key_env) if args.api_key_env else None,
+            args.concurrency,
+            args.timeout,
+            args.retries,
+        )
         dec = OpenAIDecomposer(ep, attempts=args.attempts)
     except (OSError, ValueError, KeyError) as exc:
         raise SystemExit(f"error: {exc}")
@@ -119,9 +126,19 @@ def cmd_decompose(args) -> int:
 def cmd_pretrain(args) -> int:
     from .models.pretrain import PretrainConfig, pretrain
 
-    cfg = PretrainConfig(steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed, width=args.width,
-                         layers=args.layers, heads=args.heads, decoder=args.decoder, ckpt_every=args.ckpt_every,
-                         time_budget_s=args.time_budget_min * 60, stop_at=args.stop_at)
+    cfg = PretrainConfig(
+        steps=args.steps,
+        batch=args.batch,
+        lr=args.lr,
+        seed=args.seed,
+        width=args.width,
+        layers=args.layers,
+        heads=args.heads,
+        decoder=args.decoder,
+        ckpt_every=args.ckpt_every,
+        time_budget_s=args.time_budget_min * 60,
+        stop_at=args.stop_at,
+    )
     path = pretrain(cfg, args.out, resume=args.resume)
     print(f"weights: {path}")
     return 0
@@ -129,8 +146,16 @@ def cmd_pretrain(args) -> int:
 
 def _overrides(args) -> dict:
     """The sampling fields a command line set (None: the policy's default)."""
-    return {k: v for k, v in dict(steps=args.steps, cfg_scale=args.cfg, width=getattr(args, "width", None),
-                                  height=getattr(args, "height", None)).items() if v is not None}
+    return {
+        k: v
+        for k, v in dict(
+            steps=args.steps,
+            cfg_scale=args.cfg,
+            width=getattr(args, "width", None),
+            height=getattr(args, "height", None),
+        ).items()
+        if v is not None
+    }
 
 
 def _settings(pol, args, reflect: bool = False):
@@ -179,8 +204,14 @@ def cmd_generate(args) -> int:
 
         with _client(args) as c:
             try:
-                out = c.generate([args.prompt], group_size=args.grid, seed=args.seed, think=args.think,
-                                 temperature=args.temperature, **_overrides(args))
+                out = c.generate(
+                    [args.prompt],
+                    group_size=args.grid,
+                    seed=args.seed,
+                    think=args.think,
+                    temperature=args.temperature,
+                    **_overrides(args),
+                )
             except grpc.RpcError as exc:
                 raise SystemExit(f"error: {args.server}: {exc.code().name}: {exc.details()}")
     else:
@@ -219,20 +250,31 @@ def cmd_eval_policy(args) -> int:
     pol = _policy(args)
     task_name = args.task or pol.info.prompt_domain or "open"
     if task_name != "shapes":
-        raise SystemExit(f"error: task {task_name!r} has no built-in held-out suite (only 'shapes' has one); "
-                         "evaluate against a reward server with `alphagrpo train` and a heldout_file")
+        raise SystemExit(
+            f"error: task {task_name!r} has no built-in held-out suite (only 'shapes' has one); "
+            "evaluate against a reward server with `alphagrpo train` and a heldout_file"
+        )
     from .shapes.policy_eval import evaluate_policy
 
     sc, _ = _settings(pol, args)
     res = evaluate_policy(pol, think=args.think, reflect=args.reflect, sampling=sc, limit=args.limit)
     print(res.report.table())
     if res.thought_parse_rate is not None:
-        print(f"implicit thoughts that parse: {res.thought_parse_rate:.3f}; "
-              f"that parse to the intended prompt: {res.thought_correct_rate:.3f}")
+        print(
+            f"implicit thoughts that parse: {res.thought_parse_rate:.3f}; "
+            f"that parse to the intended prompt: {res.thought_correct_rate:.3f}"
+        )
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(res.report.to_dict(), thought_parse_rate=res.thought_parse_rate,
-                           thought_correct_rate=res.thought_correct_rate), f, indent=1)
+            json.dump(
+                dict(
+                    res.report.to_dict(),
+                    thought_parse_rate=res.thought_parse_rate,
+                    thought_correct_rate=res.thought_correct_rate,
+                ),
+                f,
+                indent=1,
+            )
     return 0
 
 
@@ -240,14 +282,27 @@ def _add_model_flags(p):
     """--policy, --model, --device, --dtype: which policy to load and where (serve and in-process commands)."""
     from .models.registry import DTYPES, available
 
-    p.add_argument("--policy", default="tiny",
-                   help=f"policy from the registry: {', '.join(available())} (default: tiny, the embedded tiny UMM)")
-    p.add_argument("--model", "--weights", dest="model", default=None, metavar="PATH",
-                   help="the policy's weights: a file or checkpoint folder (default: the policy's default; the tiny "
-                        "UMM ships its weights)")
+    p.add_argument(
+        "--policy",
+        default="tiny",
+        help=f"policy from the registry: {', '.join(available())} (default: tiny, the embedded tiny UMM)",
+    )
+    p.add_argument(
+        "--model",
+        "--weights",
+        dest="model",
+        default=None,
+        metavar="PATH",
+        help="the policy's weights: a file or checkpoint folder (default: the policy's default; the tiny "
+        "UMM ships its weights)",
+    )
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
-    p.add_argument("--dtype", default=None, choices=list(DTYPES),
-                   help="weights' dtype (default: the policy's default for the device: float32 on the CPU)")
+    p.add_argument(
+        "--dtype",
+        default=None,
+        choices=list(DTYPES),
+        help="weights' dtype (default: the policy's default for the device: float32 on the CPU)",
+    )
 
 
 def _add_policy_flags(p, out_default=None):
@@ -258,8 +313,12 @@ def _add_policy_flags(p, out_default=None):
     p.add_argument("--height", type=int, default=None, help="canvas height in pixels (default: the policy's)")
     p.add_argument("--seed", type=int, default=0, help="seed of the first image (default 0)")
     p.add_argument("--grid", type=int, default=1, help="images in a row, seeds seed..seed+N-1 (default 1)")
-    p.add_argument("--temperature", type=float, default=None,
-                   help="text sampling temperature, 0 = greedy (default: the policy's, 1.0 for tiny)")
+    p.add_argument(
+        "--temperature",
+        type=float,
+        default=None,
+        help="text sampling temperature, 0 = greedy (default: the policy's, 1.0 for tiny)",
+    )
     p.add_argument("--upscale", type=int, default=8, help="nearest-neighbour upscale of the saved PNG (default 8)")
 
 
@@ -276,27 +335,52 @@ def cmd_verify(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from .server.app import ServeConfig, main as serve_main
+    from .server.app import ServeConfig
+    from .server.app import main as serve_main
     from .server.validation import Limits
 
     api_key = os.environ.get(args.api_key_env) if args.api_key_env else None
-    cfg = ServeConfig(host=args.host, port=args.port, policy=args.policy, model=args.model, device=args.device,
-                      dtype=args.dtype, task=args.task, reward=args.reward,
-                      decomposer_url=args.decomposer_url, decomposer_model=args.decomposer_model,
-                      verifier_url=args.verifier_url, verifier_model=args.verifier_model, reward_api_key=api_key,
-                      reward_concurrency=args.reward_concurrency, decomposition_cache=args.decomposition_cache,
-                      reward_url=args.reward_url, reward_model=args.reward_model, reward_ca_cert=args.reward_ca_cert,
-                      kserve=not args.no_kserve, kserve_port=args.kserve_port,
-                      max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
-                      max_message_mb=args.max_message_mb, auth_token_file=args.auth_token_file,
-                      tls_cert=args.tls_cert, tls_key=args.tls_key, metrics_port=args.metrics_port,
-                      grace_s=args.grace_s, limits=Limits(max_prompts=args.max_prompts, max_steps=args.max_steps,
-                                                              max_thought_tokens=args.max_thought_tokens,
-                                                              max_group=args.max_group,
-                                                              max_prompt_chars=args.max_prompt_chars,
-                                                              max_update_bytes=args.max_update_mb << 20,
-                                                              max_update_total_bytes=args.max_update_total_mb << 20,
-                                                              max_reward_queue=args.max_reward_queue))
+    cfg = ServeConfig(
+        host=args.host,
+        port=args.port,
+        policy=args.policy,
+        model=args.model,
+        device=args.device,
+        dtype=args.dtype,
+        task=args.task,
+        reward=args.reward,
+        decomposer_url=args.decomposer_url,
+        decomposer_model=args.decomposer_model,
+        verifier_url=args.verifier_url,
+        verifier_model=args.verifier_model,
+        reward_api_key=api_key,
+        reward_concurrency=args.reward_concurrency,
+        decomposition_cache=args.decomposition_cache,
+        reward_url=args.reward_url,
+        reward_model=args.reward_model,
+        reward_ca_cert=args.reward_ca_cert,
+        kserve=not args.no_kserve,
+        kserve_port=args.kserve_port,
+        max_batch=args.max_batch,
+        max_wait_ms=args.max_wait_ms,
+        max_queue=args.max_queue,
+        max_message_mb=args.max_message_mb,
+        auth_token_file=args.auth_token_file,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        metrics_port=args.metrics_port,
+        grace_s=args.grace_s,
+        limits=Limits(
+            max_prompts=args.max_prompts,
+            max_steps=args.max_steps,
+            max_thought_tokens=args.max_thought_tokens,
+            max_group=args.max_group,
+            max_prompt_chars=args.max_prompt_chars,
+            max_update_bytes=args.max_update_mb << 20,
+            max_update_total_bytes=args.max_update_total_mb << 20,
+            max_reward_queue=args.max_reward_queue,
+        ),
+    )
     try:
         return serve_main(cfg)
     except (ValueError, FileNotFoundError, OSError) as exc:
@@ -304,7 +388,9 @@ def cmd_serve(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="alphagrpo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="alphagrpo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
     info = sub.add_parser("info", help="print what the native extension was built with")
@@ -312,24 +398,37 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="evaluations").add_subparsers(dest="what", required=True)
     shapes = ev.add_parser("shapes", help="GenEval-style accuracy on ShapesWorld, per category, plus mean DVReward")
-    shapes.add_argument("--ground-truth", action="store_true",
-                        help="score ideal renders of the held-out prompts (must be 1.0: a check of the detector)")
-    shapes.add_argument("--pairs", metavar="FILE",
-                        help="JSONL of {\"prompt\": ..., \"image\": PATH} (paths relative to the file)")
-    shapes.add_argument("--split", default=None, metavar="FILE",
-                        help="held-out split JSONL for --ground-truth (default: the shipped shapes/data/heldout.jsonl)")
+    shapes.add_argument(
+        "--ground-truth",
+        action="store_true",
+        help="score ideal renders of the held-out prompts (must be 1.0: a check of the detector)",
+    )
+    shapes.add_argument(
+        "--pairs", metavar="FILE", help='JSONL of {"prompt": ..., "image": PATH} (paths relative to the file)'
+    )
+    shapes.add_argument(
+        "--split",
+        default=None,
+        metavar="FILE",
+        help="held-out split JSONL for --ground-truth (default: the shipped shapes/data/heldout.jsonl)",
+    )
     shapes.add_argument("--canvas", type=int, default=32, help="canvas size for --ground-truth renders (default 32)")
     shapes.add_argument("--limit", type=int, default=0, help="use only the first N rows (default: all)")
     shapes.add_argument("--json", metavar="FILE", help="also write the report as JSON")
     shapes.set_defaults(fn=cmd_eval_shapes)
 
     gen = sub.add_parser("generate", help="draw images with a policy (in-process, or through --server)")
-    gen.add_argument("--prompt", required=True, help="the prompt (for the tiny UMM: a ShapesWorld prompt, explicit or "
-                                                     "implicit)")
+    gen.add_argument(
+        "--prompt", required=True, help="the prompt (for the tiny UMM: a ShapesWorld prompt, explicit or implicit)"
+    )
     gen.add_argument("--out", required=True, help="PNG to write (a row of --grid images)")
     gen.add_argument("--think", action="store_true", help="write a <think> thought first and print it")
-    gen.add_argument("--server", default=None, metavar="HOST:PORT[,HOST:PORT]",
-                     help="ask a running `alphagrpo serve` instead of loading the model here")
+    gen.add_argument(
+        "--server",
+        default=None,
+        metavar="HOST:PORT[,HOST:PORT]",
+        help="ask a running `alphagrpo serve` instead of loading the model here",
+    )
     gen.add_argument("--token-file", default=None, help="bearer token for a server started with --auth-token-file")
     gen.add_argument("--timeout", type=float, default=120.0, help="deadline of the call in seconds (default 120)")
     _add_policy_flags(gen)
@@ -342,8 +441,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_policy_flags(ref)
     ref.set_defaults(fn=cmd_reflect)
 
-    pol = ev.add_parser("policy", help="held-out accuracy of a policy on its task's suite (ShapesWorld: GenEval rule, "
-                                       "ODE, fixed seeds)")
+    pol = ev.add_parser(
+        "policy", help="held-out accuracy of a policy on its task's suite (ShapesWorld: GenEval rule, ODE, fixed seeds)"
+    )
     pol.add_argument("--task", default=None, help="task whose held-out suite to run (default: the policy's)")
     pol.add_argument("--think", action="store_true", help="think mode: write a thought before drawing")
     pol.add_argument("--reflect", action="store_true", help="then one round of self-reflective refinement")
@@ -353,22 +453,38 @@ def build_parser() -> argparse.ArgumentParser:
     pol.set_defaults(fn=cmd_eval_policy)
 
     pt = sub.add_parser("pretrain", help="pretrain the tiny UMM on ShapesWorld (four tasks; resumable)")
-    pt.add_argument("--out", default="runs/pretrain", help="output folder: checkpoint.pt, train_log.jsonl, tiny_umm.safetensors")
+    pt.add_argument(
+        "--out", default="runs/pretrain", help="output folder: checkpoint.pt, train_log.jsonl, tiny_umm.safetensors"
+    )
     pt.add_argument("--steps", type=int, default=5000, help="optimiser steps (default 5000)")
     pt.add_argument("--batch", type=int, default=64, help="sequences per step (default 64)")
-    pt.add_argument("--lr", type=float, default=1e-3, help="peak learning rate, warm-up then cosine to 10%% (default 1e-3)")
+    pt.add_argument(
+        "--lr", type=float, default=1e-3, help="peak learning rate, warm-up then cosine to 10%% (default 1e-3)"
+    )
     pt.add_argument("--width", type=int, default=160, help="transformer width (default 160)")
     pt.add_argument("--layers", type=int, default=5, help="transformer layers (default 5)")
     pt.add_argument("--heads", type=int, default=5, help="attention heads (default 5)")
-    pt.add_argument("--decoder", default="conv", choices=["linear", "conv"],
-                    help="velocity decoder: joint convolutional (default; the shipped weights) or per-patch linear head")
+    pt.add_argument(
+        "--decoder",
+        default="conv",
+        choices=["linear", "conv"],
+        help="velocity decoder: joint convolutional (default; the shipped weights) or per-patch linear head",
+    )
     pt.add_argument("--seed", type=int, default=0, help="data and init seed (default 0)")
     pt.add_argument("--ckpt-every", type=int, default=250, help="checkpoint cadence in steps (default 250)")
-    pt.add_argument("--time-budget-min", type=float, default=56.0,
-                    help="stop, checkpoint and export after this many minutes of training, resumed runs counted "
-                         "(default 56, the shipped model's budget; 0: no limit)")
-    pt.add_argument("--stop-at", type=int, default=0,
-                    help="stop, checkpoint and export at this step; the schedule still spans --steps (default 0: off)")
+    pt.add_argument(
+        "--time-budget-min",
+        type=float,
+        default=56.0,
+        help="stop, checkpoint and export after this many minutes of training, resumed runs counted "
+        "(default 56, the shipped model's budget; 0: no limit)",
+    )
+    pt.add_argument(
+        "--stop-at",
+        type=int,
+        default=0,
+        help="stop, checkpoint and export at this step; the schedule still spans --steps (default 0: off)",
+    )
     pt.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     pt.set_defaults(fn=cmd_pretrain)
 
@@ -376,47 +492,85 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     sv.add_argument("--port", type=int, default=50051, help="port (default 50051; 0 picks a free one)")
     _add_model_flags(sv)
-    sv.add_argument("--task", default=None, help="prompt domain the server accepts: shapes (ShapesWorld's grammar) "
-                                                 "or open (any prompt); default: the policy's own, else open")
-    sv.add_argument("--reward", default="embedded", choices=["embedded", "openai", "kserve"],
-                    help="reward backend: the task's embedded DVReward (default; ShapesWorld's detector), "
-                         "OpenAI-compatible servers, or a verifier model on a KServe v2 / Triton server")
+    sv.add_argument(
+        "--task",
+        default=None,
+        help="prompt domain the server accepts: shapes (ShapesWorld's grammar) "
+        "or open (any prompt); default: the policy's own, else open",
+    )
+    sv.add_argument(
+        "--reward",
+        default="embedded",
+        choices=["embedded", "openai", "kserve"],
+        help="reward backend: the task's embedded DVReward (default; ShapesWorld's detector), "
+        "OpenAI-compatible servers, or a verifier model on a KServe v2 / Triton server",
+    )
     sv.add_argument("--reward-url", default=None, help="--reward kserve: HOST:PORT of the KServe v2 gRPC server")
-    sv.add_argument("--reward-model", default=None,
-                    help="--reward kserve: the verifier model there (alphagrpo_verify signature, docs/kserve.md)")
+    sv.add_argument(
+        "--reward-model",
+        default=None,
+        help="--reward kserve: the verifier model there (alphagrpo_verify signature, docs/kserve.md)",
+    )
     sv.add_argument("--reward-ca-cert", default=None, help="--reward kserve: PEM root certificate (TLS to that server)")
-    sv.add_argument("--decomposer-url", default=None, help="--reward openai: API base of the decomposer LLM, e.g. http://h:8000/v1")
+    sv.add_argument(
+        "--decomposer-url", default=None, help="--reward openai: API base of the decomposer LLM, e.g. http://h:8000/v1"
+    )
     sv.add_argument("--decomposer-model", default=None, help="--reward openai: the decomposer's model name")
     sv.add_argument("--verifier-url", default=None, help="--reward openai: API base of the verifier MLLM")
     sv.add_argument("--verifier-model", default=None, help="--reward openai: the verifier's model name")
     sv.add_argument("--api-key-env", default=None, help="environment variable holding the reward servers' API key")
-    sv.add_argument("--reward-concurrency", type=int, default=16, help="requests in flight per reward server (default 16)")
-    sv.add_argument("--decomposition-cache", default=None, help="JSONL cache of decompositions (read, then appended to)")
+    sv.add_argument(
+        "--reward-concurrency", type=int, default=16, help="requests in flight per reward server (default 16)"
+    )
+    sv.add_argument(
+        "--decomposition-cache", default=None, help="JSONL cache of decompositions (read, then appended to)"
+    )
     sv.add_argument("--max-batch", type=int, default=64, help="samples per model batch (default 64)")
     sv.add_argument("--max-wait-ms", type=float, default=5.0, help="longest wait for a batch to fill (default 5)")
-    sv.add_argument("--max-queue", type=int, default=1024,
-                    help="samples queued per request kind before RESOURCE_EXHAUSTED (default 1024)")
+    sv.add_argument(
+        "--max-queue",
+        type=int,
+        default=1024,
+        help="samples queued per request kind before RESOURCE_EXHAUSTED (default 1024)",
+    )
     sv.add_argument("--max-prompts", type=int, default=64, help="prompts or items per request (default 64)")
     sv.add_argument("--max-steps", type=int, default=100, help="largest sampling steps accepted (default 100)")
-    sv.add_argument("--max-thought-tokens", type=int, default=128,
-                    help="longest thought or critique a request may ask for (default 128; BAGEL's app allows 1024)")
+    sv.add_argument(
+        "--max-thought-tokens",
+        type=int,
+        default=128,
+        help="longest thought or critique a request may ask for (default 128; BAGEL's app allows 1024)",
+    )
     sv.add_argument("--max-group", type=int, default=64, help="samples per prompt (group_size) accepted (default 64)")
     sv.add_argument("--max-prompt-chars", type=int, default=512, help="characters per prompt (default 512)")
-    sv.add_argument("--max-update-mb", type=int, default=1024,
-                    help="bytes one UpdateWeights stream may declare, MiB (default 1024)")
-    sv.add_argument("--max-update-total-mb", type=int, default=2048,
-                    help="bytes all UpdateWeights streams in progress may hold together, MiB (default 2048)")
-    sv.add_argument("--max-reward-queue", type=int, default=1024,
-                    help="Verify/Decompose items waiting or running before RESOURCE_EXHAUSTED (default 1024)")
+    sv.add_argument(
+        "--max-update-mb", type=int, default=1024, help="bytes one UpdateWeights stream may declare, MiB (default 1024)"
+    )
+    sv.add_argument(
+        "--max-update-total-mb",
+        type=int,
+        default=2048,
+        help="bytes all UpdateWeights streams in progress may hold together, MiB (default 2048)",
+    )
+    sv.add_argument(
+        "--max-reward-queue",
+        type=int,
+        default=1024,
+        help="Verify/Decompose items waiting or running before RESOURCE_EXHAUSTED (default 1024)",
+    )
     sv.add_argument("--max-message-mb", type=int, default=64, help="gRPC message size limit, MiB (default 64)")
     sv.add_argument("--auth-token-file", default=None, help="require 'authorization: Bearer <token in file>'")
     sv.add_argument("--tls-cert", default=None, help="PEM certificate chain (with --tls-key: serve TLS)")
     sv.add_argument("--tls-key", default=None, help="PEM private key")
     sv.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics port on --host (default: off)")
     sv.add_argument("--grace-s", type=float, default=10.0, help="drain time on SIGTERM, seconds (default 10)")
-    sv.add_argument("--kserve-port", type=int, default=None,
-                    help="serve the KServe v2 / Triton inference protocol on this port (default: on --port, beside "
-                         "the native services)")
+    sv.add_argument(
+        "--kserve-port",
+        type=int,
+        default=None,
+        help="serve the KServe v2 / Triton inference protocol on this port (default: on --port, beside "
+        "the native services)",
+    )
     sv.add_argument("--no-kserve", action="store_true", help="do not serve the KServe v2 protocol")
     sv.set_defaults(fn=cmd_serve)
 
@@ -436,7 +590,9 @@ def build_parser() -> argparse.ArgumentParser:
     vf.set_defaults(fn=cmd_verify)
 
     dc = sub.add_parser("decompose", help="decompose a prompt file into yes/no questions on an OpenAI-compatible LLM")
-    dc.add_argument("--in", dest="inp", required=True, help="prompts: a text file (one per line) or JSONL with 'prompt'")
+    dc.add_argument(
+        "--in", dest="inp", required=True, help="prompts: a text file (one per line) or JSONL with 'prompt'"
+    )
     dc.add_argument("--out", required=True, help="questions JSONL; prompts already in it are skipped (resume)")
     dc.add_argument("--url", required=True, help="API base, e.g. http://127.0.0.1:8000/v1")
     dc.add_argument("--model", required=True, help="model name on that server")

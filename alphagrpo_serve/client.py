@@ -7,6 +7,7 @@ with exponential backoff. Images come back as numpy uint8 [H, W, 3]; trajectorie
     async with AsyncClient("127.0.0.1:50051") as c:
         samples = await c.generate(["a red circle"], group_size=4, think=True)
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -47,9 +48,17 @@ class GeneratedImage:
 
 
 class AsyncClient:
-    def __init__(self, addresses: Union[str, Sequence[str]], *, token: Optional[str] = None,
-                 root_certificates: Optional[bytes] = None, timeout: float = 120.0, retries: int = 4,
-                 backoff: float = 0.2, max_message_mb: int = 64):
+    def __init__(
+        self,
+        addresses: Union[str, Sequence[str]],
+        *,
+        token: Optional[str] = None,
+        root_certificates: Optional[bytes] = None,
+        timeout: float = 120.0,
+        retries: int = 4,
+        backoff: float = 0.2,
+        max_message_mb: int = 64,
+    ):
         addrs = [a.strip() for a in (addresses.split(",") if isinstance(addresses, str) else addresses) if a.strip()]
         if not addrs:
             raise ValueError("no server address given")
@@ -59,8 +68,10 @@ class AsyncClient:
             opts.append(("grpc.lb_policy_name", "round_robin"))
         creds = grpc.ssl_channel_credentials(root_certificates) if root_certificates else None
         self.addresses = addrs
-        self.channels = [grpc.aio.secure_channel(a, creds, options=opts) if creds else grpc.aio.insecure_channel(a, options=opts)
-                         for a in addrs]
+        self.channels = [
+            grpc.aio.secure_channel(a, creds, options=opts) if creds else grpc.aio.insecure_channel(a, options=opts)
+            for a in addrs
+        ]
         self._policy = [policy_pb2_grpc.PolicyServiceStub(ch) for ch in self.channels]
         self._reward = [reward_pb2_grpc.RewardServiceStub(ch) for ch in self.channels]
         self._next = itertools.cycle(range(len(addrs)))
@@ -106,8 +117,10 @@ class AsyncClient:
             if mode not in MODES:
                 raise ValueError(f"mode must be 'ode' or 'sde', got {mode!r}")
             msg.mode = MODES[mode]
-        pairs = {"sde_window": ("sde_window_start", "sde_window_size"),
-                 "cfg_interval": ("cfg_interval_low", "cfg_interval_high")}
+        pairs = {
+            "sde_window": ("sde_window_start", "sde_window_size"),
+            "cfg_interval": ("cfg_interval_low", "cfg_interval_high"),
+        }
         for name, value in fields.items():
             if value is None:
                 continue
@@ -131,29 +144,71 @@ class AsyncClient:
             if s.HasField("trajectory"):
                 ids, logps, image_traj = proto_to_trajectory(s.trajectory)
                 traj = Trajectory(ids, logps, image_traj)
-            out.append(GeneratedImage(prompts[s.prompt_index], s.prompt_index, s.sample_index, proto_to_image(s.image),
-                                      s.thought, s.seed, s.policy_version, traj, sc, tc))
+            out.append(
+                GeneratedImage(
+                    prompts[s.prompt_index],
+                    s.prompt_index,
+                    s.sample_index,
+                    proto_to_image(s.image),
+                    s.thought,
+                    s.seed,
+                    s.policy_version,
+                    traj,
+                    sc,
+                    tc,
+                )
+            )
         return out
 
-    async def generate(self, prompts: Sequence[str], group_size: int = 1, seed: int = 0, return_trajectory: bool = False,
-                       timeout: Optional[float] = None, **params) -> List[GeneratedImage]:
-        req = policy_pb2.GenerateRequest(prompts=list(prompts), group_size=group_size, seed=seed,
-                                         params=self.params(**params), return_trajectory=return_trajectory)
+    async def generate(
+        self,
+        prompts: Sequence[str],
+        group_size: int = 1,
+        seed: int = 0,
+        return_trajectory: bool = False,
+        timeout: Optional[float] = None,
+        **params,
+    ) -> List[GeneratedImage]:
+        req = policy_pb2.GenerateRequest(
+            prompts=list(prompts),
+            group_size=group_size,
+            seed=seed,
+            params=self.params(**params),
+            return_trajectory=return_trajectory,
+        )
         res = await self._call("policy", "Generate", req, timeout)
         self.last_boot_id = res.boot_id
         return self._samples(list(prompts), res)
 
-    async def reflect(self, prompts: Sequence[str], images: Sequence[np.ndarray], group_size: int = 1, seed: int = 0,
-                      return_trajectory: bool = False, timeout: Optional[float] = None, **params) -> List[GeneratedImage]:
-        req = policy_pb2.ReflectRequest(prompts=list(prompts), images=[image_to_proto(im) for im in images],
-                                        group_size=group_size, seed=seed, params=self.params(**params),
-                                        return_trajectory=return_trajectory)
+    async def reflect(
+        self,
+        prompts: Sequence[str],
+        images: Sequence[np.ndarray],
+        group_size: int = 1,
+        seed: int = 0,
+        return_trajectory: bool = False,
+        timeout: Optional[float] = None,
+        **params,
+    ) -> List[GeneratedImage]:
+        req = policy_pb2.ReflectRequest(
+            prompts=list(prompts),
+            images=[image_to_proto(im) for im in images],
+            group_size=group_size,
+            seed=seed,
+            params=self.params(**params),
+            return_trajectory=return_trajectory,
+        )
         res = await self._call("policy", "Reflect", req, timeout)
         self.last_boot_id = res.boot_id
         return self._samples(list(prompts), res)
 
-    async def update_weights(self, tensors: Dict[str, torch.Tensor], lora: bool = False, chunk_bytes: int = 1 << 20,
-                             timeout: Optional[float] = None) -> int:
+    async def update_weights(
+        self,
+        tensors: Dict[str, torch.Tensor],
+        lora: bool = False,
+        chunk_bytes: int = 1 << 20,
+        timeout: Optional[float] = None,
+    ) -> int:
         """Streams named tensors in chunks of at most chunk_bytes; returns the new policy version."""
 
         def chunks():
@@ -161,8 +216,14 @@ class AsyncClient:
                 t = t.detach().contiguous().cpu()
                 raw = (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy().tobytes()
                 for off in range(0, max(len(raw), 1), chunk_bytes):
-                    yield policy_pb2.WeightChunk(name=name, dtype=NAMES[t.dtype], shape=list(t.shape), offset=off,
-                                                 data=raw[off:off + chunk_bytes], lora=lora)
+                    yield policy_pb2.WeightChunk(
+                        name=name,
+                        dtype=NAMES[t.dtype],
+                        shape=list(t.shape),
+                        offset=off,
+                        data=raw[off : off + chunk_bytes],
+                        lora=lora,
+                    )
 
         stub = self._policy[next(self._next)]
         res = await stub.UpdateWeights(chunks(), timeout=timeout or self.timeout, metadata=self.metadata)
@@ -172,16 +233,34 @@ class AsyncClient:
         return await self._call("policy", "GetModelInfo", policy_pb2.GetModelInfoRequest())
 
     # ---- reward ------------------------------------------------------------------------------
-    async def verify(self, prompts: Sequence[str], images: Sequence[np.ndarray],
-                     timeout: Optional[float] = None) -> List[RewardResult]:
+    async def verify(
+        self, prompts: Sequence[str], images: Sequence[np.ndarray], timeout: Optional[float] = None
+    ) -> List[RewardResult]:
         """Rewards with their breakdown, as the DVReward types (RewardResult.table() prints it)."""
-        req = reward_pb2.VerifyRequest(items=[reward_pb2.VerifyItem(prompt=p, image=image_to_proto(im))
-                                              for p, im in zip(prompts, images)])
+        req = reward_pb2.VerifyRequest(
+            items=[reward_pb2.VerifyItem(prompt=p, image=image_to_proto(im)) for p, im in zip(prompts, images)]
+        )
         res = await self._call("reward", "Verify", req, timeout)
-        return [RewardResult(r.prompt, r.reward, r.semantic, r.quality,
-                             [Answer(Question(a.question.id, a.question.text, a.question.kind, a.question.tag),
-                                     None if a.failed else a.score, a.answer, a.failed, a.detail) for a in r.answers],
-                             r.failed) for r in res.rewards]
+        return [
+            RewardResult(
+                r.prompt,
+                r.reward,
+                r.semantic,
+                r.quality,
+                [
+                    Answer(
+                        Question(a.question.id, a.question.text, a.question.kind, a.question.tag),
+                        None if a.failed else a.score,
+                        a.answer,
+                        a.failed,
+                        a.detail,
+                    )
+                    for a in r.answers
+                ],
+                r.failed,
+            )
+            for r in res.rewards
+        ]
 
     async def decompose(self, prompts: Sequence[str], timeout: Optional[float] = None) -> List[List[Dict]]:
         res = await self._call("reward", "Decompose", reward_pb2.DecomposeRequest(prompts=list(prompts)), timeout)

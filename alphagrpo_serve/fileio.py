@@ -1,11 +1,12 @@
 """Files the project writes and reads: atomic writes (a reader, or a run killed mid-write, sees the
 old file or the new one, never a torn one) and JSON Lines with errors that name the file and line."""
+
 from __future__ import annotations
 
 import contextlib
 import json
 import os
-from typing import Callable, IO, Iterator, Tuple
+from typing import IO, Callable, Iterator, Tuple
 
 
 @contextlib.contextmanager

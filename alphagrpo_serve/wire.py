@@ -1,6 +1,7 @@
 """The wire codec shared by the server and the client: conversions between alphagrpo.v1 messages
 and tensors, images, sampling settings and trajectories, with errors that name what is wrong.
 Tensors travel as {dtype, shape, raw little-endian bytes}; images as PNG (or raw uint8)."""
+
 from __future__ import annotations
 
 import io
@@ -14,8 +15,13 @@ import torch
 from ._proto.alphagrpo.v1 import common_pb2, policy_pb2
 
 DTYPES = {
-    "float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16,
-    "int64": torch.int64, "int32": torch.int32, "uint8": torch.uint8,
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "int64": torch.int64,
+    "int32": torch.int32,
+    "uint8": torch.uint8,
 }
 NAMES = {v: k for k, v in DTYPES.items()}
 MAX_IMAGE_SIDE = 1024
@@ -126,9 +132,17 @@ def proto_to_image(msg: common_pb2.Image, field: str = "image", side: Optional[i
 # ---- sampling settings -------------------------------------------------------------------------------
 MODES = {"ode": policy_pb2.SAMPLING_MODE_ODE, "sde": policy_pb2.SAMPLING_MODE_SDE}
 # SamplingParams field -> (SamplingConfig field, converter); the window and interval are pairs
-_SCALAR_FIELDS = {"steps": "steps", "cfg_scale": "cfg_scale", "noise_level": "noise_level", "width": "width",
-                  "height": "height", "cfg_img_scale": "cfg_img_scale", "cfg_renorm_type": "cfg_renorm_type",
-                  "cfg_renorm_min": "cfg_renorm_min", "timestep_shift": "shift"}
+_SCALAR_FIELDS = {
+    "steps": "steps",
+    "cfg_scale": "cfg_scale",
+    "noise_level": "noise_level",
+    "width": "width",
+    "height": "height",
+    "cfg_img_scale": "cfg_img_scale",
+    "cfg_renorm_type": "cfg_renorm_type",
+    "cfg_renorm_min": "cfg_renorm_min",
+    "timestep_shift": "shift",
+}
 _TEXT_FIELDS = {"temperature": "temperature", "top_p": "top_p", "max_thought_tokens": "max_tokens"}
 
 
@@ -144,8 +158,10 @@ def params_to_overrides(p: policy_pb2.SamplingParams) -> tuple:
     for wire, ours in _SCALAR_FIELDS.items():
         if p.HasField(wire):
             ov[ours] = getattr(p, wire)
-    for a, b, ours, conv in (("sde_window_start", "sde_window_size", "sde_window", int),
-                             ("cfg_interval_low", "cfg_interval_high", "cfg_interval", float)):
+    for a, b, ours, conv in (
+        ("sde_window_start", "sde_window_size", "sde_window", int),
+        ("cfg_interval_low", "cfg_interval_high", "cfg_interval", float),
+    ):
         if p.HasField(a) != p.HasField(b):
             raise ValueError(f"params.{a} and params.{b} must be set together")
         if p.HasField(a):
@@ -156,12 +172,23 @@ def params_to_overrides(p: policy_pb2.SamplingParams) -> tuple:
 
 def config_to_params(sc, text=None, think: bool = False) -> policy_pb2.SamplingParams:
     """Every field set from a SamplingConfig (and TextConfig): a resolved SamplingParams."""
-    msg = policy_pb2.SamplingParams(mode=MODES[sc.mode], think=think, steps=sc.steps, cfg_scale=sc.cfg_scale,
-                                    cfg_interval_low=sc.cfg_interval[0], cfg_interval_high=sc.cfg_interval[1],
-                                    sde_window_start=sc.sde_window[0], sde_window_size=sc.sde_window[1],
-                                    noise_level=sc.noise_level, width=sc.width, height=sc.height,
-                                    cfg_img_scale=sc.cfg_img_scale, cfg_renorm_type=sc.cfg_renorm_type,
-                                    cfg_renorm_min=sc.cfg_renorm_min, timestep_shift=sc.shift)
+    msg = policy_pb2.SamplingParams(
+        mode=MODES[sc.mode],
+        think=think,
+        steps=sc.steps,
+        cfg_scale=sc.cfg_scale,
+        cfg_interval_low=sc.cfg_interval[0],
+        cfg_interval_high=sc.cfg_interval[1],
+        sde_window_start=sc.sde_window[0],
+        sde_window_size=sc.sde_window[1],
+        noise_level=sc.noise_level,
+        width=sc.width,
+        height=sc.height,
+        cfg_img_scale=sc.cfg_img_scale,
+        cfg_renorm_type=sc.cfg_renorm_type,
+        cfg_renorm_min=sc.cfg_renorm_min,
+        timestep_shift=sc.shift,
+    )
     if text is not None:
         msg.temperature, msg.top_p, msg.max_thought_tokens = text.temperature, text.top_p, text.max_tokens
     return msg
@@ -173,8 +200,16 @@ def params_to_config(p: policy_pb2.SamplingParams):
     from .sampling.sampler import SamplingConfig, TextConfig
 
     ov, text = params_to_overrides(p)
-    ov = {k: (_f32(v) if isinstance(v, float) else tuple(_f32(x) for x in v) if isinstance(v, tuple) and
-              isinstance(v[0], float) else v) for k, v in ov.items()}
+    ov = {
+        k: (
+            _f32(v)
+            if isinstance(v, float)
+            else tuple(_f32(x) for x in v)
+            if isinstance(v, tuple) and isinstance(v[0], float)
+            else v
+        )
+        for k, v in ov.items()
+    }
     text = {k: (_f32(v) if isinstance(v, float) else v) for k, v in text.items()}
     return SamplingConfig(**ov), TextConfig(**text)
 
@@ -186,17 +221,28 @@ def _f32(x: float) -> float:
 
 # ---- trajectories ------------------------------------------------------------------------------------------
 def trajectory_to_proto(text_ids, text_logps, tr) -> policy_pb2.Trajectory:
-    return policy_pb2.Trajectory(token_ids=list(text_ids), token_logprobs=list(text_logps),
-                                 latents=tensor_to_proto(tr.latents.float()), sigmas=tr.sigmas.tolist(),
-                                 sigma_nexts=tr.sigma_nexts.tolist(), step_logprobs=tr.log_probs.tolist(),
-                                 window_start=tr.window_start, sigma_max=tr.sigma_max)
+    return policy_pb2.Trajectory(
+        token_ids=list(text_ids),
+        token_logprobs=list(text_logps),
+        latents=tensor_to_proto(tr.latents.float()),
+        sigmas=tr.sigmas.tolist(),
+        sigma_nexts=tr.sigma_nexts.tolist(),
+        step_logprobs=tr.log_probs.tolist(),
+        window_start=tr.window_start,
+        sigma_max=tr.sigma_max,
+    )
 
 
 def proto_to_trajectory(t: policy_pb2.Trajectory):
     """(token ids, token log-probs, ImageTrajectory) from a wire trajectory."""
     from .sampling.sampler import ImageTrajectory
 
-    traj = ImageTrajectory(proto_to_tensor(t.latents, "trajectory.latents").float(), torch.tensor(list(t.sigmas)),
-                           torch.tensor(list(t.sigma_nexts)), torch.tensor(list(t.step_logprobs)),
-                           int(t.window_start), float(t.sigma_max))
+    traj = ImageTrajectory(
+        proto_to_tensor(t.latents, "trajectory.latents").float(),
+        torch.tensor(list(t.sigmas)),
+        torch.tensor(list(t.sigma_nexts)),
+        torch.tensor(list(t.step_logprobs)),
+        int(t.window_start),
+        float(t.sigma_max),
+    )
     return list(t.token_ids), list(t.token_logprobs), traj

@@ -17,6 +17,7 @@ layout, CPU): one run, everything compared within it.
 One intra-op thread by default (server and this process): on a shared 2-core machine more threads
 oversubscribe the cores and every number turns to noise.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,13 +34,17 @@ sys.path[:0] = [REPO, os.path.join(REPO, "trainer"), os.path.join(REPO, "tools")
 
 import make_tiny_bagel  # noqa: E402
 import numpy as np  # noqa: E402
-import results  # noqa: E402
 import torch  # noqa: E402
 
+import results  # noqa: E402
 from alphagrpo_serve.client import Client  # noqa: E402
 
-PROMPTS = ["a red circle", "a blue square to the left of a yellow triangle", "three green triangles",
-           "a purple circle above an orange square"]
+PROMPTS = [
+    "a red circle",
+    "a blue square to the left of a yellow triangle",
+    "three green triangles",
+    "a purple circle above an orange square",
+]
 G, STEPS, WINDOW = 8, 16, (0, 10)
 
 
@@ -58,8 +63,11 @@ def rollout_throughput(addr: str, rounds: int) -> dict:
             a = c.generate(PROMPTS, group_size=G, seed=100, **kw)
             batched.append(len(a) / (time.perf_counter() - t))
             t = time.perf_counter()
-            b = [c.generate([p], group_size=1, seed=100 + i * G + j, **kw)[0]
-                 for i, p in enumerate(PROMPTS) for j in range(G)]
+            b = [
+                c.generate([p], group_size=1, seed=100 + i * G + j, **kw)[0]
+                for i, p in enumerate(PROMPTS)
+                for j in range(G)
+            ]
             single.append(len(b) / (time.perf_counter() - t))
         same = max(int(np.abs(x.image.astype(int) - y.image.astype(int)).max()) for x, y in zip(a, b))
     return {"batched": statistics.median(batched), "single": statistics.median(single), "max_pixel_diff": same}
@@ -77,10 +85,17 @@ def prefill_sharing(path: str, rounds: int) -> list:
     first = pol.generate(PROMPTS[:1], [0], pol.resolve_sampling(dict(steps=2)), text)[0].image
     rows = []
     for job, run, rows_of in (
-            ("think (system + prompt)", lambda: pol.generate([PROMPTS[1]] * G, list(range(G)), sc, text, think=True),
-             lambda: [pol.contexts.prefix(j) for j in pol._jobs([PROMPTS[1]] * G, [True] * G, None, sc)[0]]),
-            ("refine (system + image + prompt)", lambda: pol.reflect([PROMPTS[1]] * G, [first] * G, list(range(G)), rc,
-                                                                       text), None)):
+        (
+            "think (system + prompt)",
+            lambda: pol.generate([PROMPTS[1]] * G, list(range(G)), sc, text, think=True),
+            lambda: [pol.contexts.prefix(j) for j in pol._jobs([PROMPTS[1]] * G, [True] * G, None, sc)[0]],
+        ),
+        (
+            "refine (system + image + prompt)",
+            lambda: pol.reflect([PROMPTS[1]] * G, [first] * G, list(range(G)), rc, text),
+            None,
+        ),
+    ):
         out = {}
         for share in (True, False):
             pol.share_prefill = share
@@ -119,16 +134,17 @@ def mid_size_checkpoint(out: str) -> str:
 
 
 def push_throughput(path: str, rounds: int, log) -> dict:
-    from alphagrpo_trainer.servers import LocalServer
-
     from alphagrpo_serve.models.bagel.policy import BagelPolicy
+    from alphagrpo_trainer.servers import LocalServer
 
     local = BagelPolicy.load(path)
     full = local.export_weights()
     local.enable_lora(32, 64.0)
     lora = local.export_weights(lora=True)
-    sizes = {"full": sum(t.numel() * t.element_size() for t in full.values()),
-             "lora": sum(t.numel() * t.element_size() for t in lora.values())}
+    sizes = {
+        "full": sum(t.numel() * t.element_size() for t in full.values()),
+        "lora": sum(t.numel() * t.element_size() for t in lora.values()),
+    }
     server = LocalServer({"name": "bagel", "path": path}, extra_args=["--task", "shapes"], start_timeout_s=600)
     try:
         res = {}
@@ -175,33 +191,47 @@ def main(argv=None) -> None:
         push = push_throughput(mid, args.rounds, log)
     own_hwm = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
-    lines = [f"torch {torch.__version__}, {torch.get_num_threads()} threads; tiny BAGEL (hidden 128, 2 MoT layers, "
-             f"vocabulary ~430, 64x64 canvas = 16 latent tokens); {args.rounds} rounds, medians.", "",
-             f"Rollouts: {len(PROMPTS)} prompts x G={G}, {STEPS} steps, SDE window {WINDOW[1]} with trajectories, "
-             f"guidance 4.0 in (0.4, 1] (two branches on those steps).", "",
-             "| serving | images/s | speed-up |", "|---|---:|---:|",
-             f"| one request of 4 prompts x G=8 (one batch of 32, shared prefills) | {thr['batched']:.2f} | "
-             f"{thr['batched'] / thr['single']:.1f}x |",
-             f"| the same 32 images, one request at a time (batch 1) | {thr['single']:.2f} | 1.0x |", "",
-             f"Same seeds, same images both ways: largest pixel difference {thr['max_pixel_diff']} (of 255).", "",
-             "| G = 8 samples of one prompt | context tokens | prefill, one (shared) | prefill, 8 | "
-             "Generate, shared | Generate, 8 prefills |", "|---|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; tiny BAGEL (hidden 128, 2 MoT layers, "
+        f"vocabulary ~430, 64x64 canvas = 16 latent tokens); {args.rounds} rounds, medians.",
+        "",
+        f"Rollouts: {len(PROMPTS)} prompts x G={G}, {STEPS} steps, SDE window {WINDOW[1]} with trajectories, "
+        f"guidance 4.0 in (0.4, 1] (two branches on those steps).",
+        "",
+        "| serving | images/s | speed-up |",
+        "|---|---:|---:|",
+        f"| one request of 4 prompts x G=8 (one batch of 32, shared prefills) | {thr['batched']:.2f} | "
+        f"{thr['batched'] / thr['single']:.1f}x |",
+        f"| the same 32 images, one request at a time (batch 1) | {thr['single']:.2f} | 1.0x |",
+        "",
+        f"Same seeds, same images both ways: largest pixel difference {thr['max_pixel_diff']} (of 255).",
+        "",
+        "| G = 8 samples of one prompt | context tokens | prefill, one (shared) | prefill, 8 | "
+        "Generate, shared | Generate, 8 prefills |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
     for job, out in share:
         (p1, a1, n), (p8, a8, _) = out[True], out[False]
-        lines.append(f"| {job} | {n} | {p1 * 1e3:.1f} ms | {p8 * 1e3:.1f} ms ({p8 / p1:.1f}x) | "
-                     f"{a1:.2f} s | {a8:.2f} s |")
+        lines.append(
+            f"| {job} | {n} | {p1 * 1e3:.1f} ms | {p8 * 1e3:.1f} ms ({p8 / p1:.1f}x) | {a1:.2f} s | {a8:.2f} s |"
+        )
     gb = 29e9
     full_b, full_t = push["full"]
     lora_b, lora_t = push["lora"]
     full_rate, lora_rate = full_b / full_t / 2**20, lora_b / lora_t / 2**20
-    lines += ["", f"Peak RSS: serving process {server_hwm:.0f} MiB (tiny, batch 32), push server "
-                  f"{push['server_hwm']:.0f} MiB (mid-size), this process {own_hwm:.0f} MiB.", "",
-              "| UpdateWeights (mid-size BAGEL: hidden 1024, 4 MoT layers, float32) | MiB | s | MiB/s |",
-              "|---|---:|---:|---:|",
-              f"| full weights by official names | {full_b / 2**20:.1f} | {full_t:.2f} | {full_rate:.0f} |",
-              f"| LoRA adapters (r 32, both experts) | {lora_b / 2**20:.1f} | {lora_t:.2f} | {lora_rate:.0f} |", "",
-              f"At {full_rate:.0f} MiB/s a full BAGEL-7B-MoT push (~29 GB bf16) takes about "
-              f"{gb / 2**20 / full_rate / 60:.1f} minutes per server."]
+    lines += [
+        "",
+        f"Peak RSS: serving process {server_hwm:.0f} MiB (tiny, batch 32), push server "
+        f"{push['server_hwm']:.0f} MiB (mid-size), this process {own_hwm:.0f} MiB.",
+        "",
+        "| UpdateWeights (mid-size BAGEL: hidden 1024, 4 MoT layers, float32) | MiB | s | MiB/s |",
+        "|---|---:|---:|---:|",
+        f"| full weights by official names | {full_b / 2**20:.1f} | {full_t:.2f} | {full_rate:.0f} |",
+        f"| LoRA adapters (r 32, both experts) | {lora_b / 2**20:.1f} | {lora_t:.2f} | {lora_rate:.0f} |",
+        "",
+        f"At {full_rate:.0f} MiB/s a full BAGEL-7B-MoT push (~29 GB bf16) takes about "
+        f"{gb / 2**20 / full_rate / 60:.1f} minutes per server.",
+    ]
     table = "\n".join(lines)
     print(table)
     if args.results:

@@ -16,6 +16,7 @@ grpo_token_loss), the unfused reference eager and under torch.compile, and on CU
 LigerFusedLinearGRPOLoss when liger_kernel imports. Its "outputs MiB" column is the size of what
 each provider returns (the two gradients, identical for all): peak extra memory includes it.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -199,12 +200,14 @@ def logprob_cases(shape, dtype, device):
             lp = fn(x, vq, xn, s, sn, 0.7, 0.9)
             (gv,) = torch.autograd.grad(lp.sum(), vq)
             return gv
+
         return run
 
     def fwd(fn):
         def run():
             with torch.no_grad():
                 return fn(x, v, xn, s, sn, 0.7, 0.9)
+
         return run
 
     return {
@@ -254,8 +257,9 @@ def liger_grpo(hidden, weight, tokens, adv, mask, old):
     except Exception as exc:  # not installed, or built for another torch
         return None, f"{type(exc).__name__}: {exc}"
     try:
-        loss_fn = LigerFusedLinearGRPOLoss(beta=0.0, use_ref_model=False, epsilon_low=0.2, epsilon_high=0.28,
-                                           loss_type="bnpo", temperature=1.0)
+        loss_fn = LigerFusedLinearGRPOLoss(
+            beta=0.0, use_ref_model=False, epsilon_low=0.2, epsilon_high=0.28, loss_type="bnpo", temperature=1.0
+        )
     except TypeError:  # older releases: fewer options
         loss_fn = LigerFusedLinearGRPOLoss(beta=0.0, use_ref_model=False)
 
@@ -263,6 +267,7 @@ def liger_grpo(hidden, weight, tokens, adv, mask, old):
         out = loss_fn(hidden, weight, tokens, mask, adv, old_per_token_logps=old)
         loss = out[0] if isinstance(out, (tuple, list)) else out
         return torch.autograd.grad(loss, (hidden, weight))
+
     return run, None
 
 
@@ -302,8 +307,14 @@ def linear_loss_cases(B, T, H, V, dtype, device):
 
 def advantages_cases(groups, G, device):
     r = torch.rand(groups, G, device=device)
-    return {"fwd": (lambda: torch.ops.alphagrpo.grpo_advantages(r, "batch", 1e-4, None),
-                    lambda: R.grpo_advantages(r, "batch", 1e-4, None), None, 2 * r.numel() * 4)}
+    return {
+        "fwd": (
+            lambda: torch.ops.alphagrpo.grpo_advantages(r, "batch", 1e-4, None),
+            lambda: R.grpo_advantages(r, "batch", 1e-4, None),
+            None,
+            2 * r.numel() * 4,
+        )
+    }
 
 
 # ---- driver -----------------------------------------------------------------------------------------
@@ -332,18 +343,46 @@ def run(args) -> list:
     for shape in sde_shapes:
         for dtype in (torch.bfloat16, torch.float32):
             for cfg in (False, True):
-                cases.append((f"flow_sde_step{'+cfg' if cfg else ''}", shape, dtype,
-                              lambda shape=shape, dtype=dtype, cfg=cfg: sde_cases(shape, dtype, device, cfg), False))
-            cases.append(("flow_sde_logprob", shape, dtype,
-                          lambda shape=shape, dtype=dtype: logprob_cases(shape, dtype, device), False))
+                cases.append(
+                    (
+                        f"flow_sde_step{'+cfg' if cfg else ''}",
+                        shape,
+                        dtype,
+                        lambda shape=shape, dtype=dtype, cfg=cfg: sde_cases(shape, dtype, device, cfg),
+                        False,
+                    )
+                )
+            cases.append(
+                (
+                    "flow_sde_logprob",
+                    shape,
+                    dtype,
+                    lambda shape=shape, dtype=dtype: logprob_cases(shape, dtype, device),
+                    False,
+                )
+            )
     for n, vocab in tok_shapes:
         for dtype in (torch.bfloat16, torch.float32) if device.type == "cpu" else (torch.bfloat16,):
-            cases.append(("grpo_token_loss", (n, vocab), dtype,
-                          lambda n=n, vocab=vocab, dtype=dtype: token_loss_cases(n, vocab, dtype, device), False))
+            cases.append(
+                (
+                    "grpo_token_loss",
+                    (n, vocab),
+                    dtype,
+                    lambda n=n, vocab=vocab, dtype=dtype: token_loss_cases(n, vocab, dtype, device),
+                    False,
+                )
+            )
     cases.append(("grpo_advantages", (4096, 16), torch.float32, lambda: advantages_cases(4096, 16, device), False))
     for shape, dtype in lin_shapes:
-        cases.append(("grpo_linear_token_loss", shape, dtype,
-                      lambda shape=shape, dtype=dtype: linear_loss_cases(*shape, dtype, device), True))
+        cases.append(
+            (
+                "grpo_linear_token_loss",
+                shape,
+                dtype,
+                lambda shape=shape, dtype=dtype: linear_loss_cases(*shape, dtype, device),
+                True,
+            )
+        )
 
     rows = []
     for op, shape, dtype, make, slow in cases:
@@ -371,29 +410,52 @@ def run(args) -> list:
                 finally:
                     _release(device)
                 gbps = nbytes / ms / 1e6
-                row = Row(op, "x".join(map(str, shape)), str(dtype).replace("torch.", ""), mode, name, ms, gbps,
-                          100 * gbps / copy_bw, peak / 2**20, outputs_mib=out_bytes / 2**20)
+                row = Row(
+                    op,
+                    "x".join(map(str, shape)),
+                    str(dtype).replace("torch.", ""),
+                    mode,
+                    name,
+                    ms,
+                    gbps,
+                    100 * gbps / copy_bw,
+                    peak / 2**20,
+                    outputs_mib=out_bytes / 2**20,
+                )
                 if name == "eager":
                     eager_ms = ms
                 rows.append(row)
-                print(f"  {op:22s} {row.shape:18s} {row.dtype:9s} {mode:8s} {name:11s} {ms:10.3f} ms "
-                      f"{gbps:8.1f} GB/s {row.pct_copy_bw:5.1f}% peak+{row.peak_extra_mib:8.1f} MiB "
-                      f"(outputs {row.outputs_mib:.1f})", flush=True)
+                print(
+                    f"  {op:22s} {row.shape:18s} {row.dtype:9s} {mode:8s} {name:11s} {ms:10.3f} ms "
+                    f"{gbps:8.1f} GB/s {row.pct_copy_bw:5.1f}% peak+{row.peak_extra_mib:8.1f} MiB "
+                    f"(outputs {row.outputs_mib:.1f})",
+                    flush=True,
+                )
             for r in rows:
-                if r.op == op and r.shape == "x".join(map(str, shape)) and r.mode == mode and eager_ms and \
-                        r.dtype == str(dtype).replace("torch.", ""):
+                if (
+                    r.op == op
+                    and r.shape == "x".join(map(str, shape))
+                    and r.mode == mode
+                    and eager_ms
+                    and r.dtype == str(dtype).replace("torch.", "")
+                ):
                     r.speedup_vs_eager = eager_ms / r.ms
         del modes
     return rows, copy_bw
 
 
 def markdown(rows, copy_bw, device_name) -> str:
-    lines = [f"Device: {device_name}; copy bandwidth measured in the same run: {copy_bw:.1f} GB/s", "",
-             "| op | shape | dtype | mode | provider | ms | GB/s | % copy BW | peak extra MiB | outputs MiB | x eager |",
-             "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"Device: {device_name}; copy bandwidth measured in the same run: {copy_bw:.1f} GB/s",
+        "",
+        "| op | shape | dtype | mode | provider | ms | GB/s | % copy BW | peak extra MiB | outputs MiB | x eager |",
+        "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
-        lines.append(f"| {r.op} | {r.shape} | {r.dtype} | {r.mode} | {r.provider} | {r.ms:.3f} | {r.gbps:.1f} | "
-                     f"{r.pct_copy_bw:.1f} | {r.peak_extra_mib:.1f} | {r.outputs_mib:.1f} | {r.speedup_vs_eager:.2f} |")
+        lines.append(
+            f"| {r.op} | {r.shape} | {r.dtype} | {r.mode} | {r.provider} | {r.ms:.3f} | {r.gbps:.1f} | "
+            f"{r.pct_copy_bw:.1f} | {r.peak_extra_mib:.1f} | {r.outputs_mib:.1f} | {r.speedup_vs_eager:.2f} |"
+        )
     return "\n".join(lines)
 
 
@@ -402,16 +464,28 @@ def main(argv=None):
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     p.add_argument("--repeats", type=int, default=10, help="timed repeats per case; the median is reported")
     p.add_argument("--quick", action="store_true", help="small shapes and 3 repeats (a smoke run)")
-    p.add_argument("--slow-repeats", type=int, default=3,
-                   help="timed rounds of the cases that take seconds per call (grpo_linear_token_loss), which "
-                        "run their providers interleaved")
+    p.add_argument(
+        "--slow-repeats",
+        type=int,
+        default=3,
+        help="timed rounds of the cases that take seconds per call (grpo_linear_token_loss), which "
+        "run their providers interleaved",
+    )
     p.add_argument("--only", nargs="*", default=None, help="run only these ops (e.g. grpo_linear_token_loss)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch.set_num_threads for every provider (on a shared, oversubscribed machine 1 thread "
-                        "keeps OpenMP barrier waits out of the comparison)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch.set_num_threads for every provider (on a shared, oversubscribed machine 1 thread "
+        "keeps OpenMP barrier waits out of the comparison)",
+    )
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile(reference) provider")
-    p.add_argument("--json", default=None, help="where to write the rows as JSON (default benchmarks/out/kernels-<device>.json)")
-    p.add_argument("--results", default=None, help="append the table with date, machine and versions to this Markdown file")
+    p.add_argument(
+        "--json", default=None, help="where to write the rows as JSON (default benchmarks/out/kernels-<device>.json)"
+    )
+    p.add_argument(
+        "--results", default=None, help="append the table with date, machine and versions to this Markdown file"
+    )
     args = p.parse_args(argv)
     if not K.have_extension():
         sys.exit(f"the native extension is not built: {K.build_info()['error']}")
@@ -431,8 +505,11 @@ def main(argv=None):
     with open(out, "w") as f:
         json.dump({"device": device_name, "copy_bw_gbps": copy_bw, "rows": [asdict(r) for r in rows]}, f, indent=1)
     if args.results:
-        results.append(args.results, f"Kernels on {device_name}, torch {torch.__version__}, CUDA {torch.version.cuda or 'none'}",
-                       table)
+        results.append(
+            args.results,
+            f"Kernels on {device_name}, torch {torch.__version__}, CUDA {torch.version.cuda or 'none'}",
+            table,
+        )
 
 
 if __name__ == "__main__":

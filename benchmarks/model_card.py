@@ -4,6 +4,7 @@ quotes, plus a PNG grid of fixed prompts.
 
     python benchmarks/model_card.py [--weights PATH] [--grid out.png] [--json out.json]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,7 +34,9 @@ def main(argv=None):
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
     if args.grid:
-        draw_grid(pol, args.grid, GRID_PROMPTS, range(4), pol.resolve_sampling(dict(steps=20, mode="ode", cfg_scale=3.0)))
+        draw_grid(
+            pol, args.grid, GRID_PROMPTS, range(4), pol.resolve_sampling(dict(steps=20, mode="ode", cfg_scale=3.0))
+        )
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Appends a benchmark table to a Markdown results file under a heading that names what ran,
 where and when."""
+
 from __future__ import annotations
 
 import datetime

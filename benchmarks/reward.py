@@ -7,6 +7,7 @@ answered) over held-out prompts with their ground-truth renders, pinned to one C
 Accuracy: exact-match read-back (every object's shape and colour, centroid within 1.5 px) of
 2,000 random scenes per (canvas, noise, blur) setting.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,8 +21,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import numpy as np  # noqa: E402
-import results  # noqa: E402
 
+import results  # noqa: E402
 from alphagrpo_serve.reward import embedded_reward  # noqa: E402
 from alphagrpo_serve.shapes.detect import Detector, scene_matches  # noqa: E402
 from alphagrpo_serve.shapes.evaluate import ground_truth_images, load_heldout  # noqa: E402
@@ -33,7 +34,7 @@ def speed(n_images: int, repeats: int = 3):
     prompts = [rows[i % len(rows)]["prompt"] for i in range(n_images)]
     imgs = ground_truth_images(prompts, 32, range(n_images))
     reward = embedded_reward()
-    reward(prompts[:len(rows)], imgs[:len(rows)])  # warm the decomposition cache
+    reward(prompts[: len(rows)], imgs[: len(rows)])  # warm the decomposition cache
     best_full, best_det = 0.0, 0.0
     det = Detector()
     for _ in range(repeats):
@@ -66,9 +67,15 @@ def main(argv=None):
     if hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
     full, det = speed(args.images)
-    lines = ["| measure | images/s (1 core, 32x32) |", "|---|---:|",
-             f"| full embedded DVReward (detect + all questions) | {full:.0f} |", f"| detector alone | {det:.0f} |", "",
-             "| canvas | noise std (RGB) | blur std (px) | exact-match read-back, 2,000 scenes |", "|---:|---:|---:|---:|"]
+    lines = [
+        "| measure | images/s (1 core, 32x32) |",
+        "|---|---:|",
+        f"| full embedded DVReward (detect + all questions) | {full:.0f} |",
+        f"| detector alone | {det:.0f} |",
+        "",
+        "| canvas | noise std (RGB) | blur std (px) | exact-match read-back, 2,000 scenes |",
+        "|---:|---:|---:|---:|",
+    ]
     for canvas in (32, 64):
         for noise, blur in ((0, 0), (8, 0), (0, 0.6), (8, 0.6), (16, 0.8)):
             lines.append(f"| {canvas} | {noise} | {blur} | {accuracy(canvas, noise, blur):.4f} |")

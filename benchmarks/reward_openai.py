@@ -10,6 +10,7 @@ Needs `make vllm-env`. The random model's answers are meaningless: this measures
 settings: top_logprobs 5 (production; the random model rarely puts yes/no there, so most answers
 fail, but every request makes the full round trip) and the whole vocabulary (every answer scored).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,11 +22,12 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tools"))
 
+from vllm_local import VLLMServer, make_models  # noqa: E402
+
 from alphagrpo_serve.reward.embedded import DetectorVerifier, ShapesDecomposer  # noqa: E402
 from alphagrpo_serve.reward.openai_backend import Endpoint, OpenAIVerifier  # noqa: E402
 from alphagrpo_serve.shapes.evaluate import ground_truth_images, load_heldout  # noqa: E402
 from results import append  # noqa: E402
-from vllm_local import VLLMServer, make_models  # noqa: E402
 
 
 def main(argv=None):
@@ -33,7 +35,7 @@ def main(argv=None):
     p.add_argument("--pairs", type=int, default=200)
     p.add_argument("--no-write", action="store_true", help="print only")
     args = p.parse_args(argv)
-    rows = load_heldout()[:args.pairs]
+    rows = load_heldout()[: args.pairs]
     prompts = [r["prompt"] for r in rows]
     images = ground_truth_images(prompts, seeds=[r["seed"] for r in rows])
     questions = ShapesDecomposer().decompose(prompts)
@@ -42,13 +44,17 @@ def main(argv=None):
     os.makedirs(out, exist_ok=True)
     root = os.path.join(out, "tiny_vlm")
     make_models(root)
-    table = ["| verifier | concurrency | pairs | questions (requests) | seconds | pairs/s | requests/s | failed |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    table = [
+        "| verifier | concurrency | pairs | questions (requests) | seconds | pairs/s | requests/s | failed |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     emb = DetectorVerifier()
     t = time.perf_counter()
     emb.verify(images, questions)
     dt = time.perf_counter() - t
-    table.append(f"| embedded (detector) | - | {len(prompts)} | {nq} | {dt:.3f} | {len(prompts) / dt:.0f} | {nq / dt:.0f} | 0 |")
+    table.append(
+        f"| embedded (detector) | - | {len(prompts)} | {nq} | {dt:.3f} | {len(prompts) / dt:.0f} | {nq / dt:.0f} | 0 |"
+    )
     import json
 
     with open(os.path.join(root, "vlm", "config.json")) as f:
@@ -64,8 +70,10 @@ def main(argv=None):
                 ans = ver.verify(images, questions)
                 dt = time.perf_counter() - t
                 failed = sum(a.failed for aa in ans for a in aa)
-                table.append(f"| OpenAI API -> vLLM CPU, tiny BLIP-2, top_logprobs {top} | {conc} | {len(prompts)} | {nq} | "
-                             f"{dt:.2f} | {len(prompts) / dt:.1f} | {nq / dt:.1f} | {failed} |")
+                table.append(
+                    f"| OpenAI API -> vLLM CPU, tiny BLIP-2, top_logprobs {top} | {conc} | {len(prompts)} | {nq} | "
+                    f"{dt:.2f} | {len(prompts) / dt:.1f} | {nq / dt:.1f} | {failed} |"
+                )
                 print(table[-1], flush=True)
     finally:
         srv.stop()

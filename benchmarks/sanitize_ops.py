@@ -1,5 +1,6 @@
 """Calls every CUDA op once on small, odd-sized inputs (forward and backward): the workload that
 benchmarks/gpu_check.sh runs under compute-sanitizer --tool memcheck."""
+
 import os
 import sys
 
@@ -23,13 +24,22 @@ def main():
             logits = torch.randn(2, 5, V, device=dev, dtype=dtype, requires_grad=True)
             tokens = torch.randint(0, V, (2, 5), device=dev)
             for level in ("token", "sequence"):
-                o = K.grpo_token_loss(logits, tokens, torch.randn(2, device=dev), torch.ones(2, 5, device=dev),
-                                      old_logp=torch.full((2, 5), -3.0, device=dev),
-                                      ref_logp=torch.full((2, 5), -3.0, device=dev), beta=0.1, ratio_level=level)
+                o = K.grpo_token_loss(
+                    logits,
+                    tokens,
+                    torch.randn(2, device=dev),
+                    torch.ones(2, 5, device=dev),
+                    old_logp=torch.full((2, 5), -3.0, device=dev),
+                    ref_logp=torch.full((2, 5), -3.0, device=dev),
+                    beta=0.1,
+                    ratio_level=level,
+                )
                 o.loss.backward()
     K.grpo_advantages(torch.rand(37, 5, device=dev), "group", clip=2.0)
     lp = torch.randn(5, 3, device=dev, requires_grad=True)
-    K.flow_grpo_loss(lp, lp.detach() + 0.01, torch.randn(5, device=dev), kl=torch.rand(5, 3, device=dev), beta=0.1).loss.backward()
+    K.flow_grpo_loss(
+        lp, lp.detach() + 0.01, torch.randn(5, device=dev), kl=torch.rand(5, 3, device=dev), beta=0.1
+    ).loss.backward()
     torch.cuda.synchronize()
     print("sanitize_ops: every op ran")
 

@@ -1,7 +1,9 @@
 """Fixtures for the BAGEL tests: a tiny random BAGEL in the official layout, built in a temp dir by
 tools/make_tiny_bagel.py (seconds, no network), and loaded once per session.
 
-Use with `from bagel_fixtures import tiny_bagel_dir, tiny_bagel  # noqa: F401`."""
+conftest.py registers this module as a plugin, so any test can take `tiny_bagel_dir` or `tiny_bagel`
+as an argument."""
+
 from __future__ import annotations
 
 import os

@@ -6,6 +6,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 
+# the tiny BAGEL fixtures (tiny_bagel_dir, tiny_bagel) for every test module that asks for them
+pytest_plugins = ["bagel_fixtures"]
+
 
 @pytest.fixture
 def poison():

@@ -1,5 +1,6 @@
 """Shared helpers of the server tests: a small random tiny UMM and an in-process server on a free
 127.0.0.1 port (stopped at the end), and a bounded asyncio runner."""
+
 from __future__ import annotations
 
 import asyncio
@@ -21,7 +22,9 @@ def small_policy():
 
 @contextlib.asynccontextmanager
 async def running(policy=None, **cfg):
-    server = Server(ServeConfig(host="127.0.0.1", port=0, **cfg), policy=policy or small_policy(), reward=embedded_reward())
+    server = Server(
+        ServeConfig(host="127.0.0.1", port=0, **cfg), policy=policy or small_policy(), reward=embedded_reward()
+    )
     port = await server.start()
     try:
         yield server, f"127.0.0.1:{port}"

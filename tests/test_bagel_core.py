@@ -1,6 +1,7 @@
 """BAGEL's functional core on a tiny random checkpoint: position ids and attention masks against a
 hand-written layout, Mixture-of-Transformers routing, KV-cached velocity and text decoding against
 full uncached forwards of the same sequences, padding and cache sharing, gradients."""
+
 from __future__ import annotations
 
 import copy
@@ -8,9 +9,7 @@ import copy
 import pytest
 import torch
 
-from bagel_fixtures import tiny_bagel, tiny_bagel_dir  # noqa: F401
-from alphagrpo_serve.models.bagel import (KVCache, SpecialTokens, Text, VaeImage, VitImage, prefill, text_step,
-                                          velocity)
+from alphagrpo_serve.models.bagel import KVCache, SpecialTokens, Text, VaeImage, VitImage, prefill, text_step, velocity
 from alphagrpo_serve.models.bagel.core import attention_mask, chunk_attend, plan_contexts
 from alphagrpo_serve.models.bagel.modeling import Routing
 
@@ -19,7 +18,9 @@ TOL = 1e-5  # float32, same arithmetic up to padding and cache concatenation ord
 
 def assert_close(a, b, tol=TOL, what=""):
     diff = (a - b).detach().abs()
-    assert diff.max() <= tol, f"{what}: max |diff| {float(diff.max()):.3g} at {tuple(torch.nonzero(diff == diff.max())[0].tolist())}"
+    assert diff.max() <= tol, (
+        f"{what}: max |diff| {float(diff.max()):.3g} at {tuple(torch.nonzero(diff == diff.max())[0].tolist())}"
+    )
 
 
 def bits(rows):
@@ -36,12 +37,15 @@ def contexts(bagel, seed=0):
     g = torch.Generator().manual_seed(seed)
     tok = bagel.tokens
     latent = torch.randn(16, 4, 4, generator=g)
-    return [[Text(tok.wrap([10, 11, 12])), VitImage(image(seed)), VaeImage.from_latent(latent), Text(tok.wrap([13]))],
-            [Text(tok.wrap([14, 15]))]]
+    return [
+        [Text(tok.wrap([10, 11, 12])), VitImage(image(seed)), VaeImage.from_latent(latent), Text(tok.wrap([13]))],
+        [Text(tok.wrap([14, 15]))],
+    ]
 
 
 # ------------------------------------------------------------------------------------------------
 # layout: positions and masks
+
 
 def test_positions_and_attention_mask_match_a_hand_written_layout():
     special = SpecialTokens(start_of_image=90, end_of_image=91)
@@ -58,24 +62,28 @@ def test_positions_and_attention_mask_match_a_hand_written_layout():
     # previous cache: row 0 has 2 columns of which the second is padding
     cache_valid = torch.tensor([[True, False], [True, True]])
     mask = attention_mask(cache_valid, chunk_attend(plan), plan.valid)
-    expected_row0 = bits([  # cache | 5 6 s v v e 7
-        "10" "1000000",
-        "10" "1100000",
-        "10" "1111110",  # <soi> sees the whole image segment
-        "10" "1111110",
-        "10" "1111110",
-        "10" "1111110",
-        "10" "1111111",
-    ])
-    expected_row1 = bits([
-        "11" "1000000",
-        "11" "1100000",  # padding: seen by nobody; as a query it sees the real keys and itself
-        "11" "1010000",
-        "11" "1001000",
-        "11" "1000100",
-        "11" "1000010",
-        "11" "1000001",
-    ])
+    expected_row0 = bits(
+        [  # cache | 5 6 s v v e 7
+            "101000000",
+            "101100000",
+            "101111110",  # <soi> sees the whole image segment
+            "101111110",
+            "101111110",
+            "101111110",
+            "101111111",
+        ]
+    )
+    expected_row1 = bits(
+        [
+            "111000000",
+            "111100000",  # padding: seen by nobody; as a query it sees the real keys and itself
+            "111010000",
+            "111001000",
+            "111000100",
+            "111000010",
+            "111000001",
+        ]
+    )
     assert torch.equal(mask[0], expected_row0), mask[0].int()
     assert torch.equal(mask[1], expected_row1), mask[1].int()
 
@@ -121,8 +129,16 @@ def test_each_token_uses_only_its_experts_weights_inside_a_layer(tiny_bagel):
     def per_token(lay):
         a = lay.self_attn
         q, k, v = a.qkv(lay.input_norm(x, routing), routing)
-        return torch.cat([q.transpose(1, 2).flatten(2), k.transpose(1, 2).flatten(2), v.transpose(1, 2).flatten(2),
-                          a.out(x[..., : a.num_heads * a.head_dim], routing), lay.ffn(x, routing)], dim=-1)
+        return torch.cat(
+            [
+                q.transpose(1, 2).flatten(2),
+                k.transpose(1, 2).flatten(2),
+                v.transpose(1, 2).flatten(2),
+                a.out(x[..., : a.num_heads * a.head_dim], routing),
+                lay.ffn(x, routing),
+            ],
+            dim=-1,
+        )
 
     base, und, gen_ = per_token(layer), per_token(m_und), per_token(m_gen)
     assert_close(base[gen], und[gen], TOL, "generation tokens vs perturbed understanding expert")
@@ -150,8 +166,11 @@ def test_last_layer_mlp_and_final_norm_route_by_token_kind(tiny_bagel):
         suffix = "mlp_moe_gen." if expert == "gen" else "mlp."
         with torch.no_grad():
             for n, p in m.named_parameters():
-                if n.startswith(f"language_model.model.layers.{last}.{suffix}") or \
-                        n == f"language_model.model.layers.{last}.post_attention_layernorm{'_moe_gen' if expert == 'gen' else ''}.weight":
+                if (
+                    n.startswith(f"language_model.model.layers.{last}.{suffix}")
+                    or n
+                    == f"language_model.model.layers.{last}.post_attention_layernorm{'_moe_gen' if expert == 'gen' else ''}.weight"
+                ):
                     p.mul_(1.5)
         return m
 
@@ -169,11 +188,12 @@ def test_last_layer_mlp_and_final_norm_route_by_token_kind(tiny_bagel):
 # ------------------------------------------------------------------------------------------------
 # cached == uncached
 
+
 def uncached_velocity(model, ctx_row, x, t, grid):
     """The same packed sequence in one forward: context + (soi, noisy latents, eoi), no cache."""
     pf = prefill(model, [ctx_row + [VaeImage(x, grid, float(t))]])
     span = pf.spans[0][-1]
-    return model.llm2vae(pf.hidden[0, span.start: span.start + span.length])
+    return model.llm2vae(pf.hidden[0, span.start : span.start + span.length])
 
 
 def test_cached_velocity_equals_the_uncached_forward(tiny_bagel):
@@ -211,7 +231,7 @@ def test_cached_text_decoding_equals_the_full_forward(tiny_bagel):
     for b in range(2):
         full = prefill(model, [ctx[b] + [Text(steps[b])]])
         span = full.spans[0][-1]
-        ref = model.language_model.lm_head(full.hidden[0, span.start: span.start + span.length])
+        ref = model.language_model.lm_head(full.hidden[0, span.start : span.start + span.length])
         assert_close(torch.stack([lg[b] for lg in logits]), ref, what=f"row {b}")
 
 
@@ -254,10 +274,17 @@ def test_everything_is_differentiable(tiny_bagel):
     lg, _ = text_step(model, pf.cache, torch.tensor([3, 4]))
     (v.square().mean() + lg.logsumexp(-1).mean()).backward()
     names = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
-    for must in ("language_model.model.layers.0.self_attn.q_proj_moe_gen.weight",
-                 "language_model.model.layers.0.mlp.gate_proj.weight", "vit_model.vision_model.encoder.layers.0.mlp.fc1.weight",
-                 "connector.fc2.weight", "time_embedder.mlp.0.weight", "vae2llm.weight", "llm2vae.weight",
-                 "language_model.lm_head.weight", "language_model.model.norm_moe_gen.weight"):
+    for must in (
+        "language_model.model.layers.0.self_attn.q_proj_moe_gen.weight",
+        "language_model.model.layers.0.mlp.gate_proj.weight",
+        "vit_model.vision_model.encoder.layers.0.mlp.fc1.weight",
+        "connector.fc2.weight",
+        "time_embedder.mlp.0.weight",
+        "vae2llm.weight",
+        "llm2vae.weight",
+        "language_model.lm_head.weight",
+        "language_model.model.norm_moe_gen.weight",
+    ):
         assert must in names, must
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
     assert not model.latent_pos_embed.pos_embed.requires_grad and not model.vit_pos_embed.pos_embed.requires_grad
@@ -274,6 +301,7 @@ def test_velocity_checks_its_inputs(tiny_bagel):
 
 # ------------------------------------------------------------------------------------------------
 # images and an end-to-end draw
+
 
 def test_vit_images_of_different_sizes_batch_like_alone(tiny_bagel):
     from alphagrpo_serve.models.bagel import vit_embeds
@@ -300,7 +328,9 @@ def test_resize_rule_and_preprocessing():
     class Cfg:  # the official numbers come out of the official config values
         class vit:
             patch_size = 14
+
         vit_max_num_patch_per_side = 70
+
     assert vit_sizes(Cfg) == (980, 224, 14)
     px = vit_pixels(Cfg, np.full((30, 40, 3), 255, np.uint8))
     assert px.shape == (3, 224, 294) and torch.allclose(px, torch.ones_like(px), atol=1e-5)

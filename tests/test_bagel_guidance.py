@@ -1,5 +1,6 @@
 """BAGEL's sampling rules (guidance.py) against hand-computed tensors: the guidance combination
 for each renorm type, the timestep schedule and the cfg interval."""
+
 from __future__ import annotations
 
 import math
@@ -38,13 +39,13 @@ def test_global_renorm_text_only():
 def test_global_renorm_text_and_image():
     # v' = v_no_image + 1.5 ([[5, 6], [0, 1]] - v_no_image) = [[7.5, 9], [-0.5, 1]]
     v_ = torch.tensor([[[7.5, 9.0], [-0.5, 1.0]]])
-    norm_ = math.sqrt(7.5 ** 2 + 81 + 0.25 + 1)
+    norm_ = math.sqrt(7.5**2 + 81 + 0.25 + 1)
     close(cfg_combine(V, V_NO_TEXT, V_NO_IMAGE, 2.0, 1.5, "global"), v_ * math.sqrt(26) / (norm_ + 1e-8))
 
 
 def test_channel_renorm_is_per_token():
     v_ = torch.tensor([[[7.5, 9.0], [-0.5, 1.0]]])
-    s0 = min(5.0 / (math.sqrt(7.5 ** 2 + 81) + 1e-8), 1.0)  # token 0: 5 / 11.72
+    s0 = min(5.0 / (math.sqrt(7.5**2 + 81) + 1e-8), 1.0)  # token 0: 5 / 11.72
     s1 = min(1.0 / (math.sqrt(1.25) + 1e-8), 1.0)  # token 1: 1 / 1.118
     close(cfg_combine(V, V_NO_TEXT, V_NO_IMAGE, 2.0, 1.5, "channel"), v_ * torch.tensor([[[s0], [s1]]]))
 

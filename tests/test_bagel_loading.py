@@ -2,6 +2,7 @@
 scheme, independently of the module), errors that name missing / extra / mis-shaped keys, the ViT
 depth rule, dtype and device arguments, the FLUX VAE (BFL names via diffusers' converter) and the
 patch layouts."""
+
 from __future__ import annotations
 
 import json
@@ -14,35 +15,71 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from bagel_fixtures import tiny_bagel, tiny_bagel_dir  # noqa: F401
-from alphagrpo_serve.models.bagel import (BagelConfig, CheckpointError, Text, VaeImage, VitImage, load_flux_vae,
-                                          load_model, patchify, prefill, text_step, unpatchify, velocity)
+from alphagrpo_serve.models.bagel import (
+    BagelConfig,
+    CheckpointError,
+    Text,
+    VaeImage,
+    VitImage,
+    load_flux_vae,
+    load_model,
+    patchify,
+    prefill,
+    text_step,
+    unpatchify,
+    velocity,
+)
 
 
 def official_ema_keys(n_layers: int, n_vit_layers: int) -> set:
     """BAGEL-7B-MoT's ema.safetensors names (official modeling/bagel/*.py attribute paths)."""
-    keys = {"language_model.model.embed_tokens.weight", "language_model.model.norm.weight",
-            "language_model.model.norm_moe_gen.weight", "language_model.lm_head.weight",
-            "connector.fc1.weight", "connector.fc1.bias", "connector.fc2.weight", "connector.fc2.bias",
-            "vit_pos_embed.pos_embed", "latent_pos_embed.pos_embed", "vae2llm.weight", "vae2llm.bias",
-            "llm2vae.weight", "llm2vae.bias", "time_embedder.mlp.0.weight", "time_embedder.mlp.0.bias",
-            "time_embedder.mlp.2.weight", "time_embedder.mlp.2.bias",
-            "vit_model.vision_model.embeddings.patch_embedding.weight",
-            "vit_model.vision_model.embeddings.patch_embedding.bias",
-            "vit_model.vision_model.embeddings.position_embedding.weight",
-            "vit_model.vision_model.post_layernorm.weight", "vit_model.vision_model.post_layernorm.bias"}
+    keys = {
+        "language_model.model.embed_tokens.weight",
+        "language_model.model.norm.weight",
+        "language_model.model.norm_moe_gen.weight",
+        "language_model.lm_head.weight",
+        "connector.fc1.weight",
+        "connector.fc1.bias",
+        "connector.fc2.weight",
+        "connector.fc2.bias",
+        "vit_pos_embed.pos_embed",
+        "latent_pos_embed.pos_embed",
+        "vae2llm.weight",
+        "vae2llm.bias",
+        "llm2vae.weight",
+        "llm2vae.bias",
+        "time_embedder.mlp.0.weight",
+        "time_embedder.mlp.0.bias",
+        "time_embedder.mlp.2.weight",
+        "time_embedder.mlp.2.bias",
+        "vit_model.vision_model.embeddings.patch_embedding.weight",
+        "vit_model.vision_model.embeddings.patch_embedding.bias",
+        "vit_model.vision_model.embeddings.position_embedding.weight",
+        "vit_model.vision_model.post_layernorm.weight",
+        "vit_model.vision_model.post_layernorm.bias",
+    }
     for n in range(n_layers):
         for gen in ("", "_moe_gen"):
             pre = f"language_model.model.layers.{n}"
-            keys |= {f"{pre}.self_attn.{p}{gen}.{w}" for p in ("q_proj", "k_proj", "v_proj") for w in ("weight", "bias")}
-            keys |= {f"{pre}.self_attn.o_proj{gen}.weight", f"{pre}.self_attn.q_norm{gen}.weight",
-                     f"{pre}.self_attn.k_norm{gen}.weight", f"{pre}.input_layernorm{gen}.weight",
-                     f"{pre}.post_attention_layernorm{gen}.weight"}
+            keys |= {
+                f"{pre}.self_attn.{p}{gen}.{w}" for p in ("q_proj", "k_proj", "v_proj") for w in ("weight", "bias")
+            }
+            keys |= {
+                f"{pre}.self_attn.o_proj{gen}.weight",
+                f"{pre}.self_attn.q_norm{gen}.weight",
+                f"{pre}.self_attn.k_norm{gen}.weight",
+                f"{pre}.input_layernorm{gen}.weight",
+                f"{pre}.post_attention_layernorm{gen}.weight",
+            }
             keys |= {f"{pre}.mlp{gen}.{p}_proj.weight" for p in ("gate", "up", "down")}
     for n in range(n_vit_layers):
         pre = f"vit_model.vision_model.encoder.layers.{n}"
-        keys |= {f"{pre}.self_attn.{p}.{w}" for p in ("q_proj", "k_proj", "v_proj", "out_proj") for w in ("weight", "bias")}
-        keys |= {f"{pre}.{m}.{w}" for m in ("layer_norm1", "layer_norm2", "mlp.fc1", "mlp.fc2") for w in ("weight", "bias")}
+        keys |= {
+            f"{pre}.self_attn.{p}.{w}" for p in ("q_proj", "k_proj", "v_proj", "out_proj") for w in ("weight", "bias")
+        }
+        keys |= {
+            f"{pre}.{m}.{w}" for m in ("layer_norm1", "layer_norm2", "mlp.fc1", "mlp.fc2") for w in ("weight", "bias")
+        }
     return keys
 
 
@@ -64,7 +101,9 @@ def test_tiny_checkpoint_and_module_carry_exactly_the_official_keys(tiny_bagel_d
     # the linear patch embedding layout [hidden, 3 * p * p]
     v = tiny_bagel.config.vit
     assert tuple(tiny_bagel.model.vit_model.vision_model.embeddings.patch_embedding.weight.shape) == (
-        v.hidden_size, 3 * v.patch_size ** 2)
+        v.hidden_size,
+        3 * v.patch_size**2,
+    )
 
 
 def test_vit_depth_rule_and_config_sources(tiny_bagel_dir, tmp_path):
@@ -103,8 +142,11 @@ def test_loader_errors_name_the_key(tiny_bagel_dir, tmp_path, case):
         "shape": lambda sd: sd.update({key: torch.zeros(sd[key].shape[0] + 1)}),
     }
     path = broken_copy(tiny_bagel_dir, tmp_path / case, edits[case])
-    expect = {"missing": rf"missing key '{key}'", "extra": r"unexpected key 'language_model\.model\.layers\.9\.mlp\.up_proj\.weight'",
-              "shape": rf"key '{key}' has shape \[33\], expected \[32\]"}[case]
+    expect = {
+        "missing": rf"missing key '{key}'",
+        "extra": r"unexpected key 'language_model\.model\.layers\.9\.mlp\.up_proj\.weight'",
+        "shape": rf"key '{key}' has shape \[33\], expected \[32\]",
+    }[case]
     with pytest.raises(CheckpointError, match=expect):
         load_model(path)
 
@@ -161,7 +203,16 @@ def test_patch_layouts_are_row_major_with_channels_last_inside():
     x = torch.arange(2 * 4 * 4, dtype=torch.float32).reshape(2, 4, 4)
     tok = patchify(x, 2)
     assert tok.shape == (4, 8)
-    assert tok[1].tolist() == [x[0, 0, 2], x[1, 0, 2], x[0, 0, 3], x[1, 0, 3], x[0, 1, 2], x[1, 1, 2], x[0, 1, 3], x[1, 1, 3]]
+    assert tok[1].tolist() == [
+        x[0, 0, 2],
+        x[1, 0, 2],
+        x[0, 0, 3],
+        x[1, 0, 3],
+        x[0, 1, 2],
+        x[1, 1, 2],
+        x[0, 1, 3],
+        x[1, 1, 3],
+    ]
     assert torch.equal(unpatchify(tok, (2, 2), 2, 2), x)
     batch = torch.randn(3, 16, 6, 8)
     assert torch.equal(unpatchify(patchify(batch, 2), (3, 4), 2, 16), batch)

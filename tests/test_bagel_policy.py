@@ -2,6 +2,7 @@
 core functions (contexts as the official inferencer builds them, guidance, Euler steps); the G
 samples of a prompt share one prefill; padding and batching do not change a sample; recompute =
 record for mixed batches; LoRA adapters go through PEFT's on-disk format both ways."""
+
 from __future__ import annotations
 
 import json
@@ -9,8 +10,6 @@ import os
 
 import pytest
 import torch
-from bagel_fixtures import tiny_bagel_dir  # noqa: F401
-from helpers import assert_close
 
 from alphagrpo_serve.kernels import flow_sde_logprob
 from alphagrpo_serve.models.bagel import (
@@ -31,6 +30,7 @@ from alphagrpo_serve.models.bagel import (
 from alphagrpo_serve.models.bagel import contexts as ctx_mod
 from alphagrpo_serve.models.bagel.contexts import GEN_THINK_SYSTEM_PROMPT, REFLECT_SYSTEM_PROMPT
 from alphagrpo_serve.models.bagel.policy import BagelPolicy, canvas_rule, sample_seeds
+from helpers import assert_close
 
 PROMPT, LONG = "a red circle", "two blue squares left of a yellow triangle above the green circle"
 
@@ -112,8 +112,12 @@ def test_think_plans_in_the_conditional_context_only(pol):
 def test_reflect_edits_with_the_image_in_the_context_and_image_guidance(pol):
     first = pol.generate([PROMPT], [1], pol.resolve_sampling(dict(steps=2)), pol.resolve_text())[0].image
     sc = pol.resolve_sampling(dict(steps=5), reflect=True)
-    assert (sc.cfg_scale, sc.cfg_img_scale, sc.cfg_interval, sc.cfg_renorm_type) == \
-        (4.0, 2.0, (0.0, 1.0), "text_channel")
+    assert (sc.cfg_scale, sc.cfg_img_scale, sc.cfg_interval, sc.cfg_renorm_type) == (
+        4.0,
+        2.0,
+        (0.0, 1.0),
+        "text_channel",
+    )
     text = pol.resolve_text(dict(max_tokens=5))
     out, z = captured_latents(pol, lambda: pol.reflect([PROMPT], [first], [4], sc, text))
     s = out[0]
@@ -124,8 +128,9 @@ def test_reflect_edits_with_the_image_in_the_context_and_image_guidance(pol):
     vae, vit = VaeImage.from_latent(latent), VitImage(vit_pixels(pol.config, first))
     system = wrap(pol, REFLECT_SYSTEM_PROMPT)
     # official editing: image (VAE then ViT) before the text; no-text keeps the image, no-image the text
-    ref = official_loop(pol, [system, vae, vit, wrap(pol, PROMPT), critique], [system, vae, vit],
-                        [system, wrap(pol, PROMPT)], 4, sc)
+    ref = official_loop(
+        pol, [system, vae, vit, wrap(pol, PROMPT), critique], [system, vae, vit], [system, wrap(pol, PROMPT)], 4, sc
+    )
     assert_close(patchify(z[0], 2), ref, atol=1e-5, rtol=1e-5, name="latents")
 
 
@@ -167,14 +172,21 @@ def test_recompute_equals_the_record_for_a_mixed_batch(pol):
     with torch.no_grad():
         lp = pol.token_logps(samples, chunk_tokens=3)
         for i, s in enumerate(samples):
-            assert torch.allclose(lp[i, :len(s.text.ids)], torch.tensor(s.text.logps), atol=1e-5)
-            assert not lp[i, len(s.text.ids):].any()
+            assert torch.allclose(lp[i, : len(s.text.ids)], torch.tensor(s.text.logps), atol=1e-5)
+            assert not lp[i, len(s.text.ids) :].any()
         for k in range(2):
             v = pol.guided_velocity(samples, k)
             for i, s in enumerate(samples):
                 tr = s.trajectory
-                rec = flow_sde_logprob(tr.latents[k:k + 1], v[i:i + 1], tr.latents[k + 1:k + 2], float(tr.sigmas[k]),
-                                       float(tr.sigma_nexts[k]), noise_level=sc.noise_level, sigma_max=tr.sigma_max)
+                rec = flow_sde_logprob(
+                    tr.latents[k : k + 1],
+                    v[i : i + 1],
+                    tr.latents[k + 1 : k + 2],
+                    float(tr.sigmas[k]),
+                    float(tr.sigma_nexts[k]),
+                    noise_level=sc.noise_level,
+                    sigma_max=tr.sigma_max,
+                )
                 assert abs(rec.item() - tr.log_probs[k].item()) <= 1e-5, (k, i)
     # differentiable in the weights: one backward reaches both experts and the head
     pol.model.zero_grad(set_to_none=True)
@@ -210,7 +222,8 @@ def test_lora_on_the_generation_expert_through_peft_format(pol, tiny_bagel_dir, 
     names = pol.weight_specs(lora=True)
     assert names and all("moe_gen" in n for n in names)
     assert {id(p) for p in pol.trainable_parameters()} == {
-        id(p) for n, p in pol.model.named_parameters() if ".lora_" in n}
+        id(p) for n, p in pol.model.named_parameters() if ".lora_" in n
+    }
     with torch.no_grad():
         for p in pol.trainable_parameters():
             p.add_(torch.randn_like(p) * 0.05)
@@ -252,8 +265,10 @@ def test_lora_imports_are_checked_by_name_and_pairing(pol):
     only_a = {k: v for k, v in adapters.items() if k.endswith("lora_A")}
     with pytest.raises(KeyError, match="come together"):
         pol.import_weights(only_a, lora=True)
-    vit = {"vit_model.vision_model.encoder.layers.0.self_attn.q_proj.lora_A": torch.zeros(2, 32),
-           "vit_model.vision_model.encoder.layers.0.self_attn.q_proj.lora_B": torch.zeros(32, 2)}
+    vit = {
+        "vit_model.vision_model.encoder.layers.0.self_attn.q_proj.lora_A": torch.zeros(2, 32),
+        "vit_model.vision_model.encoder.layers.0.self_attn.q_proj.lora_B": torch.zeros(32, 2),
+    }
     with pytest.raises(KeyError, match="not a LoRA adapter"):
         pol.import_weights(vit, lora=True)
     assert not pol.lora_enabled and pol.version == 0

@@ -3,13 +3,13 @@ sequence, token by token - each token picks its expert's weights by name, RoPE a
 spelled out, masks follow BAGEL's rules (causal text, full inside an image, one position per
 image), the DiT timestep embedding and the latent embedding are recomputed by hand. It checks the
 generation path (which vLLM does not implement) and BAGEL's image layout."""
+
 from __future__ import annotations
 
 import math
 
 import torch
 
-from bagel_fixtures import tiny_bagel, tiny_bagel_dir  # noqa: F401
 from alphagrpo_serve.models.bagel import KVCache, Text, VaeImage, build_model, prefill, velocity
 
 
@@ -22,7 +22,7 @@ def rope(x, pos, theta):
     d = x.shape[-1]
     inv = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
     ang = torch.cat([pos * inv, pos * inv])
-    x1, x2 = x[..., : d // 2], x[..., d // 2:]
+    x1, x2 = x[..., : d // 2], x[..., d // 2 :]
     return x * torch.cos(ang) + torch.cat([-x2, x1], -1) * torch.sin(ang)
 
 
@@ -44,8 +44,10 @@ def reference_hidden(bagel, tokens):
     eps, theta = cfg.rms_norm_eps, cfg.rope_parameters["rope_theta"]
     x = torch.stack([t["emb"] for t in tokens]).double()
     n = len(tokens)
-    sees = [[j <= i or (tokens[i]["full"] and tokens[j]["full"] and tokens[i]["seg"] == tokens[j]["seg"])
-             for j in range(n)] for i in range(n)]
+    sees = [
+        [j <= i or (tokens[i]["full"] and tokens[j]["full"] and tokens[i]["seg"] == tokens[j]["seg"]) for j in range(n)]
+        for i in range(n)
+    ]
     for layer in range(cfg.num_hidden_layers):
         p = f"language_model.model.layers.{layer}."
 
@@ -80,8 +82,20 @@ def reference_hidden(bagel, tokens):
             gate = w("mlp.gate_proj.weight", i) @ h
             new_x.append(xi + w("mlp.down_proj.weight", i) @ (gate * torch.sigmoid(gate) * up))
         x = torch.stack(new_x)
-    return torch.stack([rms(x[i], sd["language_model.model.norm_moe_gen.weight" if tokens[i]["gen"]
-                                    else "language_model.model.norm.weight"], eps) for i in range(n)])
+    return torch.stack(
+        [
+            rms(
+                x[i],
+                sd[
+                    "language_model.model.norm_moe_gen.weight"
+                    if tokens[i]["gen"]
+                    else "language_model.model.norm.weight"
+                ],
+                eps,
+            )
+            for i in range(n)
+        ]
+    )
 
 
 def test_velocity_and_logits_match_a_token_by_token_reference(tiny_bagel):
@@ -97,9 +111,19 @@ def test_velocity_and_logits_match_a_token_by_token_reference(tiny_bagel):
     def latent_tokens(lat, grid, tt, pos, seg):
         ids = [r * max_lat + c for r in range(grid[0]) for c in range(grid[1])]
         te = timestep_embedding(sd, tt)
-        return [dict(emb=sd["vae2llm.weight"] @ lat[i].double() + sd["vae2llm.bias"] + te
-                     + sd["latent_pos_embed.pos_embed"][ids[i]], pos=pos, gen=True, seg=seg, full=True)
-                for i in range(len(ids))]
+        return [
+            dict(
+                emb=sd["vae2llm.weight"] @ lat[i].double()
+                + sd["vae2llm.bias"]
+                + te
+                + sd["latent_pos_embed.pos_embed"][ids[i]],
+                pos=pos,
+                gen=True,
+                seg=seg,
+                full=True,
+            )
+            for i in range(len(ids))
+        ]
 
     def marker(tid, pos, seg):
         return dict(emb=emb[tid], pos=pos, gen=False, seg=seg, full=True)
@@ -110,12 +134,14 @@ def test_velocity_and_logits_match_a_token_by_token_reference(tiny_bagel):
     prompt = tok.wrap([10, 11, 12])  # positions 0..4
     edit = tok.wrap([13])  # after the image: positions 6..8
     seq = text(prompt, 0, 0)
-    seq += [marker(tok.start_of_image, 5, 1)] + latent_tokens(clean, (2, 2), 0.0, 5, 1) + [marker(tok.end_of_image, 5, 1)]
+    seq += (
+        [marker(tok.start_of_image, 5, 1)] + latent_tokens(clean, (2, 2), 0.0, 5, 1) + [marker(tok.end_of_image, 5, 1)]
+    )
     seq += text(edit, 6, 2)
     n_ctx = len(seq)
     seq += [marker(tok.start_of_image, 9, 3)] + latent_tokens(x_t, (2, 3), t, 9, 3) + [marker(tok.end_of_image, 9, 3)]
     ref = reference_hidden(tiny_bagel, seq)
-    ref_v = ref[n_ctx + 1: n_ctx + 7] @ sd["llm2vae.weight"].T + sd["llm2vae.bias"]
+    ref_v = ref[n_ctx + 1 : n_ctx + 7] @ sd["llm2vae.weight"].T + sd["llm2vae.bias"]
     ref_logits = ref[n_ctx - 1] @ sd["language_model.lm_head.weight"].T
 
     with torch.no_grad():

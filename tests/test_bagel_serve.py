@@ -3,6 +3,7 @@ BAGEL in the official layout, on 127.0.0.1) answers Generate (think or not, any 
 checkpoint allows), Reflect, UpdateWeights (full tensors by their official names, and LoRA
 adapters) and GetModelInfo; `alphagrpo train` runs an RT2I and an SRR step against it and the
 served version changes."""
+
 from __future__ import annotations
 
 import json
@@ -15,11 +16,11 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from alphagrpo_trainer.servers import LocalServer
-from bagel_fixtures import make_tiny_bagel
 
 from alphagrpo_serve.client import Client
 from alphagrpo_serve.models.bagel.policy import BagelPolicy
+from alphagrpo_trainer.servers import LocalServer
+from bagel_fixtures import make_tiny_bagel
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.path.join(REPO, "trainer")]), OMP_NUM_THREADS="1")
@@ -32,8 +33,9 @@ def bagel_server(tmp_path_factory):
     old = os.environ.get("OMP_NUM_THREADS")
     os.environ["OMP_NUM_THREADS"] = "1"
     try:
-        server = LocalServer({"name": "bagel", "path": path}, extra_args=["--task", "shapes"],
-                             log_path=str(d / "server.log"))
+        server = LocalServer(
+            {"name": "bagel", "path": path}, extra_args=["--task", "shapes"], log_path=str(d / "server.log")
+        )
     finally:
         os.environ.pop("OMP_NUM_THREADS") if old is None else os.environ.__setitem__("OMP_NUM_THREADS", old)
     yield server.address, path, d
@@ -45,8 +47,11 @@ def test_generate_reflect_update_weights_and_model_info(bagel_server):
     local = BagelPolicy.load(path)
     with Client(addr) as c:
         info = c.model_info()
-        assert info.name == "bagel" and info.capabilities.reflect and list(info.capabilities.guidance_branches) == [
-            "text", "image"]
+        assert (
+            info.name == "bagel"
+            and info.capabilities.reflect
+            and list(info.capabilities.guidance_branches) == ["text", "image"]
+        )
         assert (info.canvas_rule.multiple, info.canvas_rule.max_side) == (16, 128)
         names = {p.name for p in info.parameters}
         assert {"language_model.model.layers.0.self_attn.q_proj_moe_gen.weight", "latent_pos_embed.pos_embed"} <= names
@@ -54,8 +59,17 @@ def test_generate_reflect_update_weights_and_model_info(bagel_server):
         v0 = info.policy_version
         # think, two prompts of different lengths in one request, a trajectory per sample
         prompts = ["a red circle", "a blue square to the left of a yellow triangle"]
-        got = c.generate(prompts, group_size=2, seed=3, steps=3, think=True, max_thought_tokens=4, mode="sde",
-                         sde_window=(0, 2), return_trajectory=True)
+        got = c.generate(
+            prompts,
+            group_size=2,
+            seed=3,
+            steps=3,
+            think=True,
+            max_thought_tokens=4,
+            mode="sde",
+            sde_window=(0, 2),
+            return_trajectory=True,
+        )
         assert len(got) == 4 and all(g.image.shape == (64, 64, 3) and g.thought is not None for g in got)
         assert all(len(g.trajectory.token_ids) >= 1 and g.trajectory.image.log_probs.shape == (2,) for g in got)
         # the served sample is the local policy's for the same settings and seed
@@ -67,8 +81,17 @@ def test_generate_reflect_update_weights_and_model_info(bagel_server):
         with pytest.raises(grpc.RpcError) as err:
             c.generate(["a red circle"], steps=2, width=40)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "width" in err.value.details()
-        refined = c.reflect(["a red circle"], [got[0].image], group_size=2, seed=1, steps=3, max_thought_tokens=4,
-                            mode="sde", sde_window=(1, 1), return_trajectory=True)
+        refined = c.reflect(
+            ["a red circle"],
+            [got[0].image],
+            group_size=2,
+            seed=1,
+            steps=3,
+            max_thought_tokens=4,
+            mode="sde",
+            sde_window=(1, 1),
+            return_trajectory=True,
+        )
         assert [r.image.shape for r in refined] == [(64, 64, 3)] * 2 and all(r.trajectory.token_ids for r in refined)
         # full weights by their official names
         full = local.export_weights()
@@ -101,15 +124,40 @@ def train(tmp, addr, path, name, ranks=1, **kw):
     prompts = tmp / f"{name}.jsonl"
     rows = ("a red circle", "a blue square to the left of a yellow triangle", "two green triangles")
     prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in rows))
-    cfg = dict(task="mixed", mixed_rt2i_steps=1, group_size=2, prompts_per_step=2, steps=4, sde_window_size=2,
-               sde_window_range=[0, 4], max_thought_tokens=4, max_steps=2, checkpoint_every=2, lr=1e-3,
-               policy={"name": "bagel", "path": path}, prompt_task="open", prompts_file=str(prompts),
-               out_dir=str(out), **kw)
+    cfg = dict(
+        task="mixed",
+        mixed_rt2i_steps=1,
+        group_size=2,
+        prompts_per_step=2,
+        steps=4,
+        sde_window_size=2,
+        sde_window_range=[0, 4],
+        max_thought_tokens=4,
+        max_steps=2,
+        checkpoint_every=2,
+        lr=1e-3,
+        policy={"name": "bagel", "path": path},
+        prompt_task="open",
+        prompts_file=str(prompts),
+        out_dir=str(out),
+        **kw,
+    )
     (tmp / f"{name}.yaml").write_text(yaml.safe_dump(cfg))
-    launch = [sys.executable] if ranks == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                                   "--nproc_per_node", str(ranks)]
-    cmd = launch + ["-m", "alphagrpo_serve.cli", "train", "--config", str(tmp / f"{name}.yaml"), "--server", addr,
-                    "--no-progress"]
+    launch = (
+        [sys.executable]
+        if ranks == 1
+        else [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks)]
+    )
+    cmd = launch + [
+        "-m",
+        "alphagrpo_serve.cli",
+        "train",
+        "--config",
+        str(tmp / f"{name}.yaml"),
+        "--server",
+        addr,
+        "--no-progress",
+    ]
     res = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
     return out, [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -153,5 +201,7 @@ def test_fsdp_two_ranks_give_the_weights_of_one_rank(bagel_server, one_rank_run,
     diff = sum(float((wa[k] - wb[k]).abs().sum()) for k in wa)
     assert moved > 0 and diff < 1e-3 * moved, (moved, diff)
     ckpt = torch.load(two / "checkpoint.pt", weights_only=False)  # full tensors, not one rank's shards
-    assert ckpt["model"]["language_model.model.layers.0.mlp.up_proj.weight"].shape == \
-        base["language_model.model.layers.0.mlp.up_proj.weight"].shape
+    assert (
+        ckpt["model"]["language_model.model.layers.0.mlp.up_proj.weight"].shape
+        == base["language_model.model.layers.0.mlp.up_proj.weight"].shape
+    )

@@ -1,5 +1,6 @@
 """The extension's build: ops registered, CUDA sources compile with plain nvcc for sm_90a, the
 torch glue of the CUDA path type-checks, and the arch selection of setup.py."""
+
 import glob
 import importlib.util
 import os
@@ -15,11 +16,22 @@ from alphagrpo_serve import kernels as K
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CUDA_HOME = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or "/usr/local/cuda"
-NVCC = os.path.join(CUDA_HOME, "bin", "nvcc") if os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc")) else shutil.which("nvcc")
+NVCC = (
+    os.path.join(CUDA_HOME, "bin", "nvcc")
+    if os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc"))
+    else shutil.which("nvcc")
+)
 DOUBLE_KERNEL = re.compile(r"Id(Li\d+E|Lb[01]E)*E")  # Itanium mangling of a <double, ...> instantiation
 CU_FILES = sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
-OPS = ["flow_sde_step", "flow_sde_logprob", "flow_sde_logprob_backward", "grpo_advantages", "grpo_token_loss",
-       "grpo_linear_token_loss", "flow_grpo_loss"]
+OPS = [
+    "flow_sde_step",
+    "flow_sde_logprob",
+    "flow_sde_logprob_backward",
+    "grpo_advantages",
+    "grpo_token_loss",
+    "grpo_linear_token_loss",
+    "flow_grpo_loss",
+]
 
 
 def test_extension_loads_and_registers_every_op():
@@ -38,8 +50,20 @@ def test_there_are_cuda_sources():
 @pytest.mark.skipif(NVCC is None, reason="nvcc not installed")
 @pytest.mark.parametrize("cu", CU_FILES, ids=os.path.basename)
 def test_cu_compiles_with_plain_nvcc_for_sm90a(cu, tmp_path):
-    cmd = [NVCC, "-c", "-std=c++17", "--expt-relaxed-constexpr", "-gencode=arch=compute_90a,code=sm_90a",
-           "-I", os.path.join(ROOT, "csrc", "include"), cu, "-o", str(tmp_path / "k.o"), "-Xptxas", "-v"]
+    cmd = [
+        NVCC,
+        "-c",
+        "-std=c++17",
+        "--expt-relaxed-constexpr",
+        "-gencode=arch=compute_90a,code=sm_90a",
+        "-I",
+        os.path.join(ROOT, "csrc", "include"),
+        cu,
+        "-o",
+        str(tmp_path / "k.o"),
+        "-Xptxas",
+        "-v",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"nvcc failed:\n{proc.stderr[-4000:]}"
     # The float32 and 16-bit instantiations must not spill to local memory (float64 ones, used for
@@ -61,11 +85,29 @@ def test_cuda_glue_type_checks(tmp_path):
     (shim / "cuda_cmake_macros.h").write_text("#define C10_CUDA_BUILD_SHARED_LIBS\n")
     tinc = os.path.join(os.path.dirname(torch.__file__), "include")
     cuda_inc = os.path.join(CUDA_HOME, "include")
-    for src in sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cpp"))) + [os.path.join(ROOT, "csrc", "bindings.cpp")]:
-        cmd = ["g++", "-std=c++20", "-fsyntax-only", "-DALPHAGRPO_WITH_CUDA", '-DALPHAGRPO_CUDA_ARCHS="90a"',
-               "-I", os.path.join(ROOT, "csrc", "include"), "-I", str(tmp_path), "-I", tinc,
-               "-I", os.path.join(tinc, "torch", "csrc", "api", "include"), "-I", cuda_inc,
-               "-I", __import__("sysconfig").get_paths()["include"], src]
+    for src in sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cpp"))) + [
+        os.path.join(ROOT, "csrc", "bindings.cpp")
+    ]:
+        cmd = [
+            "g++",
+            "-std=c++20",
+            "-fsyntax-only",
+            "-DALPHAGRPO_WITH_CUDA",
+            '-DALPHAGRPO_CUDA_ARCHS="90a"',
+            "-I",
+            os.path.join(ROOT, "csrc", "include"),
+            "-I",
+            str(tmp_path),
+            "-I",
+            tinc,
+            "-I",
+            os.path.join(tinc, "torch", "csrc", "api", "include"),
+            "-I",
+            cuda_inc,
+            "-I",
+            __import__("sysconfig").get_paths()["include"],
+            src,
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, f"{os.path.basename(src)} does not compile:\n{proc.stderr[-4000:]}"
 
@@ -92,8 +134,13 @@ def test_cmake_build_produces_a_working_module(tmp_path):
     """The alternative CMake build compiles the same sources into a module whose ops work."""
     build = tmp_path / "build"
     env = dict(os.environ, CMAKE_BUILD_PARALLEL_LEVEL=str(os.cpu_count() or 2))
-    cfg = subprocess.run(["cmake", "-S", ROOT, "-B", str(build), f"-DPython3_EXECUTABLE={sys.executable}",
-                          "-DALPHAGRPO_WITH_CUDA=OFF"], capture_output=True, text=True, timeout=600, env=env)
+    cfg = subprocess.run(
+        ["cmake", "-S", ROOT, "-B", str(build), f"-DPython3_EXECUTABLE={sys.executable}", "-DALPHAGRPO_WITH_CUDA=OFF"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
     assert cfg.returncode == 0, cfg.stdout[-3000:] + cfg.stderr[-3000:]
     bld = subprocess.run(["cmake", "--build", str(build)], capture_output=True, text=True, timeout=900, env=env)
     assert bld.returncode == 0, bld.stdout[-3000:] + bld.stderr[-3000:]
@@ -106,6 +153,7 @@ def test_cmake_build_produces_a_working_module(tmp_path):
         "r = torch.tensor([[1.0, 2.0, 3.0]])\n"
         "a = torch.ops.alphagrpo.grpo_advantages(r, 'none', 1e-4, None)\n"
         "assert a.tolist() == [[-1.0, 0.0, 1.0]], a\n"
-        "print('ok', mod.with_cuda)\n")
+        "print('ok', mod.with_cuda)\n"
+    )
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0 and "ok False" in run.stdout, run.stdout + run.stderr

@@ -1,4 +1,5 @@
 """The `alphagrpo` command, run in-process."""
+
 import json
 
 import numpy as np
@@ -22,8 +23,11 @@ def test_eval_shapes_pairs_and_reward(capsys, tmp_path):
     Image.fromarray(good).save(tmp_path / "a.png")
     Image.fromarray(good).save(tmp_path / "b.png")
     (tmp_path / "pairs.jsonl").write_text(
-        json.dumps({"prompt": "a red circle to the left of a blue square", "image": "a.png"}) + "\n"
-        + json.dumps({"prompt": "a red circle to the right of a blue square", "image": "b.png"}) + "\n")
+        json.dumps({"prompt": "a red circle to the left of a blue square", "image": "a.png"})
+        + "\n"
+        + json.dumps({"prompt": "a red circle to the right of a blue square", "image": "b.png"})
+        + "\n"
+    )
     assert main(["eval", "shapes", "--pairs", str(tmp_path / "pairs.jsonl")]) == 0
     assert "| position | 2 | 0.500 |" in capsys.readouterr().out
     assert main(["reward", "--prompt", "a red circle", "--image", str(tmp_path / "a.png")]) == 0

@@ -1,5 +1,6 @@
 """The dynamic batcher: batches by key and size, waits at most max_wait, bounded queue, deadlines,
 cancellation, exclusive jobs between batches."""
+
 import asyncio
 import threading
 import time

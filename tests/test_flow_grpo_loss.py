@@ -1,12 +1,13 @@
 """flow_grpo_loss against hand-computed values and the float64 reference."""
+
 import math
 
 import pytest
 import torch
-from helpers import assert_close
 
 from alphagrpo_serve import kernels as K
 from alphagrpo_serve.kernels import reference as R
+from helpers import assert_close
 
 pytestmark = pytest.mark.skipif(not K.have_extension(), reason="extension not built")
 
@@ -30,8 +31,13 @@ def test_hand_computed():
     assert abs(out.loss.item() - (-2 * r[0] - 2 * 1.2) / 2) < 1e-12
     (g,) = torch.autograd.grad(out.loss, lp)
     assert_close(g, torch.tensor([[-2 * r[0] / 2, 0.0]], dtype=torch.float64), atol=1e-12, rtol=0, name="grad")
-    assert_close(out.metrics, torch.tensor([(r[0] + r[1]) / 2, 0.5, 0.0], dtype=torch.float64), atol=1e-12, rtol=0,
-                 name="metrics")
+    assert_close(
+        out.metrics,
+        torch.tensor([(r[0] + r[1]) / 2, 0.5, 0.0], dtype=torch.float64),
+        atol=1e-12,
+        rtol=0,
+        name="metrics",
+    )
 
 
 @pytest.mark.parametrize("shape", [(1, 1), (7, 3), (64, 10)])
@@ -56,11 +62,15 @@ def test_matches_float64_reference(poison, shape, with_kl, dtype):
 
 def test_opcheck_and_gradcheck():
     logp, old, adv, kl = make(3, 4, seed=1, dtype=torch.float64)
-    torch.library.opcheck(torch.ops.alphagrpo.flow_grpo_loss.default,
-                          (logp.clone().requires_grad_(), old, adv, kl.clone().requires_grad_(), 0.01, 0.1))
+    torch.library.opcheck(
+        torch.ops.alphagrpo.flow_grpo_loss.default,
+        (logp.clone().requires_grad_(), old, adv, kl.clone().requires_grad_(), 0.01, 0.1),
+    )
     torch.library.opcheck(torch.ops.alphagrpo.flow_grpo_loss.default, (logp, old, adv, None, 0.01, 0.0))
-    assert torch.autograd.gradcheck(lambda a, b: K.flow_grpo_loss(a, old, adv, clip_range=0.01, kl=b, beta=0.1).loss,
-                                    (logp.clone().requires_grad_(), kl.clone().requires_grad_()))
+    assert torch.autograd.gradcheck(
+        lambda a, b: K.flow_grpo_loss(a, old, adv, clip_range=0.01, kl=b, beta=0.1).loss,
+        (logp.clone().requires_grad_(), kl.clone().requires_grad_()),
+    )
 
 
 @pytest.mark.parametrize(

@@ -1,13 +1,14 @@
 """flow_sde_step / flow_sde_logprob: native kernels against the float64 reference."""
+
 import math
 
 import pytest
 import torch
-from helpers import assert_close, assert_close_to_ref, seed_of
-from test_grpo_token_loss import cpu_isas, use_cpu_isa
 
 from alphagrpo_serve import kernels as K
 from alphagrpo_serve.kernels import reference as R
+from helpers import assert_close, assert_close_to_ref, seed_of
+from test_grpo_token_loss import cpu_isas, use_cpu_isa
 
 pytestmark = pytest.mark.skipif(not K.have_extension(), reason="extension not built")
 
@@ -38,8 +39,17 @@ def test_step_matches_float64_reference(poison, shape, dtype, cfg):
     x, v, noise, vu, s, sn = make_inputs(shape, dtype, seed=seed_of(shape, str(dtype), cfg), cfg=cfg)
     kw = dict(noise_level=0.8, sigma_max=0.95)
     out = K.flow_sde_step(x, v, s, sn, noise=noise, v_uncond=vu, cfg_scale=4.5, **kw)
-    ref64 = R.flow_sde_step(x.double(), v.double(), s.double(), sn.double(), 0.8, 0.95, noise.double(),
-                            None if vu is None else vu.double(), 4.5)
+    ref64 = R.flow_sde_step(
+        x.double(),
+        v.double(),
+        s.double(),
+        sn.double(),
+        0.8,
+        0.95,
+        noise.double(),
+        None if vu is None else vu.double(),
+        4.5,
+    )
     reflp = R.flow_sde_step(x, v, s, sn, 0.8, 0.95, noise, vu, 4.5)
     for name, o, r64, rlp in zip(("x_next", "mean", "std", "log_prob"), out, ref64, reflp):
         assert o.dtype == rlp.dtype, f"{name}: dtype {o.dtype} != reference {rlp.dtype}"
@@ -53,8 +63,9 @@ def test_step_matches_float64_reference(poison, shape, dtype, cfg):
 
 def test_step_float64_is_exact_to_reference(poison):
     x, v, noise, vu, s, sn = make_inputs((5, 3, 17), torch.float64, seed=3, cfg=True)
-    out = K.flow_sde_step(x, v, s.double(), sn.double(), noise=noise, v_uncond=vu, cfg_scale=2.0,
-                          noise_level=1.1, sigma_max=0.9)
+    out = K.flow_sde_step(
+        x, v, s.double(), sn.double(), noise=noise, v_uncond=vu, cfg_scale=2.0, noise_level=1.1, sigma_max=0.9
+    )
     ref = R.flow_sde_step(x, v, s.double(), sn.double(), 1.1, 0.9, noise, vu, 2.0)
     for name, o, r in zip(("x_next", "mean", "std", "log_prob"), out, ref):
         assert_close(o, r, atol=1e-12, rtol=1e-12, name=name)
@@ -73,7 +84,10 @@ def test_log_prob_is_gaussian_density_by_hand():
     scale = std * math.sqrt(0.25)  # 0.25
     mean = [a * 0.2 + b * 1.0, a * -0.4 + b * 0.5]
     xn = [mean[0] + scale * 0.3, mean[1] + scale * -1.2]
-    lp = sum(-(scale * n) ** 2 / (2 * scale**2) - math.log(scale) - 0.5 * math.log(2 * math.pi) for n in (0.3, -1.2)) / 2
+    lp = (
+        sum(-((scale * n) ** 2) / (2 * scale**2) - math.log(scale) - 0.5 * math.log(2 * math.pi) for n in (0.3, -1.2))
+        / 2
+    )
     assert_close(out.mean, torch.tensor([mean], dtype=torch.float64), atol=1e-15, rtol=0, name="mean")
     assert_close(out.x_next, torch.tensor([xn], dtype=torch.float64), atol=1e-15, rtol=0, name="x_next")
     assert abs(out.std.item() - std) < 1e-15
@@ -159,7 +173,8 @@ def test_gradcheck_float64():
     xn = R.flow_sde_step(x, v, s, sn, 0.7, 0.9, noise)[0]
     xq, vq = x.clone().requires_grad_(), (v + 0.1).requires_grad_()
     assert torch.autograd.gradcheck(
-        lambda a, b: K.flow_sde_logprob(a, b, xn, s, sn, noise_level=0.7, sigma_max=0.9), (xq, vq))
+        lambda a, b: K.flow_sde_logprob(a, b, xn, s, sn, noise_level=0.7, sigma_max=0.9), (xq, vq)
+    )
 
 
 def test_opcheck():
@@ -167,10 +182,12 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.alphagrpo.flow_sde_step.default, (x, v, vu, 3.0, s, sn, 0.7, 0.9, noise))
     torch.library.opcheck(torch.ops.alphagrpo.flow_sde_step.default, (x, v, None, 1.0, s, sn, 0.7, 0.9, noise))
     xn = x + 0.1
-    torch.library.opcheck(torch.ops.alphagrpo.flow_sde_logprob.default,
-                          (x, v.clone().requires_grad_(), xn, s, sn, 0.7, 0.9))
-    torch.library.opcheck(torch.ops.alphagrpo.flow_sde_logprob_backward.default,
-                          (torch.ones(3), x, v, xn, s, sn, 0.7, 0.9, True))
+    torch.library.opcheck(
+        torch.ops.alphagrpo.flow_sde_logprob.default, (x, v.clone().requires_grad_(), xn, s, sn, 0.7, 0.9)
+    )
+    torch.library.opcheck(
+        torch.ops.alphagrpo.flow_sde_logprob_backward.default, (torch.ones(3), x, v, xn, s, sn, 0.7, 0.9, True)
+    )
 
 
 def test_torch_compile_fullgraph():
@@ -257,8 +274,17 @@ def test_every_cpu_isa_matches_float64_reference(poison, isa, dtype, cfg):
         lp = K.flow_sde_logprob(x, vq, out.x_next, s, sn, noise_level=0.8, sigma_max=0.95)
         (gv,) = torch.autograd.grad(lp.sum(), vq)
         euler = K.flow_sde_step(x, v, s, sn, noise=noise, noise_level=0.0).x_next
-    ref64 = R.flow_sde_step(x.double(), v.double(), s.double(), sn.double(), 0.8, 0.95, noise.double(),
-                            None if vu is None else vu.double(), 4.5)
+    ref64 = R.flow_sde_step(
+        x.double(),
+        v.double(),
+        s.double(),
+        sn.double(),
+        0.8,
+        0.95,
+        noise.double(),
+        None if vu is None else vu.double(),
+        4.5,
+    )
     reflp = R.flow_sde_step(x, v, s, sn, 0.8, 0.95, noise, vu, 4.5)
     for name, o, r64, rlp in zip(("x_next", "mean", "std", "log_prob"), out, ref64, reflp):
         if o.dtype == torch.float32 and name in ("std", "log_prob"):

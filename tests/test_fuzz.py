@@ -12,6 +12,7 @@ truncated and random protobuf bytes) against a real server on 127.0.0.1. Propert
 `make fuzz` runs the long, random one (benchmarks/RESULTS.md records one of >= 20,000 requests) and
 writes a JSON summary to ALPHAGRPO_FUZZ_REPORT when set.
 """
+
 import asyncio
 import collections
 import io
@@ -26,12 +27,13 @@ import grpc
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, example, given, settings, strategies as st
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from alphagrpo_serve._proto.alphagrpo.v1 import common_pb2, policy_pb2, policy_pb2_grpc, reward_pb2, reward_pb2_grpc
 from alphagrpo_serve.reward import embedded_reward
-from alphagrpo_serve.server.app import Server, ServeConfig
+from alphagrpo_serve.server.app import ServeConfig, Server
 from alphagrpo_serve.server.validation import Limits
 from alphagrpo_serve.wire import DTYPES, image_to_proto, tensor_to_proto
 from test_server import small_policy
@@ -41,16 +43,37 @@ pytestmark = pytest.mark.fuzz
 EXAMPLES = int(os.environ.get("ALPHAGRPO_FUZZ_EXAMPLES", "40"))
 LONG = "ALPHAGRPO_FUZZ_EXAMPLES" in os.environ
 REPORT = os.environ.get("ALPHAGRPO_FUZZ_REPORT")
-FUZZ = settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=not LONG, print_blob=True,
-                suppress_health_check=list(HealthCheck))
+FUZZ = settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    database=None,
+    derandomize=not LONG,
+    print_blob=True,
+    suppress_health_check=list(HealthCheck),
+)
 CLIENT_CODES = {"OK", "INVALID_ARGUMENT", "FAILED_PRECONDITION", "RESOURCE_EXHAUSTED"}
 RSS_GROWTH_MB = 400  # bound on the server process's RSS growth over a run
 TIMEOUT = 60.0
 
-LIMITS = Limits(max_prompts=3, max_prompt_chars=80, max_group=3, max_steps=3, max_thought_tokens=6,
-                max_update_bytes=1 << 20, max_update_total_bytes=4 << 20, max_reward_queue=64)
-GOOD_PROMPTS = ["a red circle", "three squares", "a square", "two green triangles", "a blue square",
-                "a circle to the left of a triangle", "a red circle and a blue square"]
+LIMITS = Limits(
+    max_prompts=3,
+    max_prompt_chars=80,
+    max_group=3,
+    max_steps=3,
+    max_thought_tokens=6,
+    max_update_bytes=1 << 20,
+    max_update_total_bytes=4 << 20,
+    max_reward_queue=64,
+)
+GOOD_PROMPTS = [
+    "a red circle",
+    "three squares",
+    "a square",
+    "two green triangles",
+    "a blue square",
+    "a circle to the left of a triangle",
+    "a red circle and a blue square",
+]
 SAFE = policy_pb2.SamplingParams(steps=1, max_thought_tokens=2)
 
 
@@ -66,8 +89,9 @@ class BackgroundServer:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True, name="fuzz-server")
         self.thread.start()
-        cfg = ServeConfig(host="127.0.0.1", port=0, max_batch=8, max_wait_ms=5, max_queue=64, max_message_mb=1,
-                          limits=LIMITS)
+        cfg = ServeConfig(
+            host="127.0.0.1", port=0, max_batch=8, max_wait_ms=5, max_queue=64, max_message_mb=1, limits=LIMITS
+        )
         self.server = Server(cfg, policy=self.policy, reward=embedded_reward())
         port = asyncio.run_coroutine_threadsafe(self.server.start(), self.loop).result(60)
         self.address = f"127.0.0.1:{port}"
@@ -102,16 +126,22 @@ def rss_mb() -> float:
 def srv():
     s = BackgroundServer()
     yield s
-    summary = {"requests": sum(s.codes.values()),
-               "by_rpc_and_code": {f"{r} {c}": n for (r, c), n in sorted(s.codes.items())},
-               "neighbours": dict(s.neighbours),
-               "top_details": {k: dict(v.most_common(4)) for k, v in sorted(s.details.items())},
-               "rss_start_mb": round(s.rss_start, 1), "rss_peak_mb": round(s.rss_peak, 1),
-               "rss_end_mb": round(rss_mb(), 1), "rss_every_1000_requests": s.rss_trace,
-               "seconds": round(time.monotonic() - s.started, 1),
-               "server_unknown_or_internal": sum(s.server.metrics.count(m, c) for m in
-                                                 ("Generate", "Reflect", "UpdateWeights", "GetModelInfo", "Verify",
-                                                  "Decompose") for c in ("UNKNOWN", "INTERNAL"))}
+    summary = {
+        "requests": sum(s.codes.values()),
+        "by_rpc_and_code": {f"{r} {c}": n for (r, c), n in sorted(s.codes.items())},
+        "neighbours": dict(s.neighbours),
+        "top_details": {k: dict(v.most_common(4)) for k, v in sorted(s.details.items())},
+        "rss_start_mb": round(s.rss_start, 1),
+        "rss_peak_mb": round(s.rss_peak, 1),
+        "rss_end_mb": round(rss_mb(), 1),
+        "rss_every_1000_requests": s.rss_trace,
+        "seconds": round(time.monotonic() - s.started, 1),
+        "server_unknown_or_internal": sum(
+            s.server.metrics.count(m, c)
+            for m in ("Generate", "Reflect", "UpdateWeights", "GetModelInfo", "Verify", "Decompose")
+            for c in ("UNKNOWN", "INTERNAL")
+        ),
+    }
     s.close()
     print("\nfuzz summary:", json.dumps(summary))
     if REPORT:
@@ -121,14 +151,23 @@ def srv():
 
 
 # ---- strategies ---------------------------------------------------------------------------------------------
-FLOATS = st.one_of(st.floats(allow_nan=True, allow_infinity=True, width=32),
-                   st.sampled_from([0.0, -0.0, 1.0, 0.5, 1e-38, 1e-45, 1e38, -1.0, 100.0, 100.5, 3.4e38,
-                                    float("nan"), float("inf"), float("-inf")]),
-                   st.floats(0.0, 3.0, width=32))
-INT32 = st.one_of(st.integers(-2**31, 2**31 - 1), st.integers(-2, 8))
-INT64 = st.one_of(st.integers(-2**63, 2**63 - 1), st.integers(-2, 200))
-TEXT = st.one_of(st.text(max_size=30), st.sampled_from(GOOD_PROMPTS), st.text(min_size=70, max_size=300),
-                 st.just(""), st.just("   "), st.sampled_from(["a red blob", "a " * 60, "\x00", "three three"]))
+FLOATS = st.one_of(
+    st.floats(allow_nan=True, allow_infinity=True, width=32),
+    st.sampled_from(
+        [0.0, -0.0, 1.0, 0.5, 1e-38, 1e-45, 1e38, -1.0, 100.0, 100.5, 3.4e38, float("nan"), float("inf"), float("-inf")]
+    ),
+    st.floats(0.0, 3.0, width=32),
+)
+INT32 = st.one_of(st.integers(-(2**31), 2**31 - 1), st.integers(-2, 8))
+INT64 = st.one_of(st.integers(-(2**63), 2**63 - 1), st.integers(-2, 200))
+TEXT = st.one_of(
+    st.text(max_size=30),
+    st.sampled_from(GOOD_PROMPTS),
+    st.text(min_size=70, max_size=300),
+    st.just(""),
+    st.just("   "),
+    st.sampled_from(["a red blob", "a " * 60, "\x00", "three three"]),
+)
 
 
 def weighted(*choices):
@@ -143,8 +182,17 @@ GROUP = weighted((4, st.integers(1, 3)), (1, st.integers(-1, 4)), (1, INT32))
 
 
 INT_FIELDS = ("steps", "sde_window_start", "sde_window_size", "max_thought_tokens", "width", "height")
-FLOAT_FIELDS = ("cfg_scale", "cfg_interval_low", "cfg_interval_high", "noise_level", "temperature", "top_p",
-                "cfg_img_scale", "cfg_renorm_min", "timestep_shift")
+FLOAT_FIELDS = (
+    "cfg_scale",
+    "cfg_interval_low",
+    "cfg_interval_high",
+    "noise_level",
+    "temperature",
+    "top_p",
+    "cfg_img_scale",
+    "cfg_renorm_min",
+    "timestep_shift",
+)
 
 
 @st.composite
@@ -159,9 +207,15 @@ def sampling_params(draw):
     if draw(st.booleans()):
         start = draw(st.integers(0, steps))
         p.sde_window_start, p.sde_window_size = start, draw(st.integers(0, steps - start))
-    valid_floats = {"cfg_scale": st.floats(0, 8), "noise_level": st.floats(0, 2), "top_p": st.floats(0.01, 1),
-                    "temperature": st.one_of(st.just(0.0), st.floats(0.001, 3)), "cfg_renorm_min": st.floats(0, 1),
-                    "timestep_shift": st.floats(0.1, 5), "cfg_img_scale": st.just(1.0)}
+    valid_floats = {
+        "cfg_scale": st.floats(0, 8),
+        "noise_level": st.floats(0, 2),
+        "top_p": st.floats(0.01, 1),
+        "temperature": st.one_of(st.just(0.0), st.floats(0.001, 3)),
+        "cfg_renorm_min": st.floats(0, 1),
+        "timestep_shift": st.floats(0.1, 5),
+        "cfg_img_scale": st.just(1.0),
+    }
     for name, strategy in valid_floats.items():
         if draw(st.booleans()):
             setattr(p, name, draw(strategy))
@@ -196,8 +250,13 @@ def png(width: int, height: int, seed: int, mode: str = "RGB") -> bytes:
 def png_header(width: int, height: int) -> bytes:
     def chunk(kind, data):
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b""))
+
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(b"\0" * 16))
+        + chunk(b"IEND", b"")
+    )
 
 
 @st.composite
@@ -214,8 +273,14 @@ def images(draw):
     if kind == "good":
         return image_to_proto(np.random.default_rng(draw(st.integers(0, 9))).integers(0, 256, (32, 32, 3), np.uint8))
     if kind == "png":
-        return common_pb2.Image(png=png(draw(st.integers(1, 48)), draw(st.integers(1, 48)), draw(st.integers(0, 99)),
-                                        draw(st.sampled_from(["RGB", "L", "RGBA", "P", "1", "I;16"]))))
+        return common_pb2.Image(
+            png=png(
+                draw(st.integers(1, 48)),
+                draw(st.integers(1, 48)),
+                draw(st.integers(0, 99)),
+                draw(st.sampled_from(["RGB", "L", "RGBA", "P", "1", "I;16"])),
+            )
+        )
     if kind == "bytes":
         return common_pb2.Image(png=draw(st.binary(max_size=300)))
     if kind == "header":
@@ -227,15 +292,20 @@ def images(draw):
         return common_pb2.Image(raw=draw(tensors()))
     if kind == "truncated":
         data = png(32, 32, draw(st.integers(0, 9)))
-        return common_pb2.Image(png=data[:draw(st.integers(0, len(data)))])
+        return common_pb2.Image(png=data[: draw(st.integers(0, len(data)))])
     return common_pb2.Image()
 
 
 @st.composite
 def generate_requests(draw):
-    return policy_pb2.GenerateRequest(prompts=draw(PROMPTS), group_size=draw(GROUP),
-                                      params=draw(sampling_params()), seed=draw(st.integers(0, 2**64 - 1)),
-                                      return_raw=draw(st.booleans()), return_trajectory=draw(st.booleans()))
+    return policy_pb2.GenerateRequest(
+        prompts=draw(PROMPTS),
+        group_size=draw(GROUP),
+        params=draw(sampling_params()),
+        seed=draw(st.integers(0, 2**64 - 1)),
+        return_raw=draw(st.booleans()),
+        return_trajectory=draw(st.booleans()),
+    )
 
 
 @st.composite
@@ -246,21 +316,33 @@ def reflect_requests(draw):
         ims = [image_to_proto(np.random.default_rng(i).integers(0, 256, (32, 32, 3), np.uint8)) for i in range(n)]
     else:
         ims = draw(st.lists(images(), min_size=n, max_size=n))
-    return policy_pb2.ReflectRequest(prompts=prompts, images=ims,
-                                     group_size=draw(GROUP),
-                                     params=draw(sampling_params()), seed=draw(st.integers(0, 2**64 - 1)),
-                                     return_raw=draw(st.booleans()), return_trajectory=draw(st.booleans()))
+    return policy_pb2.ReflectRequest(
+        prompts=prompts,
+        images=ims,
+        group_size=draw(GROUP),
+        params=draw(sampling_params()),
+        seed=draw(st.integers(0, 2**64 - 1)),
+        return_raw=draw(st.booleans()),
+        return_trajectory=draw(st.booleans()),
+    )
 
 
 @st.composite
 def verify_requests(draw):
     prompt = st.one_of(st.sampled_from(GOOD_PROMPTS), st.sampled_from(GOOD_PROMPTS), TEXT)
     item = st.builds(lambda p, im: reward_pb2.VerifyItem(prompt=p, image=im), prompt, images())
-    good = st.builds(lambda p, i: reward_pb2.VerifyItem(prompt=p, image=image_to_proto(
-        np.random.default_rng(i).integers(0, 256, (32, 32, 3), np.uint8))), st.sampled_from(GOOD_PROMPTS),
-        st.integers(0, 9))
-    items = draw(st.one_of(st.lists(good, min_size=1, max_size=3), st.lists(item, min_size=1, max_size=3),
-                           st.lists(item, max_size=5)))
+    good = st.builds(
+        lambda p, i: reward_pb2.VerifyItem(
+            prompt=p, image=image_to_proto(np.random.default_rng(i).integers(0, 256, (32, 32, 3), np.uint8))
+        ),
+        st.sampled_from(GOOD_PROMPTS),
+        st.integers(0, 9),
+    )
+    items = draw(
+        st.one_of(
+            st.lists(good, min_size=1, max_size=3), st.lists(item, min_size=1, max_size=3), st.lists(item, max_size=5)
+        )
+    )
     return reward_pb2.VerifyRequest(items=items)
 
 
@@ -268,11 +350,24 @@ def verify_requests(draw):
 def weight_streams(draw, names):
     chunks = []
     for _ in range(draw(st.integers(0, 4))):
-        name = draw(st.one_of(st.sampled_from(names), st.text(max_size=20),
-                              st.sampled_from(["blocks.0.qkv.lora_A", "blocks.0.qkv.lora_B", "x.lora_A"])))
+        name = draw(
+            st.one_of(
+                st.sampled_from(names),
+                st.text(max_size=20),
+                st.sampled_from(["blocks.0.qkv.lora_A", "blocks.0.qkv.lora_B", "x.lora_A"]),
+            )
+        )
         t = draw(tensors())
-        chunks.append(policy_pb2.WeightChunk(name=name, dtype=t.dtype, shape=list(t.shape), data=t.data,
-                                             offset=draw(st.one_of(st.just(0), INT64)), lora=draw(st.booleans())))
+        chunks.append(
+            policy_pb2.WeightChunk(
+                name=name,
+                dtype=t.dtype,
+                shape=list(t.shape),
+                data=t.data,
+                offset=draw(st.one_of(st.just(0), INT64)),
+                lora=draw(st.booleans()),
+            )
+        )
     return chunks
 
 
@@ -314,15 +409,16 @@ def check(srv, rpc: str, code: str, details, words=None):
 
 
 def good_generate(srv, **kw):
-    return srv.policy_stub.Generate.future(policy_pb2.GenerateRequest(prompts=["a red circle"], params=SAFE, **kw),
-                                           timeout=TIMEOUT)
+    return srv.policy_stub.Generate.future(
+        policy_pb2.GenerateRequest(prompts=["a red circle"], params=SAFE, **kw), timeout=TIMEOUT
+    )
 
 
 def good_verify(srv):
     img = image_to_proto(np.zeros((32, 32, 3), np.uint8))
-    return srv.reward_stub.Verify.future(reward_pb2.VerifyRequest(items=[reward_pb2.VerifyItem(prompt="a red circle",
-                                                                                               image=img)]),
-                                         timeout=TIMEOUT)
+    return srv.reward_stub.Verify.future(
+        reward_pb2.VerifyRequest(items=[reward_pb2.VerifyItem(prompt="a red circle", image=img)]), timeout=TIMEOUT
+    )
 
 
 def neighbour_ok(srv, future, what: str):
@@ -356,14 +452,18 @@ def check_twin(srv, code, details):
 
 
 # ---- the properties -----------------------------------------------------------------------------------------
-VALID = policy_pb2.SamplingParams(steps=2, max_thought_tokens=3, think=True, mode=2, sde_window_start=0,
-                                   sde_window_size=1)
+VALID = policy_pb2.SamplingParams(
+    steps=2, max_thought_tokens=3, think=True, mode=2, sde_window_start=0, sde_window_size=1
+)
 GOOD_IMAGE = image_to_proto(np.full((32, 32, 3), 200, np.uint8))
 
 
 @FUZZ
-@example(req=policy_pb2.GenerateRequest(prompts=["a square", "two green triangles"], group_size=2, params=VALID,
-                                        seed=2**64 - 1, return_trajectory=True))
+@example(
+    req=policy_pb2.GenerateRequest(
+        prompts=["a square", "two green triangles"], group_size=2, params=VALID, seed=2**64 - 1, return_trajectory=True
+    )
+)
 @given(req=generate_requests())
 def test_fuzz_generate(srv, req):
     fut = srv.policy_stub.Generate.future(req, timeout=TIMEOUT)
@@ -376,8 +476,9 @@ def test_fuzz_generate(srv, req):
 
 
 @FUZZ
-@example(req=policy_pb2.ReflectRequest(prompts=["a square"], images=[GOOD_IMAGE], group_size=2, params=VALID,
-                                       seed=2**63))
+@example(
+    req=policy_pb2.ReflectRequest(prompts=["a square"], images=[GOOD_IMAGE], group_size=2, params=VALID, seed=2**63)
+)
 @given(req=reflect_requests())
 def test_fuzz_reflect(srv, req):
     fut = srv.policy_stub.Reflect.future(req, timeout=TIMEOUT)
@@ -433,13 +534,26 @@ def restore(srv):
         return
     info = srv.policy_stub.GetModelInfo(policy_pb2.GetModelInfoRequest(), timeout=TIMEOUT)
     if info.lora_enabled:
-        zero = [policy_pb2.WeightChunk(name=p.name, dtype=p.dtype, shape=list(p.shape), lora=True,
-                                       data=b"\0" * (int(np.prod(p.shape)) * DTYPES[p.dtype].itemsize))
-                for p in info.parameters if "lora_B" in p.name]
+        zero = [
+            policy_pb2.WeightChunk(
+                name=p.name,
+                dtype=p.dtype,
+                shape=list(p.shape),
+                lora=True,
+                data=b"\0" * (int(np.prod(p.shape)) * DTYPES[p.dtype].itemsize),
+            )
+            for p in info.parameters
+            if "lora_B" in p.name
+        ]
         srv.policy_stub.UpdateWeights(iter(zero), timeout=TIMEOUT)
     full = [tensor_to_proto(t) for t in srv.weights.values()]
-    srv.policy_stub.UpdateWeights(iter(policy_pb2.WeightChunk(name=n, dtype=t.dtype, shape=list(t.shape), data=t.data)
-                                       for n, t in zip(srv.weights, full)), timeout=TIMEOUT)
+    srv.policy_stub.UpdateWeights(
+        iter(
+            policy_pb2.WeightChunk(name=n, dtype=t.dtype, shape=list(t.shape), data=t.data)
+            for n, t in zip(srv.weights, full)
+        ),
+        timeout=TIMEOUT,
+    )
 
 
 @st.composite
@@ -448,16 +562,19 @@ def raw_messages(draw):
     kind = draw(st.sampled_from(["random", "truncated", "flipped"]))
     if kind == "random":
         return method, draw(st.binary(max_size=400))
-    valid = {"Generate": lambda: generate_requests(), "Reflect": lambda: reflect_requests(),
-             "Verify": lambda: verify_requests()}.get(method.rsplit("/", 1)[-1])
+    valid = {
+        "Generate": lambda: generate_requests(),
+        "Reflect": lambda: reflect_requests(),
+        "Verify": lambda: verify_requests(),
+    }.get(method.rsplit("/", 1)[-1])
     msg = draw(valid()) if valid else RPCS[method]()
     data = msg.SerializeToString()
     if kind == "truncated":
-        return method, data[:draw(st.integers(0, max(0, len(data) - 1)))]
+        return method, data[: draw(st.integers(0, max(0, len(data) - 1)))]
     if not data:
         return method, b"\xff"
     i = draw(st.integers(0, len(data) - 1))
-    return method, data[:i] + bytes([data[i] ^ draw(st.integers(1, 255))]) + data[i + 1:]
+    return method, data[:i] + bytes([data[i] ^ draw(st.integers(1, 255))]) + data[i + 1 :]
 
 
 @FUZZ
@@ -475,8 +592,9 @@ def test_fuzz_protobuf_bytes(srv, message):
 @FUZZ
 @given(messages=st.lists(st.binary(max_size=200), max_size=4))
 def test_fuzz_weight_stream_bytes(srv, messages):
-    call = srv.channel.stream_unary("/alphagrpo.v1.PolicyService/UpdateWeights", request_serializer=lambda b: b,
-                                    response_deserializer=lambda b: b)
+    call = srv.channel.stream_unary(
+        "/alphagrpo.v1.PolicyService/UpdateWeights", request_serializer=lambda b: b, response_deserializer=lambda b: b
+    )
     fut = call.future(iter(messages), timeout=TIMEOUT)
     code, details = outcome(fut)
     names = []

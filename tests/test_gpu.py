@@ -1,19 +1,24 @@
 """CUDA kernels against the float64 reference (run on a GPU by benchmarks/gpu_check.sh; skipped
 without CUDA). Inputs are fresh random tensors; outputs are poisoned with NaN before each call."""
+
 import pytest
 import torch
+
+from alphagrpo_serve import kernels as K
+from alphagrpo_serve.kernels import reference as R
 from helpers import assert_close, assert_close_to_ref
 from test_flow_sde import make_inputs
 from test_grpo_linear_token_loss import NAMES, make_linear_batch
 from test_grpo_linear_token_loss import run as run_linear
 from test_grpo_token_loss import make_batch
 
-from alphagrpo_serve import kernels as K
-from alphagrpo_serve.kernels import reference as R
-
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not torch.cuda.is_available() or not K.build_info()["with_cuda"],
-                                 reason="needs CUDA and an extension built with CUDA")]
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(
+        not torch.cuda.is_available() or not K.build_info()["with_cuda"],
+        reason="needs CUDA and an extension built with CUDA",
+    ),
+]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
@@ -26,10 +31,25 @@ def cuda(*ts):
 @pytest.mark.parametrize("cfg", [False, True])
 def test_flow_sde_step_cuda(poison, shape, dtype, cfg):
     x, v, noise, vu, s, sn = make_inputs(shape, dtype, seed=101, cfg=cfg)
-    out = K.flow_sde_step(*cuda(x, v, s, sn), noise=noise.cuda(), v_uncond=None if vu is None else vu.cuda(),
-                          cfg_scale=3.0, noise_level=0.8, sigma_max=0.95)
-    ref64 = R.flow_sde_step(x.double(), v.double(), s.double(), sn.double(), 0.8, 0.95, noise.double(),
-                            None if vu is None else vu.double(), 3.0)
+    out = K.flow_sde_step(
+        *cuda(x, v, s, sn),
+        noise=noise.cuda(),
+        v_uncond=None if vu is None else vu.cuda(),
+        cfg_scale=3.0,
+        noise_level=0.8,
+        sigma_max=0.95,
+    )
+    ref64 = R.flow_sde_step(
+        x.double(),
+        v.double(),
+        s.double(),
+        sn.double(),
+        0.8,
+        0.95,
+        noise.double(),
+        None if vu is None else vu.double(),
+        3.0,
+    )
     reflp = R.flow_sde_step(x, v, s, sn, 0.8, 0.95, noise, vu, 3.0)
     for name, o, r64, rlp in zip(("x_next", "mean", "std", "log_prob"), out, ref64, reflp):
         if name in ("std", "log_prob"):
@@ -61,19 +81,42 @@ def test_flow_sde_logprob_cuda(poison, shape, dtype):
 @pytest.mark.parametrize("ratio_level", ["token", "sequence"])
 def test_grpo_token_loss_cuda(poison, shape, dtype, ratio_level):
     logits, tokens, adv, mask, old, ref = make_batch(*shape, dtype, seed=103)
-    kw = dict(temperature=0.9, eps_low=0.2, eps_high=0.28, beta=0.04, ratio_level=ratio_level,
-              aggregation="seq-mean-token-mean", dual_clip=3.0)
+    kw = dict(
+        temperature=0.9,
+        eps_low=0.2,
+        eps_high=0.28,
+        beta=0.04,
+        ratio_level=ratio_level,
+        aggregation="seq-mean-token-mean",
+        dual_clip=3.0,
+    )
     lg = logits.cuda().requires_grad_()
     out = K.grpo_token_loss(lg, *cuda(tokens, adv, mask), old_logp=old.cuda(), ref_logp=ref.cuda(), **kw)
     (g,) = torch.autograd.grad(out.loss, lg)
-    args = (tokens, adv.double(), mask, old.double(), ref.double(), 0.9, 0.2, 0.28, 3.0, 0.04, ratio_level,
-            "seq-mean-token-mean")
+    args = (
+        tokens,
+        adv.double(),
+        mask,
+        old.double(),
+        ref.double(),
+        0.9,
+        0.2,
+        0.28,
+        3.0,
+        0.04,
+        ratio_level,
+        "seq-mean-token-mean",
+    )
     l64 = logits.double().requires_grad_()
     loss64, m64, p64 = R.grpo_token_loss(l64, *args)
     (g64,) = torch.autograd.grad(loss64, l64)
     llp = logits.clone().requires_grad_()
-    (glp,) = torch.autograd.grad(R.grpo_token_loss(llp, tokens, adv, mask, old, ref, 0.9, 0.2, 0.28, 3.0, 0.04,
-                                                   ratio_level, "seq-mean-token-mean")[0], llp)
+    (glp,) = torch.autograd.grad(
+        R.grpo_token_loss(
+            llp, tokens, adv, mask, old, ref, 0.9, 0.2, 0.28, 3.0, 0.04, ratio_level, "seq-mean-token-mean"
+        )[0],
+        llp,
+    )
     assert_close(out.loss, loss64, atol=2e-6, rtol=2e-6, name="loss")
     assert_close(out.metrics, m64, atol=2e-6, rtol=2e-6, name="metrics")
     assert_close(out.logp, p64, atol=2e-5, rtol=2e-6, name="logp")
@@ -84,8 +127,13 @@ def test_grpo_token_loss_cuda(poison, shape, dtype, ratio_level):
 @pytest.mark.parametrize("scope", ["group", "batch", "none"])
 def test_grpo_advantages_cuda(scope):
     r = torch.rand(4096, 16)
-    assert_close(K.grpo_advantages(r.cuda(), scope, clip=2.0), R.grpo_advantages(r.double(), scope, 1e-4, 2.0),
-                 atol=2.4e-7, rtol=2.4e-7, name=scope)
+    assert_close(
+        K.grpo_advantages(r.cuda(), scope, clip=2.0),
+        R.grpo_advantages(r.double(), scope, 1e-4, 2.0),
+        atol=2.4e-7,
+        rtol=2.4e-7,
+        name=scope,
+    )
 
 
 def test_flow_grpo_loss_cuda():
@@ -136,9 +184,22 @@ def test_token_loss_bad_token_on_gpu_is_an_error():
     logits, tokens, adv, mask, _, _ = make_batch(2, 3, 11, torch.float32, seed=7)
     tokens[1, 1] = 11
     with pytest.raises(IndexError, match="tokens must be in"):
-        torch.ops.alphagrpo.grpo_token_loss(logits.cuda(), tokens.cuda(), adv[:, None].expand(2, 3).contiguous().cuda(),
-                                            mask.float().cuda(), None, None, 1.0, 0.2, 0.2, None, 0.0, "token",
-                                            "token-mean", True)
+        torch.ops.alphagrpo.grpo_token_loss(
+            logits.cuda(),
+            tokens.cuda(),
+            adv[:, None].expand(2, 3).contiguous().cuda(),
+            mask.float().cuda(),
+            None,
+            None,
+            1.0,
+            0.2,
+            0.2,
+            None,
+            0.0,
+            "token",
+            "token-mean",
+            True,
+        )
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -163,8 +224,9 @@ def test_grpo_linear_token_loss_cuda_large_vocab_memory():
     composition and the op's peak memory beyond its outputs stays within two chunks of logits
     (the [4,096 x 151,936] logits alone would be 1.2 GB)."""
     B, T, H, V = 4, 1024, 1024, 151936
-    hidden, weight, _, tokens, adv, mask, old, ref = cuda(*make_linear_batch(B, T, H, V, torch.bfloat16, seed=105,
-                                                                            bias=False))
+    hidden, weight, _, tokens, adv, mask, old, ref = cuda(
+        *make_linear_batch(B, T, H, V, torch.bfloat16, seed=105, bias=False)
+    )
     h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
@@ -172,13 +234,14 @@ def test_grpo_linear_token_loss_cuda_large_vocab_memory():
     out = K.grpo_linear_token_loss(h, w, tokens, adv, mask, old_logp=old, ref_logp=ref, beta=0.04)
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() - before
-    outputs = (h.numel() * 2 + w.numel() * 2)  # grad_hidden and grad_weight, bf16
+    outputs = h.numel() * 2 + w.numel() * 2  # grad_hidden and grad_weight, bf16
     chunk_bytes = K.build_info()["linear_chunk_bytes"]
     assert peak - outputs <= 2 * chunk_bytes, f"peak {peak / 2**20:.0f} MiB beyond outputs {outputs / 2**20:.0f} MiB"
     gh, gw = torch.autograd.grad(out.loss, (h, w))
     h64, w64 = hidden.double().requires_grad_(), weight.double().requires_grad_()
-    loss64, m64, p64 = R.grpo_linear_token_loss(h64, w64, tokens, adv.double(), mask, None, old.double(),
-                                                ref.double(), 1.0, 0.2, 0.28, None, 0.04)
+    loss64, m64, p64 = R.grpo_linear_token_loss(
+        h64, w64, tokens, adv.double(), mask, None, old.double(), ref.double(), 1.0, 0.2, 0.28, None, 0.04
+    )
     gh64, gw64 = torch.autograd.grad(loss64, (h64, w64))
     hl, wl = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
     lossl, _, pl = R.grpo_linear_token_loss(hl, wl, tokens, adv, mask, None, old, ref, 1.0, 0.2, 0.28, None, 0.04)
@@ -193,7 +256,23 @@ def test_grpo_linear_bad_token_on_gpu_is_an_error():
     hidden, weight, _, tokens, adv, mask, _, _ = make_linear_batch(2, 3, 8, 11, torch.float32, seed=106, bias=False)
     tokens[1, 1] = 11
     with pytest.raises(IndexError, match="tokens must be in"):
-        torch.ops.alphagrpo.grpo_linear_token_loss(*cuda(hidden, weight), None, tokens.cuda(),
-                                                   adv[:, None].expand(2, 3).contiguous().cuda(), mask.float().cuda(),
-                                                   None, None, 1.0, 0.2, 0.2, None, 0.0, "token", "token-mean", 2,
-                                                   True, True, False)
+        torch.ops.alphagrpo.grpo_linear_token_loss(
+            *cuda(hidden, weight),
+            None,
+            tokens.cuda(),
+            adv[:, None].expand(2, 3).contiguous().cuda(),
+            mask.float().cuda(),
+            None,
+            None,
+            1.0,
+            0.2,
+            0.2,
+            None,
+            0.0,
+            "token",
+            "token-mean",
+            2,
+            True,
+            True,
+            False,
+        )

@@ -1,6 +1,7 @@
 """The product on a GPU (run by benchmarks/gpu_check.sh; skipped without CUDA): the tiny UMM served on
 cuda answers a Generate with the project's CUDA kernels in the sampling path, takes an
 UpdateWeights, and a trainer step on cuda recomputes the served log-probs."""
+
 import asyncio
 import os
 
@@ -10,11 +11,15 @@ import torch
 from alphagrpo_serve import kernels as K
 from alphagrpo_serve.client import AsyncClient
 from alphagrpo_serve.models.registry import load_policy
-from alphagrpo_serve.server.app import Server, ServeConfig
+from alphagrpo_serve.server.app import ServeConfig, Server
 
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not torch.cuda.is_available() or not K.build_info()["with_cuda"],
-                                 reason="needs CUDA and an extension built with CUDA")]
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(
+        not torch.cuda.is_available() or not K.build_info()["with_cuda"],
+        reason="needs CUDA and an extension built with CUDA",
+    ),
+]
 
 
 def test_tiny_umm_serves_updates_and_trains_on_cuda(tmp_path):
@@ -29,10 +34,18 @@ def test_tiny_umm_serves_updates_and_trains_on_cuda(tmp_path):
         port = await server.start()
         try:
             async with AsyncClient(f"127.0.0.1:{port}") as c:
-                with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
-                                                        torch.profiler.ProfilerActivity.CUDA]) as prof:
-                    out = await c.generate(["a red circle"], group_size=4, mode="sde", steps=6, sde_window=(1, 3),
-                                           think=True, return_trajectory=True)
+                with torch.profiler.profile(
+                    activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+                ) as prof:
+                    out = await c.generate(
+                        ["a red circle"],
+                        group_size=4,
+                        mode="sde",
+                        steps=6,
+                        sde_window=(1, 3),
+                        think=True,
+                        return_trajectory=True,
+                    )
                 names = {e.name for e in prof.events()}
                 assert any("alphagrpo::flow_sde_step" in n for n in names), sorted(n for n in names if "alpha" in n)
                 assert len(out) == 4 and out[0].trajectory.image.latents.dtype == torch.float32
@@ -52,9 +65,22 @@ def test_tiny_umm_serves_updates_and_trains_on_cuda(tmp_path):
 
     server = LocalServer({"name": "tiny", "path": None}, device="cuda", log_path=str(tmp_path / "server.log"))
     try:
-        cfg = load_config(None, dict(task="rt2i", group_size=4, prompts_per_step=2, steps=6, sde_window_size=2,
-                                     sde_window_range=[0, 6], max_thought_tokens=8, max_steps=1, lr=1e-5,
-                                     device="cuda", out_dir=str(tmp_path / "run")))
+        cfg = load_config(
+            None,
+            dict(
+                task="rt2i",
+                group_size=4,
+                prompts_per_step=2,
+                steps=6,
+                sde_window_size=2,
+                sde_window_range=[0, 6],
+                max_thought_tokens=8,
+                max_steps=1,
+                lr=1e-5,
+                device="cuda",
+                out_dir=str(tmp_path / "run"),
+            ),
+        )
         tr = Trainer(cfg, [server.address], progress=False, log=lambda *a: None)
         try:
             tr.sync_servers(force=True)

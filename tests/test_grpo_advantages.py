@@ -1,12 +1,13 @@
 """grpo_advantages against hand-computed values and the float64 reference."""
+
 import math
 
 import pytest
 import torch
-from helpers import assert_close
 
 from alphagrpo_serve import kernels as K
 from alphagrpo_serve.kernels import reference as R
+from helpers import assert_close
 
 pytestmark = pytest.mark.skipif(not K.have_extension(), reason="extension not built")
 

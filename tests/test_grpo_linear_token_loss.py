@@ -1,11 +1,12 @@
 """grpo_linear_token_loss: the chunked fused op against the float64 unfused composition
 grpo_token_loss(hidden @ weight.T + bias), for every aggregation, ratio level and dtype."""
+
 import pytest
 import torch
-from helpers import assert_close, assert_close_to_ref, seed_of
 
 from alphagrpo_serve import kernels as K
 from alphagrpo_serve.kernels import reference as R
+from helpers import assert_close, assert_close_to_ref, seed_of
 
 pytestmark = pytest.mark.skipif(not K.have_extension(), reason="extension not built")
 
@@ -40,13 +41,27 @@ def run(kind, hidden, weight, bias, tokens, adv, mask, old, ref, chunk_tokens=No
     h, w = leaves[:2]
     b = leaves[2] if bias is not None else None
     if kind == "ours":
-        out = K.grpo_linear_token_loss(h, w, tokens, adv, mask, bias=b, old_logp=old, ref_logp=ref,
-                                       chunk_tokens=chunk_tokens, **kw)
+        out = K.grpo_linear_token_loss(
+            h, w, tokens, adv, mask, bias=b, old_logp=old, ref_logp=ref, chunk_tokens=chunk_tokens, **kw
+        )
     else:
-        out = R.grpo_linear_token_loss(h, w, tokens, cast(adv), mask, b, cast(old), cast(ref),
-                                       kw.get("temperature", 1.0), kw.get("eps_low", 0.2), kw.get("eps_high", 0.28),
-                                       kw.get("dual_clip"), kw.get("beta", 0.0), kw.get("ratio_level", "token"),
-                                       kw.get("aggregation", "token-mean"))
+        out = R.grpo_linear_token_loss(
+            h,
+            w,
+            tokens,
+            cast(adv),
+            mask,
+            b,
+            cast(old),
+            cast(ref),
+            kw.get("temperature", 1.0),
+            kw.get("eps_low", 0.2),
+            kw.get("eps_high", 0.28),
+            kw.get("dual_clip"),
+            kw.get("beta", 0.0),
+            kw.get("ratio_level", "token"),
+            kw.get("aggregation", "token-mean"),
+        )
     grads = torch.autograd.grad(out[0], leaves)
     return (out[0], out[1], out[2], *grads)
 
@@ -58,17 +73,28 @@ NAMES = ("loss", "metrics", "logp", "grad_hidden", "grad_weight", "grad_bias")
 # takes the two-pass path (log-probs first) and 7 >= T the whole-sequence path (7 -> 5).
 @pytest.mark.parametrize("aggregation", AGGS)
 @pytest.mark.parametrize("ratio_level", ["token", "sequence"])
-@pytest.mark.parametrize("chunk, bias, opts", [
-    (4, True, dict(beta=0.1, temperature=0.7)),
-    (7, False, dict(beta=0.1, dual_clip=2.5)),
-    (None, True, dict(old=False)),
-])
+@pytest.mark.parametrize(
+    "chunk, bias, opts",
+    [
+        (4, True, dict(beta=0.1, temperature=0.7)),
+        (7, False, dict(beta=0.1, dual_clip=2.5)),
+        (None, True, dict(old=False)),
+    ],
+)
 def test_float64_equals_unfused_reference(poison, aggregation, ratio_level, chunk, bias, opts):
     opts = dict(opts)
     with_old = opts.pop("old", True)
     hidden, weight, b, tokens, adv, mask, old, ref = make_linear_batch(
-        3, 5, 8, 37, torch.float64, seed=seed_of(aggregation, ratio_level, chunk), bias=bias, with_old=with_old,
-        temperature=opts.get("temperature", 1.0))
+        3,
+        5,
+        8,
+        37,
+        torch.float64,
+        seed=seed_of(aggregation, ratio_level, chunk),
+        bias=bias,
+        with_old=with_old,
+        temperature=opts.get("temperature", 1.0),
+    )
     if "beta" not in opts:
         ref = None
     kw = dict(aggregation=aggregation, ratio_level=ratio_level, eps_low=0.2, eps_high=0.3, **opts)
@@ -88,7 +114,8 @@ def test_float64_equals_unfused_reference(poison, aggregation, ratio_level, chun
 def test_low_precision_within_pytorch_error(poison, dtype, ratio_level, chunk):
     B, T, H, V = 2, 7, 64, 769
     hidden, weight, b, tokens, adv, mask, old, ref = make_linear_batch(
-        B, T, H, V, dtype, seed=seed_of(str(dtype), ratio_level, chunk))
+        B, T, H, V, dtype, seed=seed_of(str(dtype), ratio_level, chunk)
+    )
     kw = dict(temperature=0.9, beta=0.04, ratio_level=ratio_level, aggregation="seq-mean-token-mean", dual_clip=3.0)
     ours = run("ours", hidden, weight, b, tokens, adv, mask, old, ref, chunk_tokens=chunk, **kw)
     ref64 = run("ref64", hidden, weight, b, tokens, adv, mask, old, ref, **kw)
@@ -108,9 +135,24 @@ def test_gradcheck_float64():
     leaves = [t.clone().requires_grad_() for t in (hidden, weight, b)]
     for level, chunk in (("token", 4), ("sequence", 2), ("sequence", 3)):
         assert torch.autograd.gradcheck(
-            lambda h, w, bb: K.grpo_linear_token_loss(
-                h, w, tokens, adv.double(), mask, bias=bb, old_logp=old.double(), ref_logp=ref.double(), beta=0.1,
-                ratio_level=level, temperature=0.8, chunk_tokens=chunk).loss, leaves)
+            lambda h, w, bb: (
+                K.grpo_linear_token_loss(
+                    h,
+                    w,
+                    tokens,
+                    adv.double(),
+                    mask,
+                    bias=bb,
+                    old_logp=old.double(),
+                    ref_logp=ref.double(),
+                    beta=0.1,
+                    ratio_level=level,
+                    temperature=0.8,
+                    chunk_tokens=chunk,
+                ).loss
+            ),
+            leaves,
+        )
 
 
 def _gemm_calls(fn) -> int:
@@ -142,8 +184,26 @@ def test_no_grad_returns_no_gradient_buffers():
     hidden, weight, b, tokens, adv, mask, old, _ = make_linear_batch(2, 3, 8, 11, torch.float32, seed=7)
     with torch.no_grad():
         outs = torch.ops.alphagrpo.grpo_linear_token_loss(
-            hidden, weight, b, tokens, adv[:, None].expand(2, 3).contiguous(), mask.float(), old, None, 1.0, 0.2,
-            0.2, None, 0.0, "token", "token-mean", 4, False, False, False)
+            hidden,
+            weight,
+            b,
+            tokens,
+            adv[:, None].expand(2, 3).contiguous(),
+            mask.float(),
+            old,
+            None,
+            1.0,
+            0.2,
+            0.2,
+            None,
+            0.0,
+            "token",
+            "token-mean",
+            4,
+            False,
+            False,
+            False,
+        )
     assert [o.numel() for o in outs[3:]] == [0, 0, 0]
     out = K.grpo_linear_token_loss(hidden.requires_grad_(), weight, tokens, adv, mask, bias=b, old_logp=old)
     assert out.loss.requires_grad
@@ -155,8 +215,26 @@ def test_backward_without_the_gradient_it_needs_is_an_error():
     hidden, weight, _, tokens, adv, mask, old, _ = make_linear_batch(1, 3, 4, 9, torch.float32, seed=8, bias=False)
     h = hidden.clone().requires_grad_()
     loss = torch.ops.alphagrpo.grpo_linear_token_loss(
-        h, weight, None, tokens, adv[:, None].expand(1, 3).contiguous(), mask.float(), old, None, 1.0, 0.2, 0.2,
-        None, 0.0, "token", "token-mean", None, False, False, False)[0]
+        h,
+        weight,
+        None,
+        tokens,
+        adv[:, None].expand(1, 3).contiguous(),
+        mask.float(),
+        old,
+        None,
+        1.0,
+        0.2,
+        0.2,
+        None,
+        0.0,
+        "token",
+        "token-mean",
+        None,
+        False,
+        False,
+        False,
+    )[0]
     with pytest.raises(RuntimeError, match="called with grad_hidden=False"):
         loss.backward()
 
@@ -166,8 +244,10 @@ def test_gradient_scales_with_upstream_grad():
     grads = []
     for factor in (1.0, -2.5):
         leaves = [t.clone().requires_grad_() for t in (hidden, weight, b)]
-        (K.grpo_linear_token_loss(leaves[0], leaves[1], tokens, adv, mask, bias=leaves[2], old_logp=old).loss
-         * factor).backward()
+        (
+            K.grpo_linear_token_loss(leaves[0], leaves[1], tokens, adv, mask, bias=leaves[2], old_logp=old).loss
+            * factor
+        ).backward()
         grads.append([t.grad for t in leaves])
     for name, a, s in zip(("hidden", "weight", "bias"), *grads):
         assert_close(s, -2.5 * a, atol=1e-7, rtol=1e-6, name=f"scaled grad {name}")
@@ -175,9 +255,27 @@ def test_gradient_scales_with_upstream_grad():
 
 def test_opcheck():
     hidden, weight, b, tokens, adv, mask, old, ref = make_linear_batch(2, 3, 8, 11, torch.float32, seed=10)
-    args = (hidden.clone().requires_grad_(), weight.clone().requires_grad_(), b.clone().requires_grad_(), tokens,
-            adv[:, None].expand(2, 3).contiguous(), mask.float(), old, ref, 0.9, 0.2, 0.28, 3.0, 0.05, "sequence",
-            "seq-mean-token-sum", 2, True, True, True)
+    args = (
+        hidden.clone().requires_grad_(),
+        weight.clone().requires_grad_(),
+        b.clone().requires_grad_(),
+        tokens,
+        adv[:, None].expand(2, 3).contiguous(),
+        mask.float(),
+        old,
+        ref,
+        0.9,
+        0.2,
+        0.28,
+        3.0,
+        0.05,
+        "sequence",
+        "seq-mean-token-sum",
+        2,
+        True,
+        True,
+        True,
+    )
     torch.library.opcheck(torch.ops.alphagrpo.grpo_linear_token_loss.default, args)
 
 
@@ -185,8 +283,12 @@ def test_torch_compile_fullgraph_forward_backward():
     hidden, weight, b, tokens, adv, mask, old, ref = make_linear_batch(2, 3, 8, 11, torch.float32, seed=11)
 
     def f(h, w, bb):
-        return K.grpo_linear_token_loss(h, w, tokens, adv, mask, bias=bb, old_logp=old, ref_logp=ref, beta=0.05,
-                                        chunk_tokens=4).loss * 3.0
+        return (
+            K.grpo_linear_token_loss(
+                h, w, tokens, adv, mask, bias=bb, old_logp=old, ref_logp=ref, beta=0.05, chunk_tokens=4
+            ).loss
+            * 3.0
+        )
 
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
     a = [t.clone().requires_grad_() for t in (hidden, weight, b)]
@@ -207,8 +309,7 @@ def test_strided_hidden_and_transposed_weight():
     w_t = weight.t().contiguous().t()  # [V, H] with strides (1, V)
     assert not view.is_contiguous() and not w_t.is_contiguous()
     a = K.grpo_linear_token_loss(view, w_t, tokens, adv, mask, bias=b, old_logp=old)
-    r = R.grpo_linear_token_loss(hidden.double(), weight.double(), tokens, adv.double(), mask, b.double(),
-                                 old.double())
+    r = R.grpo_linear_token_loss(hidden.double(), weight.double(), tokens, adv.double(), mask, b.double(), old.double())
     assert_close(a.loss, r[0], atol=1e-6, rtol=1e-5, name="loss (strided)")
     assert_close(a.logp, r[2], atol=1e-5, rtol=1e-5, name="logp (strided)")
 
@@ -240,8 +341,9 @@ def test_bad_input_names_the_argument(change, exc, words):
     args = dict(hidden=hidden, weight=weight, tokens=tokens, advantages=adv, mask=mask, bias=b)
     args.update(change)
     with pytest.raises(exc) as info:
-        K.grpo_linear_token_loss(args.pop("hidden"), args.pop("weight"), args.pop("tokens"), args.pop("advantages"),
-                                 args.pop("mask"), **args)
+        K.grpo_linear_token_loss(
+            args.pop("hidden"), args.pop("weight"), args.pop("tokens"), args.pop("advantages"), args.pop("mask"), **args
+        )
     assert words in str(info.value)
 
 
@@ -249,19 +351,43 @@ def _direct(hidden, weight, bias, tokens, adv, mask, **over):
     args = dict(old=None, ref=None, temperature=1.0, chunk=2, grad_bias=False)
     args.update(over)
     return torch.ops.alphagrpo.grpo_linear_token_loss(
-        hidden, weight, bias, tokens, adv[:, None].expand(tokens.shape).contiguous(), mask.float(), args["old"],
-        args["ref"], args["temperature"], 0.2, 0.2, None, 0.0, "token", "token-mean", args["chunk"], True, True,
-        args["grad_bias"])
+        hidden,
+        weight,
+        bias,
+        tokens,
+        adv[:, None].expand(tokens.shape).contiguous(),
+        mask.float(),
+        args["old"],
+        args["ref"],
+        args["temperature"],
+        0.2,
+        0.2,
+        None,
+        0.0,
+        "token",
+        "token-mean",
+        args["chunk"],
+        True,
+        True,
+        args["grad_bias"],
+    )
 
 
-@pytest.mark.parametrize("change, exc, words", [
-    (dict(token=(1, 2, -3)), IndexError, "tokens must be in [0, 11) (the rows of weight), got -3 at position (1, 2)"),
-    (dict(weight=torch.zeros(11, 8, dtype=torch.float64)), TypeError, "weight must have the dtype of hidden"),
-    (dict(bias=torch.zeros(12)), ValueError, "bias must be [11]"),
-    (dict(grad_bias=True), ValueError, "grad_bias needs a bias"),
-    (dict(chunk=0), ValueError, "chunk_tokens must be >= 1"),
-    (dict(temperature=0.0), ValueError, "temperature must be > 0"),
-])
+@pytest.mark.parametrize(
+    "change, exc, words",
+    [
+        (
+            dict(token=(1, 2, -3)),
+            IndexError,
+            "tokens must be in [0, 11) (the rows of weight), got -3 at position (1, 2)",
+        ),
+        (dict(weight=torch.zeros(11, 8, dtype=torch.float64)), TypeError, "weight must have the dtype of hidden"),
+        (dict(bias=torch.zeros(12)), ValueError, "bias must be [11]"),
+        (dict(grad_bias=True), ValueError, "grad_bias needs a bias"),
+        (dict(chunk=0), ValueError, "chunk_tokens must be >= 1"),
+        (dict(temperature=0.0), ValueError, "temperature must be > 0"),
+    ],
+)
 def test_direct_op_call_checks_its_arguments(change, exc, words):
     hidden, weight, _, tokens, adv, mask, _, _ = make_linear_batch(2, 3, 8, 11, torch.float32, seed=14, bias=False)
     bias = change.pop("bias", None)

@@ -1,13 +1,14 @@
 """grpo_token_loss: the fused kernel against the float64 reference and hand-computed values."""
+
 import math
 
 import pytest
 import torch
-from helpers import assert_close, assert_close_to_ref, seed_of
 
 from alphagrpo_serve import kernels as K
-from alphagrpo_serve.kernels._registry import _C
 from alphagrpo_serve.kernels import reference as R
+from alphagrpo_serve.kernels._registry import _C
+from helpers import assert_close, assert_close_to_ref, seed_of
 
 pytestmark = pytest.mark.skipif(not K.have_extension(), reason="extension not built")
 
@@ -59,9 +60,20 @@ def run_both(logits, tokens, adv, mask, old, ref, **kw):
         else:
             cast = (lambda t: None if t is None else t.double()) if kind == "ref64" else (lambda t: t)
             loss, metrics, logp = R.grpo_token_loss(
-                lg, tokens, cast(adv), mask, cast(old), cast(ref), kw.get("temperature", 1.0), kw.get("eps_low", 0.2),
-                kw.get("eps_high", 0.28), kw.get("dual_clip"), kw.get("beta", 0.0), kw.get("ratio_level", "token"),
-                kw.get("aggregation", "token-mean"))
+                lg,
+                tokens,
+                cast(adv),
+                mask,
+                cast(old),
+                cast(ref),
+                kw.get("temperature", 1.0),
+                kw.get("eps_low", 0.2),
+                kw.get("eps_high", 0.28),
+                kw.get("dual_clip"),
+                kw.get("beta", 0.0),
+                kw.get("ratio_level", "token"),
+                kw.get("aggregation", "token-mean"),
+            )
         (grad,) = torch.autograd.grad(loss, lg)
         results.append((loss, metrics, logp, grad))
     return results
@@ -72,8 +84,15 @@ def run_both(logits, tokens, adv, mask, old, ref, **kw):
 @pytest.mark.parametrize("ratio_level", ["token", "sequence"])
 def test_matches_float64_reference(poison, shape, dtype, ratio_level):
     logits, tokens, adv, mask, old, ref = make_batch(*shape, dtype, seed=seed_of(shape, str(dtype), ratio_level))
-    kw = dict(temperature=0.9, eps_low=0.2, eps_high=0.28, beta=0.04, ratio_level=ratio_level,
-              aggregation="seq-mean-token-mean", dual_clip=3.0)
+    kw = dict(
+        temperature=0.9,
+        eps_low=0.2,
+        eps_high=0.28,
+        beta=0.04,
+        ratio_level=ratio_level,
+        aggregation="seq-mean-token-mean",
+        dual_clip=3.0,
+    )
     (lo, mo, po, go), (l64, m64, p64, g64), (_, _, _, glp) = run_both(logits, tokens, adv, mask, old, ref, **kw)
     # loss, metrics and logp are float32 from float32 math over the vocabulary: relative 2e-6 is
     # ~16 ulp, room for the log-sum-exp over up to 32,000 terms (the reference itself errs ~1e-7).
@@ -118,8 +137,13 @@ def test_hand_computed():
     expected = (-1.2 - r[1]) / 2
     assert abs(out.loss.item() - expected) < 1e-12
     assert_close(out.logp, torch.tensor([logp], dtype=torch.float64), atol=1e-12, rtol=0, name="logp")
-    assert_close(out.metrics, torch.tensor([(r[0] + r[1]) / 2, 0.5, 0.0], dtype=torch.float64), atol=1e-12, rtol=0,
-                 name="metrics")
+    assert_close(
+        out.metrics,
+        torch.tensor([(r[0] + r[1]) / 2, 0.5, 0.0], dtype=torch.float64),
+        atol=1e-12,
+        rtol=0,
+        name="metrics",
+    )
     (g,) = torch.autograd.grad(out.loss, lg)
     # clipped token: no gradient; token 1: d/dlogit = -A r / 2 * (onehot - softmax) = -r/2 * ([1,0,0] - 1/3)
     expected_g = torch.tensor([[[0.0, 0.0, 0.0], [-r[1] / 2 * (2 / 3), r[1] / 6, r[1] / 6]]], dtype=torch.float64)
@@ -140,9 +164,22 @@ def test_strided_logits(poison):
 def test_no_grad_returns_no_gradient_buffer():
     logits, tokens, adv, mask, old, ref = make_batch(2, 3, 50, torch.float32, seed=4)
     with torch.no_grad():
-        outs = torch.ops.alphagrpo.grpo_token_loss(logits, tokens, adv[:, None].expand(2, 3).contiguous(),
-                                                   mask.float(), old, ref, 1.0, 0.2, 0.2, None, 0.0, "token",
-                                                   "token-mean", False)
+        outs = torch.ops.alphagrpo.grpo_token_loss(
+            logits,
+            tokens,
+            adv[:, None].expand(2, 3).contiguous(),
+            mask.float(),
+            old,
+            ref,
+            1.0,
+            0.2,
+            0.2,
+            None,
+            0.0,
+            "token",
+            "token-mean",
+            False,
+        )
     assert outs[3].numel() == 0
     out = K.grpo_token_loss(logits, tokens, adv, mask, old_logp=old)
     assert not out.loss.requires_grad
@@ -153,14 +190,41 @@ def test_gradcheck_float64():
     lg = logits.clone().requires_grad_()
     for level in ("token", "sequence"):
         assert torch.autograd.gradcheck(
-            lambda x: K.grpo_token_loss(x, tokens, adv.double(), mask, old_logp=old.double(), ref_logp=ref.double(),
-                                        beta=0.1, ratio_level=level, temperature=0.8).loss, (lg,))
+            lambda x: (
+                K.grpo_token_loss(
+                    x,
+                    tokens,
+                    adv.double(),
+                    mask,
+                    old_logp=old.double(),
+                    ref_logp=ref.double(),
+                    beta=0.1,
+                    ratio_level=level,
+                    temperature=0.8,
+                ).loss
+            ),
+            (lg,),
+        )
 
 
 def test_opcheck():
     logits, tokens, adv, mask, old, ref = make_batch(2, 3, 11, torch.float32, seed=6)
-    args = (logits.clone().requires_grad_(), tokens, adv[:, None].expand(2, 3).contiguous(), mask.float(), old, ref,
-            0.9, 0.2, 0.28, 3.0, 0.05, "sequence", "seq-mean-token-sum", True)
+    args = (
+        logits.clone().requires_grad_(),
+        tokens,
+        adv[:, None].expand(2, 3).contiguous(),
+        mask.float(),
+        old,
+        ref,
+        0.9,
+        0.2,
+        0.28,
+        3.0,
+        0.05,
+        "sequence",
+        "seq-mean-token-sum",
+        True,
+    )
     torch.library.opcheck(torch.ops.alphagrpo.grpo_token_loss.default, args)
 
 
@@ -227,8 +291,22 @@ def test_direct_op_call_with_bad_token_does_not_crash():
     logits, tokens, adv, mask, _, _ = make_batch(2, 3, 11, torch.float32, seed=11)
     tokens[0, 1] = -4
     with pytest.raises(IndexError, match="tokens must be in"):
-        torch.ops.alphagrpo.grpo_token_loss(logits, tokens, adv[:, None].expand(2, 3).contiguous(), mask.float(),
-                                            None, None, 1.0, 0.2, 0.2, None, 0.0, "token", "token-mean", True)
+        torch.ops.alphagrpo.grpo_token_loss(
+            logits,
+            tokens,
+            adv[:, None].expand(2, 3).contiguous(),
+            mask.float(),
+            None,
+            None,
+            1.0,
+            0.2,
+            0.2,
+            None,
+            0.0,
+            "token",
+            "token-mean",
+            True,
+        )
 
 
 # ---- every vectorised CPU path --------------------------------------------------------------------

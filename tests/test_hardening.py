@@ -2,6 +2,7 @@
 (127.0.0.1), with both answers checked. Servers run with a batching window wide enough that
 concurrent requests with equal settings share a model batch, and a recording policy shows that they
 did."""
+
 import asyncio
 import io
 import os
@@ -14,7 +15,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from serving import running, small_policy
 
 from alphagrpo_serve._proto.alphagrpo.v1 import (
     common_pb2,
@@ -30,6 +30,7 @@ from alphagrpo_serve.reward import embedded_reward
 from alphagrpo_serve.server.app import ServeConfig, Server
 from alphagrpo_serve.server.validation import Limits
 from alphagrpo_serve.wire import image_to_proto, sample_seed
+from serving import running, small_policy
 
 P = policy_pb2.SamplingParams
 GOOD = dict(prompts=["a red circle"], params=P(steps=2))
@@ -68,10 +69,16 @@ async def outcome(call):
 
 def png_claiming(width: int, height: int) -> bytes:
     """A tiny PNG whose header claims width x height (a decompression bomb's header)."""
+
     def chunk(kind, data):
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+        + chunk(b"IEND", b"")
+    )
 
 
 # ---- 1. seeds and failures inside a batch ----------------------------------------------------------------
@@ -106,8 +113,10 @@ def test_an_error_inside_a_batch_fails_only_its_own_request():
             async with grpc.aio.insecure_channel(addr) as ch:
                 stub = policy_pb2_grpc.PolicyServiceStub(ch)
                 bad = policy_pb2.GenerateRequest(prompts=["a blue square"], params=P(steps=2), group_size=2)
-                goods = [policy_pb2.GenerateRequest(prompts=[p], params=P(steps=2), group_size=2)
-                         for p in ("a red circle", "two green triangles", "a square")]
+                goods = [
+                    policy_pb2.GenerateRequest(prompts=[p], params=P(steps=2), group_size=2)
+                    for p in ("a red circle", "two green triangles", "a square")
+                ]
                 results = await asyncio.gather(outcome(stub.Generate(bad)), *(outcome(stub.Generate(g)) for g in goods))
             assert results[0][0] == "UNKNOWN" and "poisoned" in results[0][1], results[0]
             assert [code for code, _ in results[1:]] == ["OK"] * 3, results
@@ -142,6 +151,7 @@ async def _stream(stub, chunks, timeout=30):
                 await c.wait()
             else:
                 yield c
+
     return await outcome(stub.UpdateWeights(gen(), timeout=timeout))
 
 
@@ -153,30 +163,42 @@ def test_weight_headers_are_checked_before_anything_is_allocated():
                 stub = policy_pb2_grpc.PolicyServiceStub(ch)
                 W = policy_pb2.WeightChunk
                 cases = [
-                    ([W(name="blocks.0.qkv.weight", dtype="float32", shape=[2**60], data=b"1234")],
-                     "blocks.0.qkv.weight: shape [1152921504606846976] sent"),
-                    ([W(name="blocks.0.qkv.lora_A", dtype="float32", shape=[2**62, 2**62], data=b"1234", lora=True)],
-                     "blocks.0.qkv.lora_A: float32 [4611686018427387904, 4611686018427387904] is"),  # overflows int64
-                    ([W(name="blocks.0.qkv.lora_A", dtype="float32", shape=[2**28, 2], data=b"x" * 12, lora=True)],
-                     "more than the limit of 1073741824"),  # 2 GiB declared
-                    ([W(name="blocks.0.qkv.weight", dtype="float32", shape=[96, 32], data=b"x" * 12)],
-                     "blocks.0.qkv.weight: received 12 of 12288 bytes"),
-                    ([W(name="blocks.0.qkv.weight", dtype="float32", shape=[96, 32], offset=-5, data=b"x")],
-                     "blocks.0.qkv.weight: chunk at offset -5"),
+                    (
+                        [W(name="blocks.0.qkv.weight", dtype="float32", shape=[2**60], data=b"1234")],
+                        "blocks.0.qkv.weight: shape [1152921504606846976] sent",
+                    ),
+                    (
+                        [W(name="blocks.0.qkv.lora_A", dtype="float32", shape=[2**62, 2**62], data=b"1234", lora=True)],
+                        "blocks.0.qkv.lora_A: float32 [4611686018427387904, 4611686018427387904] is",
+                    ),  # overflows int64
+                    (
+                        [W(name="blocks.0.qkv.lora_A", dtype="float32", shape=[2**28, 2], data=b"x" * 12, lora=True)],
+                        "more than the limit of 1073741824",
+                    ),  # 2 GiB declared
+                    (
+                        [W(name="blocks.0.qkv.weight", dtype="float32", shape=[96, 32], data=b"x" * 12)],
+                        "blocks.0.qkv.weight: received 12 of 12288 bytes",
+                    ),
+                    (
+                        [W(name="blocks.0.qkv.weight", dtype="float32", shape=[96, 32], offset=-5, data=b"x")],
+                        "blocks.0.qkv.weight: chunk at offset -5",
+                    ),
                     ([W(name="blocks.0.qkv.weight", dtype="complex64", shape=[96, 32])], "blocks.0.qkv.weight.dtype"),
                     ([W(name="blocks.0.qkv.weight", dtype="float32", shape=[-1, 32])], "negative dimension"),
                 ]
                 for chunks, words in cases:  # each beside a good Generate
                     (code, details), (ok, _) = await asyncio.gather(
-                        _stream(stub, chunks), outcome(stub.Generate(policy_pb2.GenerateRequest(**GOOD))))
+                        _stream(stub, chunks), outcome(stub.Generate(policy_pb2.GenerateRequest(**GOOD)))
+                    )
                     assert code == "INVALID_ARGUMENT" and words in details and ok == "OK", (words, code, details)
                 assert pol.version == 0 and server.policy_service.weight_budget.held == 0
                 # a stream whose header declares 1 GiB (the limit) but carries 12 bytes: RSS follows the 12 bytes
                 if not _rss_peak_reset():
                     pytest.skip("cannot reset the peak RSS here")
                 before = _rss_kb("VmRSS")
-                code, details = await _stream(stub, [W(name="blocks.0.qkv.lora_A", dtype="float32", shape=[2**27, 2],
-                                                       data=b"x" * 12, lora=True)])
+                code, details = await _stream(
+                    stub, [W(name="blocks.0.qkv.lora_A", dtype="float32", shape=[2**27, 2], data=b"x" * 12, lora=True)]
+                )
                 grew_mb = (_rss_kb("VmHWM") - before) / 1024
                 assert code == "INVALID_ARGUMENT" and "received 12 of 1073741824 bytes" in details, details
                 assert grew_mb < 64, f"peak RSS grew by {grew_mb:.0f} MB for a 12-byte stream"
@@ -195,9 +217,16 @@ def test_bytes_held_by_concurrent_weight_streams_are_bounded():
                 raw = pol.export_weights()[name].numpy().tobytes()
                 W = policy_pb2.WeightChunk
                 go = asyncio.Event()
-                first = asyncio.ensure_future(_stream(stub, [
-                    W(name=name, dtype="float32", shape=[96, 32], data=raw[:8000]), go,
-                    W(name=name, dtype="float32", shape=[96, 32], offset=8000, data=raw[8000:])]))
+                first = asyncio.ensure_future(
+                    _stream(
+                        stub,
+                        [
+                            W(name=name, dtype="float32", shape=[96, 32], data=raw[:8000]),
+                            go,
+                            W(name=name, dtype="float32", shape=[96, 32], offset=8000, data=raw[8000:]),
+                        ],
+                    )
+                )
                 for _ in range(100):  # the first stream now holds 8,000 bytes
                     if server.policy_service.weight_budget.held:
                         break
@@ -207,8 +236,9 @@ def test_bytes_held_by_concurrent_weight_streams_are_bounded():
                 name2 = max(specs, key=lambda n: int(np.prod(specs[n][0])))  # the largest tensor (> 32,000 bytes)
                 t2 = pol.export_weights()[name2]
                 assert t2.numel() * 4 > 32_000, (name2, t2.shape)
-                code, details = await _stream(stub, [W(name=name2, dtype="float32", shape=list(t2.shape),
-                                                       data=t2.numpy().tobytes())])
+                code, details = await _stream(
+                    stub, [W(name=name2, dtype="float32", shape=list(t2.shape), data=t2.numpy().tobytes())]
+                )
                 assert code == "RESOURCE_EXHAUSTED" and "--max-update-total-mb" in details, (code, details)
                 go.set()
                 code, res = await first
@@ -221,17 +251,25 @@ def test_bytes_held_by_concurrent_weight_streams_are_bounded():
 # ---- 3. floats and enums at the door ---------------------------------------------------------------------
 NAN, INF = float("nan"), float("inf")
 BAD_PARAMS = [
-    (P(cfg_scale=NAN), "params.cfg_scale"), (P(cfg_scale=INF), "params.cfg_scale"),
+    (P(cfg_scale=NAN), "params.cfg_scale"),
+    (P(cfg_scale=INF), "params.cfg_scale"),
     (P(cfg_scale=-1), "params.cfg_scale"),
-    (P(mode=2, noise_level=NAN), "params.noise_level"), (P(mode=2, noise_level=INF), "params.noise_level"),
-    (P(temperature=1e-38, think=True), "params.temperature"), (P(temperature=NAN), "params.temperature"),
-    (P(top_p=0.0), "params.top_p"), (P(top_p=NAN), "params.top_p"),
+    (P(mode=2, noise_level=NAN), "params.noise_level"),
+    (P(mode=2, noise_level=INF), "params.noise_level"),
+    (P(temperature=1e-38, think=True), "params.temperature"),
+    (P(temperature=NAN), "params.temperature"),
+    (P(top_p=0.0), "params.top_p"),
+    (P(top_p=NAN), "params.top_p"),
     (P(cfg_interval_low=NAN, cfg_interval_high=1.0), "params.cfg_interval_low/cfg_interval_high"),
     (P(cfg_interval_low=0.5, cfg_interval_high=INF), "params.cfg_interval_low/cfg_interval_high"),
-    (P(cfg_img_scale=NAN), "params.cfg_img_scale"), (P(cfg_renorm_min=INF), "params.cfg_renorm_min"),
-    (P(timestep_shift=0.0), "params.timestep_shift"), (P(timestep_shift=-INF), "params.timestep_shift"),
-    (P(mode=7), "params.mode"), (P(mode=-1), "params.mode"),
-    (P(steps=-3), "params.steps"), (P(width=-32), "params.width"),
+    (P(cfg_img_scale=NAN), "params.cfg_img_scale"),
+    (P(cfg_renorm_min=INF), "params.cfg_renorm_min"),
+    (P(timestep_shift=0.0), "params.timestep_shift"),
+    (P(timestep_shift=-INF), "params.timestep_shift"),
+    (P(mode=7), "params.mode"),
+    (P(mode=-1), "params.mode"),
+    (P(steps=-3), "params.steps"),
+    (P(width=-32), "params.width"),
     (P(max_thought_tokens=0), "params.max_thought_tokens"),
     (P(cfg_renorm_type="x" * 100_000), "params.cfg_renorm_type"),
     (P(mode=2, sde_window_start=1, sde_window_size=9, steps=4), "params.sde_window_start/sde_window_size"),
@@ -246,11 +284,15 @@ def test_every_bad_float_and_enum_is_refused_at_the_door_naming_it_on_generate_a
                 stub = policy_pb2_grpc.PolicyServiceStub(ch)
                 img = image_to_proto(np.zeros((32, 32, 3), np.uint8))
                 for params, field in BAD_PARAMS:
-                    params = P(steps=2, **{f.name: v for f, v in params.ListFields()}) if not params.HasField("steps") \
+                    params = (
+                        P(steps=2, **{f.name: v for f, v in params.ListFields()})
+                        if not params.HasField("steps")
                         else params
+                    )
                     bad_g = stub.Generate(policy_pb2.GenerateRequest(prompts=["a red circle"], params=params))
-                    bad_r = stub.Reflect(policy_pb2.ReflectRequest(prompts=["a red circle"], images=[img],
-                                                                   params=params))
+                    bad_r = stub.Reflect(
+                        policy_pb2.ReflectRequest(prompts=["a red circle"], images=[img], params=params)
+                    )
                     good = stub.Generate(policy_pb2.GenerateRequest(**GOOD))
                     (cg, dg), (cr, dr), (ok, _) = await asyncio.gather(outcome(bad_g), outcome(bad_r), outcome(good))
                     assert (cg, cr, ok) == ("INVALID_ARGUMENT", "INVALID_ARGUMENT", "OK"), (field, cg, dg, cr, dr, ok)
@@ -270,11 +312,19 @@ def test_in_range_settings_that_diverge_answer_invalid_argument_naming_params():
         async with running() as (_, addr):
             async with grpc.aio.insecure_channel(addr) as ch:
                 stub = policy_pb2_grpc.PolicyServiceStub(ch)
-                wild = P(steps=100, mode=2, sde_window_start=0, sde_window_size=100, noise_level=10, cfg_scale=100,
-                         timestep_shift=100)
+                wild = P(
+                    steps=100,
+                    mode=2,
+                    sde_window_start=0,
+                    sde_window_size=100,
+                    noise_level=10,
+                    cfg_scale=100,
+                    timestep_shift=100,
+                )
                 (code, details), (ok, _) = await asyncio.gather(
                     outcome(stub.Generate(policy_pb2.GenerateRequest(prompts=["a red circle"], params=wild))),
-                    outcome(stub.Generate(policy_pb2.GenerateRequest(**GOOD))))
+                    outcome(stub.Generate(policy_pb2.GenerateRequest(**GOOD))),
+                )
                 assert code == "INVALID_ARGUMENT" and "params.noise_level" in details and ok == "OK", (code, details)
 
     run(main())
@@ -286,10 +336,12 @@ def test_a_prompt_too_long_for_the_context_is_refused_at_the_door():
         async with running(policy=pol, task="open", max_wait_ms=100) as (_, addr):
             async with grpc.aio.insecure_channel(addr) as ch:
                 stub = policy_pb2_grpc.PolicyServiceStub(ch)
-                long = policy_pb2.GenerateRequest(prompts=["x", "a " * 250], params=P(steps=2, think=True,
-                                                                                     max_thought_tokens=128))
+                long = policy_pb2.GenerateRequest(
+                    prompts=["x", "a " * 250], params=P(steps=2, think=True, max_thought_tokens=128)
+                )
                 (code, details), (ok, _) = await asyncio.gather(
-                    outcome(stub.Generate(long)), outcome(stub.Generate(policy_pb2.GenerateRequest(**GOOD))))
+                    outcome(stub.Generate(long)), outcome(stub.Generate(policy_pb2.GenerateRequest(**GOOD)))
+                )
                 assert code == "INVALID_ARGUMENT" and details.startswith("prompts[1] is too long"), details
                 assert ok == "OK" and len(pol.batches) == 1
 
@@ -381,20 +433,33 @@ def test_png_bombs_are_refused_from_the_header_beside_good_requests():
                 junk = common_pb2.Image(png=b"\x89PNG\r\n\x1a\n" + os.urandom(40))
                 for req_images, field in (([bomb], "images[0]"), ([zero], "images[0]"), ([junk], "images[0]")):
                     (code, details), (ok, _) = await asyncio.gather(
-                        outcome(ps.Reflect(policy_pb2.ReflectRequest(prompts=["a red circle"], images=req_images,
-                                                                     params=P(steps=2)))),
-                        outcome(ps.Reflect(policy_pb2.ReflectRequest(prompts=["a red circle"], images=[good_img],
-                                                                     params=P(steps=2)))))
+                        outcome(
+                            ps.Reflect(
+                                policy_pb2.ReflectRequest(
+                                    prompts=["a red circle"], images=req_images, params=P(steps=2)
+                                )
+                            )
+                        ),
+                        outcome(
+                            ps.Reflect(
+                                policy_pb2.ReflectRequest(
+                                    prompts=["a red circle"], images=[good_img], params=P(steps=2)
+                                )
+                            )
+                        ),
+                    )
                     assert code == "INVALID_ARGUMENT" and details.startswith(field) and ok == "OK", (code, details)
                 item = reward_pb2.VerifyItem(prompt="a red circle", image=bomb)
                 good = reward_pb2.VerifyItem(prompt="a red circle", image=good_img)
                 (code, details), (ok, _) = await asyncio.gather(
                     outcome(rs.Verify(reward_pb2.VerifyRequest(items=[item]))),
-                    outcome(rs.Verify(reward_pb2.VerifyRequest(items=[good]))))
+                    outcome(rs.Verify(reward_pb2.VerifyRequest(items=[good]))),
+                )
                 assert code == "INVALID_ARGUMENT" and "items[0].image is 20000x20000" in details and ok == "OK", details
                 raw = common_pb2.Image(raw=common_pb2.Tensor(dtype="uint8", shape=[2000, 1, 3], data=b"\0" * 6000))
-                code, details = await outcome(rs.Verify(reward_pb2.VerifyRequest(
-                    items=[reward_pb2.VerifyItem(prompt="a red circle", image=raw)])))
+                code, details = await outcome(
+                    rs.Verify(reward_pb2.VerifyRequest(items=[reward_pb2.VerifyItem(prompt="a red circle", image=raw)]))
+                )
                 assert code == "INVALID_ARGUMENT" and "items[0].image is 1x2000" in details, details
             assert server.metrics.count("Reflect", "UNKNOWN") == server.metrics.count("Verify", "UNKNOWN") == 0
 
@@ -408,13 +473,16 @@ def test_verify_and_decompose_errors_name_their_fields():
                 rs = reward_pb2_grpc.RewardServiceStub(ch)
                 img = image_to_proto(np.zeros((32, 32, 3), np.uint8))
                 small = image_to_proto(np.zeros((8, 8, 3), np.uint8))
+
                 def one(prompt, image):
                     return reward_pb2.VerifyRequest(items=[reward_pb2.VerifyItem(prompt=prompt, image=image)])
 
-                for req, start in ((reward_pb2.VerifyRequest(), "items is empty"),
-                                   (one("a red blob", img), "items: cannot parse prompt"),
-                                   (one("a red circle", small), "items: images must be square"),
-                                   (one(" ", img), "items[0] is empty")):
+                for req, start in (
+                    (reward_pb2.VerifyRequest(), "items is empty"),
+                    (one("a red blob", img), "items: cannot parse prompt"),
+                    (one("a red circle", small), "items: images must be square"),
+                    (one(" ", img), "items[0] is empty"),
+                ):
                     code, details = await outcome(rs.Verify(req))
                     assert code == "INVALID_ARGUMENT" and details.startswith(start), (start, details)
                     assert "prompts" not in details
@@ -438,14 +506,21 @@ def test_metrics_and_logs_record_the_code_the_client_saw(caplog):
                 call = stub.Generate(policy_pb2.GenerateRequest(**GOOD))
                 await asyncio.sleep(0.2)
                 call.cancel()
-                raw = ch.unary_unary("/alphagrpo.v1.PolicyService/Generate", request_serializer=lambda b: b,
-                                     response_deserializer=lambda b: b)
+                raw = ch.unary_unary(
+                    "/alphagrpo.v1.PolicyService/Generate",
+                    request_serializer=lambda b: b,
+                    response_deserializer=lambda b: b,
+                )
                 code, details = await outcome(raw(b"\xff\xff\xff\xff"))
                 assert code == "INVALID_ARGUMENT" and "alphagrpo.v1.GenerateRequest" in details, details
-                stream = ch.stream_unary("/alphagrpo.v1.PolicyService/UpdateWeights", request_serializer=lambda b: b,
-                                         response_deserializer=lambda b: b)
-                good_chunk = policy_pb2.WeightChunk(name="blocks.0.qkv.weight", dtype="float32", shape=[96, 32],
-                                                    data=b"\0" * 16).SerializeToString()
+                stream = ch.stream_unary(
+                    "/alphagrpo.v1.PolicyService/UpdateWeights",
+                    request_serializer=lambda b: b,
+                    response_deserializer=lambda b: b,
+                )
+                good_chunk = policy_pb2.WeightChunk(
+                    name="blocks.0.qkv.weight", dtype="float32", shape=[96, 32], data=b"\0" * 16
+                ).SerializeToString()
                 code, details = await outcome(stream(iter([good_chunk, b"\x0a\xff\xff"])))
                 assert code == "INVALID_ARGUMENT" and "request message 1" in details, details
                 await asyncio.sleep(1.0)  # the cancelled and expired calls finish on the server
@@ -467,14 +542,20 @@ def test_answers_larger_than_the_message_limit_are_refused_and_counted_as_such()
         pol = RecordingPolicy()
         async with running(policy=pol, max_message_mb=1) as (server, addr):
             async with grpc.aio.insecure_channel(addr) as ch:  # 8 x 64 raw 32x32 images: refused up front
-                code, details = await outcome(policy_pb2_grpc.PolicyServiceStub(ch).Generate(policy_pb2.GenerateRequest(
-                    prompts=["a red circle"] * 8, group_size=64, params=P(steps=1), return_raw=True)))
+                code, details = await outcome(
+                    policy_pb2_grpc.PolicyServiceStub(ch).Generate(
+                        policy_pb2.GenerateRequest(
+                            prompts=["a red circle"] * 8, group_size=64, params=P(steps=1), return_raw=True
+                        )
+                    )
+                )
                 assert code == "RESOURCE_EXHAUSTED" and "at least" in details, details
                 assert pol.batches == []  # nothing was computed
             async with AsyncClient(addr, retries=0) as c:
                 with pytest.raises(grpc.aio.AioRpcError) as info:  # trajectories only show their size once computed
-                    await c.generate(["a red circle"], group_size=16, steps=6, mode="sde", sde_window=(0, 6),
-                                     return_trajectory=True)  # 16 x 7 latents of 12 KB: 1.4 MB
+                    await c.generate(
+                        ["a red circle"], group_size=16, steps=6, mode="sde", sde_window=(0, 6), return_trajectory=True
+                    )  # 16 x 7 latents of 12 KB: 1.4 MB
                 assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, info.value
                 assert "message limit" in info.value.details(), info.value.details()
                 assert len(await c.generate(["a red circle"], steps=1)) == 1
@@ -500,8 +581,11 @@ class SlowReward:
 
 def test_the_reward_queue_is_bounded():
     async def main():
-        server = Server(ServeConfig(host="127.0.0.1", port=0, limits=Limits(max_reward_queue=3)), policy=small_policy(),
-                        reward=SlowReward(0.5))
+        server = Server(
+            ServeConfig(host="127.0.0.1", port=0, limits=Limits(max_reward_queue=3)),
+            policy=small_policy(),
+            reward=SlowReward(0.5),
+        )
         port = await server.start()
         try:
             async with AsyncClient(f"127.0.0.1:{port}", retries=0) as c:
@@ -529,10 +613,16 @@ def test_valid_png_of_other_formats_is_not_decoded():
                 rs = reward_pb2_grpc.RewardServiceStub(ch)
                 buf = io.BytesIO()
                 Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(buf, format="BMP")
-                code, details = await outcome(rs.Verify(reward_pb2.VerifyRequest(items=[reward_pb2.VerifyItem(
-                    prompt="a red circle", image=common_pb2.Image(png=buf.getvalue()))])))
+                code, details = await outcome(
+                    rs.Verify(
+                        reward_pb2.VerifyRequest(
+                            items=[
+                                reward_pb2.VerifyItem(prompt="a red circle", image=common_pb2.Image(png=buf.getvalue()))
+                            ]
+                        )
+                    )
+                )
                 assert code == "INVALID_ARGUMENT", details
                 assert details.startswith("items[0].image.png is not a valid PNG"), details
 
     run(main())
-

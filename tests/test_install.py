@@ -11,6 +11,7 @@ Generate.
 - `make test-install` (ALPHAGRPO_INSTALL_TESTS=full): editable, wheel and sdist installs, each with
   the native extension compiled, as a user runs them.
 """
+
 import os
 import shutil
 import signal
@@ -32,8 +33,13 @@ def copy_checkout(dest: str) -> str:
     """The files a fresh clone (plus uncommitted work) has: no stubs, no .so, no build folders."""
     src = os.path.join(dest, "src")
     try:
-        out = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, capture_output=True,
-                             check=True, timeout=60).stdout
+        out = subprocess.run(
+            ["git", "ls-files", "-co", "--exclude-standard", "-z"],
+            cwd=ROOT,
+            capture_output=True,
+            check=True,
+            timeout=60,
+        ).stdout
         files = [f for f in out.decode().split("\0") if f]
     except (OSError, subprocess.CalledProcessError):
         pytest.skip("needs git to list the checkout's files")
@@ -56,8 +62,9 @@ def fresh_venv(path: str) -> str:
 
 def purelib(bin_dir: str) -> str:
     code = "import sysconfig; print(sysconfig.get_paths()['purelib'])"
-    return subprocess.run([os.path.join(bin_dir, "python"), "-c", code], capture_output=True, text=True,
-                          check=True).stdout.strip()
+    return subprocess.run(
+        [os.path.join(bin_dir, "python"), "-c", code], capture_output=True, text=True, check=True
+    ).stdout.strip()
 
 
 def pip(bin_dir: str, *args, cwd=None, env=None, timeout=1800):
@@ -79,10 +86,13 @@ def build_env(skip_extension: bool) -> dict:
 
 def check_installed(bin_dir: str, where: str, with_extension: bool) -> None:
     """The stubs (and the extension) import from the new install, not from the test's environment."""
-    code = ("import alphagrpo_serve, alphagrpo_serve._proto.alphagrpo.v1.policy_pb2 as p, importlib.util as u;"
-            "print(p.__file__); print(u.find_spec('alphagrpo_serve._C') is not None)")
-    out = subprocess.run([os.path.join(bin_dir, "python"), "-c", code], capture_output=True, text=True, timeout=300,
-                         cwd="/")
+    code = (
+        "import alphagrpo_serve, alphagrpo_serve._proto.alphagrpo.v1.policy_pb2 as p, importlib.util as u;"
+        "print(p.__file__); print(u.find_spec('alphagrpo_serve._C') is not None)"
+    )
+    out = subprocess.run(
+        [os.path.join(bin_dir, "python"), "-c", code], capture_output=True, text=True, timeout=300, cwd="/"
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     stub_file, has_ext = out.stdout.split()
     assert stub_file.startswith(where), f"stubs imported from {stub_file}, not from {where}"
@@ -91,9 +101,14 @@ def check_installed(bin_dir: str, where: str, with_extension: bool) -> None:
 
 def serve_and_ask(bin_dir: str, tmp: str) -> None:
     """`alphagrpo serve` from the new environment starts, answers GetModelInfo and a Generate, stops on SIGTERM."""
-    proc = subprocess.Popen([os.path.join(bin_dir, "alphagrpo"), "serve", "--port", "0", "--grace-s", "5"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp,
-                            env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    proc = subprocess.Popen(
+        [os.path.join(bin_dir, "alphagrpo"), "serve", "--port", "0", "--grace-s", "5"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=tmp,
+        env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
+    )
     try:
         seen = []
         for _ in range(200):
@@ -109,8 +124,10 @@ def serve_and_ask(bin_dir: str, tmp: str) -> None:
             stub = policy_pb2_grpc.PolicyServiceStub(ch)
             info = stub.GetModelInfo(policy_pb2.GetModelInfoRequest(), timeout=120)
             assert info.name == "tiny" and info.parameters
-            res = stub.Generate(policy_pb2.GenerateRequest(prompts=["a red circle"],
-                                                           params=policy_pb2.SamplingParams(steps=1)), timeout=120)
+            res = stub.Generate(
+                policy_pb2.GenerateRequest(prompts=["a red circle"], params=policy_pb2.SamplingParams(steps=1)),
+                timeout=120,
+            )
             assert len(res.samples) == 1 and res.samples[0].image.png
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
@@ -167,8 +184,14 @@ def test_wheel_and_sdist_installs_generate_stubs_and_serve(tmp_path, kind):
     if kind == "wheel":
         pip(builder, "wheel", "--no-build-isolation", "--no-deps", "-w", dist, ".", cwd=src, env=env)
     else:
-        proc = subprocess.run([os.path.join(builder, "python"), "setup.py", "-q", "sdist", "-d", dist], cwd=src,
-                              env=env, capture_output=True, text=True, timeout=600)
+        proc = subprocess.run(
+            [os.path.join(builder, "python"), "setup.py", "-q", "sdist", "-d", dist],
+            cwd=src,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
     (artifact,) = os.listdir(dist)
     bin_dir = fresh_venv(str(tmp_path / "venv"))

@@ -2,6 +2,7 @@
 `alphagrpo serve` subprocesses for every model, metadata and config, bad input, streaming, TLS and
 auth; in-process servers where the test looks inside (a batch shared by a native and a KServe
 request, health, limits, deadlines and cancellation). Every bad request is followed by a good one."""
+
 import asyncio
 import contextlib
 import json
@@ -18,19 +19,22 @@ import pytest
 import tritonclient.grpc as tc
 import tritonclient.grpc.aio as tca
 from grpc_health.v1 import health_pb2
-from serving import run, running, small_policy
 from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from alphagrpo_serve.client import AsyncClient, Client
 from alphagrpo_serve.models.tiny_policy import TinyPolicy
 from alphagrpo_serve.shapes.world import Obj, Scene, render
+from serving import run, running, small_policy
 
-GENERATE, REFLECT, VERIFY, DECOMPOSE = "alphagrpo_generate", "alphagrpo_reflect", "alphagrpo_verify", "alphagrpo_decompose"
+GENERATE, REFLECT, VERIFY, DECOMPOSE = (
+    "alphagrpo_generate",
+    "alphagrpo_reflect",
+    "alphagrpo_verify",
+    "alphagrpo_decompose",
+)
 NUMPY = {"BOOL": np.bool_, "UINT8": np.uint8, "INT32": np.int32, "INT64": np.int64, "FP32": np.float32, "BYTES": object}
 RED_CIRCLE = render(Scene([Obj("circle", "red", 16, 16, 5)]))
-
-
 
 
 def free_port() -> int:
@@ -69,9 +73,24 @@ def serve_process(tmp_path, *args):
     weights = tmp_path / "w.safetensors"
     export_safetensors(small_policy().model, str(weights))
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "alphagrpo_serve.cli", "serve", "--port", str(port), "--weights",
-                             str(weights), "--grace-s", "2", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "alphagrpo_serve.cli",
+            "serve",
+            "--port",
+            str(port),
+            "--weights",
+            str(weights),
+            "--grace-s",
+            "2",
+            *args,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         seen = []
         for _ in range(40):
@@ -96,10 +115,6 @@ def server(tmp_path_factory):
         yield addr
 
 
-
-
-
-
 def status(exc: InferenceServerException) -> str:
     return str(exc.status()).replace("StatusCode.", "")
 
@@ -121,23 +136,36 @@ def test_health_metadata_and_config(server):
     assert ins["prompt"] == ("BYTES", [1]) and ins["seed"] == ("INT64", [1]) and ins["group_size"] == ("INT32", [1])
     assert ins["steps"] == ("INT32", [1]) and ins["guidance"] == ("FP32", [1]) and ins["think"] == ("BOOL", [1])
     assert ins["sde_window"] == ("INT32", [2]) and "image_guidance" not in ins  # tiny has no image guidance branch
-    assert outs == {"image": ("UINT8", [-1, 32, 32, 3]), "thought": ("BYTES", [-1]), "seed": ("INT64", [-1]),
-                    "step_log_probs": ("FP32", [-1, -1]), "policy_version": ("INT64", [-1]),
-                    "resolved_params": ("BYTES", [1])}
+    assert outs == {
+        "image": ("UINT8", [-1, 32, 32, 3]),
+        "thought": ("BYTES", [-1]),
+        "seed": ("INT64", [-1]),
+        "step_log_probs": ("FP32", [-1, -1]),
+        "policy_version": ("INT64", [-1]),
+        "resolved_params": ("BYTES", [1]),
+    }
     vm = c.get_model_metadata(VERIFY, as_json=True)
     assert [(t["name"], t["datatype"], t["shape"]) for t in vm["inputs"]] == [
-        ("prompt", "BYTES", ["1"]), ("image", "UINT8", ["-1", "-1", "3"])]  # int64 shapes come as strings in JSON
+        ("prompt", "BYTES", ["1"]),
+        ("image", "UINT8", ["-1", "-1", "3"]),
+    ]  # int64 shapes come as strings in JSON
     assert [t["name"] for t in vm["outputs"]] == ["reward", "semantic", "quality", "breakdown"]
     rm = c.get_model_metadata(REFLECT)
-    assert [(t.name, t.datatype, list(t.shape)) for t in rm.inputs][:2] == [("prompt", "BYTES", [1]),
-                                                                           ("image", "UINT8", [32, 32, 3])]
+    assert [(t.name, t.datatype, list(t.shape)) for t in rm.inputs][:2] == [
+        ("prompt", "BYTES", [1]),
+        ("image", "UINT8", [32, 32, 3]),
+    ]
     assert "think" not in {t.name for t in rm.inputs}
 
     cfg = c.get_model_config(GENERATE).config
     assert cfg.name == GENERATE and cfg.max_batch_size == 0 and cfg.platform == "alphagrpo"
     cin = {t.name: t for t in cfg.input}
     assert not cin["prompt"].optional and cin["prompt"].data_type == model_config_pb2.TYPE_STRING
-    assert cin["steps"].optional and cin["steps"].data_type == model_config_pb2.TYPE_INT32 and list(cin["steps"].dims) == [1]
+    assert (
+        cin["steps"].optional
+        and cin["steps"].data_type == model_config_pb2.TYPE_INT32
+        and list(cin["steps"].dims) == [1]
+    )
     assert {t.name: list(t.dims) for t in cfg.output}["image"] == [-1, 32, 32, 3]
     params = {k: v.string_value for k, v in cfg.parameters.items()}
     defaults = json.loads(params["defaults"])
@@ -153,10 +181,21 @@ def test_health_metadata_and_config(server):
 
 def test_every_model_agrees_with_the_native_services(server):
     c = tc.InferenceServerClient(server)
-    r = c.infer(GENERATE, inputs(prompt=("BYTES", "a red circle"), group_size=("INT32", 2), seed=("INT64", 5),
-                                 steps=("INT32", 3), guidance=("FP32", 3.0), think=("BOOL", True),
-                                 mode=("BYTES", "sde"), sde_window=("INT32", [0, 2]),
-                                 max_thought_tokens=("INT32", 4)), request_id="g1")
+    r = c.infer(
+        GENERATE,
+        inputs(
+            prompt=("BYTES", "a red circle"),
+            group_size=("INT32", 2),
+            seed=("INT64", 5),
+            steps=("INT32", 3),
+            guidance=("FP32", 3.0),
+            think=("BOOL", True),
+            mode=("BYTES", "sde"),
+            sde_window=("INT32", [0, 2]),
+            max_thought_tokens=("INT32", 4),
+        ),
+        request_id="g1",
+    )
     res = r.get_response()
     assert res.id == "g1" and res.model_name == GENERATE and res.model_version == "1" and res.parameters["boot_id"]
     images = r.as_numpy("image")
@@ -165,10 +204,22 @@ def test_every_model_agrees_with_the_native_services(server):
     assert r.as_numpy("step_log_probs").shape == (2, 2) and np.isfinite(r.as_numpy("step_log_probs")).all()
     thoughts = [t.decode() for t in r.as_numpy("thought")]
     resolved = json.loads(r.as_numpy("resolved_params")[0])
-    assert resolved["steps"] == 3 and resolved["mode"] == "sde" and resolved["think"] and resolved["sde_window"] == [0, 2]
+    assert (
+        resolved["steps"] == 3 and resolved["mode"] == "sde" and resolved["think"] and resolved["sde_window"] == [0, 2]
+    )
     with Client(server) as native:  # the same engine: same seed and settings, same samples
-        out = native.generate(["a red circle"], group_size=2, seed=5, steps=3, cfg_scale=3.0, think=True, mode="sde",
-                              sde_window=(0, 2), max_thought_tokens=4, return_trajectory=True)
+        out = native.generate(
+            ["a red circle"],
+            group_size=2,
+            seed=5,
+            steps=3,
+            cfg_scale=3.0,
+            think=True,
+            mode="sde",
+            sde_window=(0, 2),
+            max_thought_tokens=4,
+            return_trajectory=True,
+        )
         for k in range(2):
             assert np.array_equal(out[k].image, images[k]) and out[k].thought == thoughts[k]
             assert np.allclose(out[k].trajectory.image.log_probs.numpy(), r.as_numpy("step_log_probs")[k])
@@ -177,9 +228,11 @@ def test_every_model_agrees_with_the_native_services(server):
     # reflect with typed contents instead of raw ones, straight through the service stub
     req = service_pb2.ModelInferRequest(model_name=REFLECT, id="typed")
     for name, datatype, shape, field, values in (
-            ("prompt", "BYTES", [1], "bytes_contents", [b"a red circle"]),
-            ("image", "UINT8", [32, 32, 3], "uint_contents", images[0].reshape(-1).tolist()),
-            ("steps", "INT32", [1], "int_contents", [2]), ("group_size", "INT32", [1], "int_contents", [3])):
+        ("prompt", "BYTES", [1], "bytes_contents", [b"a red circle"]),
+        ("image", "UINT8", [32, 32, 3], "uint_contents", images[0].reshape(-1).tolist()),
+        ("steps", "INT32", [1], "int_contents", [2]),
+        ("group_size", "INT32", [1], "int_contents", [3]),
+    ):
         t = req.inputs.add(name=name, datatype=datatype, shape=shape)
         getattr(t.contents, field).extend(values)
     with grpc.insecure_channel(server) as ch:
@@ -204,8 +257,10 @@ def test_every_model_agrees_with_the_native_services(server):
 
 
 def _raw_prompt(cut: bytes):
-    req = service_pb2.ModelInferRequest(model_name=GENERATE, inputs=[
-        service_pb2.ModelInferRequest.InferInputTensor(name="prompt", datatype="BYTES", shape=[1])])
+    req = service_pb2.ModelInferRequest(
+        model_name=GENERATE,
+        inputs=[service_pb2.ModelInferRequest.InferInputTensor(name="prompt", datatype="BYTES", shape=[1])],
+    )
     req.raw_input_contents.append(cut)
     return req
 
@@ -217,28 +272,70 @@ BAD = [  # (model, inputs, version, requested outputs, code, words)
     (GENERATE, gen_inputs(), "7", None, "NOT_FOUND", "version 7 is not found"),
     (GENERATE, gen_inputs(seed=("INT32", 1)), "", None, "INVALID_ARGUMENT", "input 'seed' has datatype INT32"),
     (GENERATE, inputs(prompt=("BYTES", ["a", "b"])), "", None, "INVALID_ARGUMENT", "input 'prompt' has shape [2]"),
-    (GENERATE, inputs(prompt=("BYTES", b"a red \xff circle")), "", None, "INVALID_ARGUMENT",
-     "input 'prompt' is not valid UTF-8"),
-    (GENERATE, inputs(prompt=("BYTES", "a red circle"), steps=("INT32", 5000)), "", None, "INVALID_ARGUMENT",
-     "input 'steps' must be in [1, 100]"),
+    (
+        GENERATE,
+        inputs(prompt=("BYTES", b"a red \xff circle")),
+        "",
+        None,
+        "INVALID_ARGUMENT",
+        "input 'prompt' is not valid UTF-8",
+    ),
+    (
+        GENERATE,
+        inputs(prompt=("BYTES", "a red circle"), steps=("INT32", 5000)),
+        "",
+        None,
+        "INVALID_ARGUMENT",
+        "input 'steps' must be in [1, 100]",
+    ),
     (GENERATE, gen_inputs(guidance=("FP32", float("nan"))), "", None, "INVALID_ARGUMENT", "input 'guidance'"),
     (GENERATE, gen_inputs(group_size=("INT32", 1000)), "", None, "INVALID_ARGUMENT", "input 'group_size' must be in"),
     (GENERATE, gen_inputs(group_size=("INT32", 0)), "", None, "INVALID_ARGUMENT", "input 'group_size' must be in"),
     (GENERATE, gen_inputs(seed=("INT64", -1)), "", None, "INVALID_ARGUMENT", "input 'seed' must be >= 0"),
     (GENERATE, gen_inputs(mode=("BYTES", "fast")), "", None, "INVALID_ARGUMENT", "input 'mode' must be 'ode' or 'sde'"),
-    (GENERATE, gen_inputs(mode=("BYTES", "sde"), sde_window=("INT32", [1, 9])), "", None, "INVALID_ARGUMENT",
-     "input 'sde_window'"),
+    (
+        GENERATE,
+        gen_inputs(mode=("BYTES", "sde"), sde_window=("INT32", [1, 9])),
+        "",
+        None,
+        "INVALID_ARGUMENT",
+        "input 'sde_window'",
+    ),
     (GENERATE, gen_inputs(top_p=("FP32", 2.0)), "", None, "INVALID_ARGUMENT", "input 'top_p'"),
     (GENERATE, gen_inputs(prompt="a red blob"), "", None, "INVALID_ARGUMENT", "input 'prompt': cannot parse prompt"),
     (GENERATE, gen_inputs(), "", ["nope"], "INVALID_ARGUMENT", "unexpected output 'nope'"),
-    (REFLECT, gen_inputs(image=("UINT8", np.zeros((64, 64, 3)))), "", None, "INVALID_ARGUMENT",
-     "input 'image' has shape [64, 64, 3]; model 'alphagrpo_reflect' expects [32, 32, 3]"),
-    (VERIFY, inputs(prompt=("BYTES", "a red circle"), image=("UINT8", np.zeros((32, 16, 3)))), "", None,
-     "INVALID_ARGUMENT", "input 'image' must be square"),
-    (VERIFY, inputs(prompt=("BYTES", "a red blob"), image=("UINT8", RED_CIRCLE)), "", None, "INVALID_ARGUMENT",
-     "input 'prompt': cannot parse prompt 'a red blob'"),
-    (VERIFY, inputs(prompt=("BYTES", "a red circle"), image=("UINT8", np.zeros((1100, 2, 3)))), "", None,
-     "INVALID_ARGUMENT", "input 'image' is 2x1100"),
+    (
+        REFLECT,
+        gen_inputs(image=("UINT8", np.zeros((64, 64, 3)))),
+        "",
+        None,
+        "INVALID_ARGUMENT",
+        "input 'image' has shape [64, 64, 3]; model 'alphagrpo_reflect' expects [32, 32, 3]",
+    ),
+    (
+        VERIFY,
+        inputs(prompt=("BYTES", "a red circle"), image=("UINT8", np.zeros((32, 16, 3)))),
+        "",
+        None,
+        "INVALID_ARGUMENT",
+        "input 'image' must be square",
+    ),
+    (
+        VERIFY,
+        inputs(prompt=("BYTES", "a red blob"), image=("UINT8", RED_CIRCLE)),
+        "",
+        None,
+        "INVALID_ARGUMENT",
+        "input 'prompt': cannot parse prompt 'a red blob'",
+    ),
+    (
+        VERIFY,
+        inputs(prompt=("BYTES", "a red circle"), image=("UINT8", np.zeros((1100, 2, 3)))),
+        "",
+        None,
+        "INVALID_ARGUMENT",
+        "input 'image' is 2x1100",
+    ),
     (DECOMPOSE, inputs(prompt=("BYTES", "   ")), "", None, "INVALID_ARGUMENT", "input 'prompt' is empty"),
 ]
 
@@ -247,15 +344,22 @@ def test_bad_input_names_it_and_the_next_request_is_served(server):
     c = tc.InferenceServerClient(server)
     for model, ins, version, outs, code, words in BAD:
         with pytest.raises(InferenceServerException) as info:
-            c.infer(model, ins, model_version=version, request_id="r7",
-                    outputs=[tc.InferRequestedOutput(o) for o in outs] if outs else None)
+            c.infer(
+                model,
+                ins,
+                model_version=version,
+                request_id="r7",
+                outputs=[tc.InferRequestedOutput(o) for o in outs] if outs else None,
+            )
         assert status(info.value) == code and words in info.value.message(), (words, info.value)
         assert info.value.message().startswith("[request id: r7] ")
         assert c.infer(GENERATE, gen_inputs()).as_numpy("image").shape == (1, 32, 32, 3)
     with grpc.insecure_channel(server) as ch:  # raw BYTES whose framing does not hold
         stub = service_pb2_grpc.GRPCInferenceServiceStub(ch)
-        for raw, words in ((b"\x0c\x00\x00\x00a red", "declares 12 bytes but only 5 remain"),
-                           (b"\x02\x00", "end inside element 0")):
+        for raw, words in (
+            (b"\x0c\x00\x00\x00a red", "declares 12 bytes but only 5 remain"),
+            (b"\x02\x00", "end inside element 0"),
+        ):
             with pytest.raises(grpc.RpcError) as info:
                 stub.ModelInfer(_raw_prompt(raw), timeout=30)
             assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "input 'prompt'" in info.value.details()
@@ -275,12 +379,17 @@ def test_streaming_sync_and_asyncio(server):
     c.stop_stream()
     ok = {r.get_response().id: r for r, e in answers if e is None}
     errors = [e for r, e in answers if e is not None]
-    assert set(ok) == {"a", "v"} and ok["a"].as_numpy("image").shape == (2, 32, 32, 3) and ok["v"].as_numpy("reward")[0] > 0.9
+    assert (
+        set(ok) == {"a", "v"}
+        and ok["a"].as_numpy("image").shape == (2, 32, 32, 3)
+        and ok["v"].as_numpy("reward")[0] > 0.9
+    )
     assert len(errors) == 1 and "[request id: bad]" in errors[0].message() and "input 'prompt'" in errors[0].message()
     c.close()
 
     async def main():
         async with tca.InferenceServerClient(server) as ac:
+
             async def requests():
                 for i in range(3):
                     yield {"model_name": GENERATE, "inputs": gen_inputs(seed=("INT64", 10 * i)), "request_id": str(i)}
@@ -298,16 +407,44 @@ def test_streaming_sync_and_asyncio(server):
 
 def test_tls_auth_and_a_port_of_its_own(tmp_path):
     key, cert, token = tmp_path / "key.pem", tmp_path / "cert.pem", tmp_path / "token"
-    made = subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
-                           str(cert), "-days", "1", "-subj", "/CN=localhost", "-addext",
-                           "subjectAltName=DNS:localhost,IP:127.0.0.1"], capture_output=True, timeout=60)
+    made = subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost,IP:127.0.0.1",
+        ],
+        capture_output=True,
+        timeout=60,
+    )
     if made.returncode != 0:
         pytest.skip(f"openssl could not make a certificate: {made.stderr[-300:]}")
     token.write_text("s3cret\n")
     kport = free_port()
     auth = {"authorization": "Bearer s3cret"}
-    with serve_process(tmp_path, "--tls-cert", str(cert), "--tls-key", str(key), "--auth-token-file", str(token),
-                       "--kserve-port", str(kport)) as (native, _):
+    with serve_process(
+        tmp_path,
+        "--tls-cert",
+        str(cert),
+        "--tls-key",
+        str(key),
+        "--auth-token-file",
+        str(token),
+        "--kserve-port",
+        str(kport),
+    ) as (native, _):
         addr = f"127.0.0.1:{kport}"
         c = tc.InferenceServerClient(addr, ssl=True, root_certificates=str(cert))
         for tok in (None, {"authorization": "Bearer wrong"}):
@@ -324,8 +461,12 @@ def test_tls_auth_and_a_port_of_its_own(tmp_path):
 
         async def main():
             async with tca.InferenceServerClient(addr, ssl=True, root_certificates=str(cert)) as ac:
-                r = await ac.infer(VERIFY, inputs(prompt=("BYTES", "a red circle"), image=("UINT8", RED_CIRCLE)),
-                                   headers=auth, client_timeout=60)
+                r = await ac.infer(
+                    VERIFY,
+                    inputs(prompt=("BYTES", "a red circle"), image=("UINT8", RED_CIRCLE)),
+                    headers=auth,
+                    client_timeout=60,
+                )
                 assert r.as_numpy("reward")[0] > 0.9
             async with tca.InferenceServerClient(native, ssl=True, root_certificates=str(cert)) as other:
                 with pytest.raises(InferenceServerException) as info:  # KServe lives on its own port here
@@ -360,7 +501,8 @@ def test_native_and_kserve_requests_share_a_batch_and_health():
                 pol.batches.clear()
                 a, b = await asyncio.gather(
                     native.generate(["a red circle"], group_size=2, seed=100, steps=2),
-                    kc.infer(GENERATE, gen_inputs("three squares", group_size=("INT32", 2), seed=("INT64", 200))))
+                    kc.infer(GENERATE, gen_inputs("three squares", group_size=("INT32", 2), seed=("INT64", 200))),
+                )
                 assert pol.batches == [[100, 101, 200, 201]]  # one model batch for both protocols
                 assert [s.seed for s in a] == [100, 101] and b.as_numpy("seed").tolist() == [200, 201]
 
@@ -388,8 +530,11 @@ def test_limits_deadlines_and_cancellation():
     async def main():
         async with running(policy=RecordingPolicy(delay=0.5), max_queue=3, max_batch=2, max_wait_ms=0) as (_, addr):
             async with tca.InferenceServerClient(addr) as c:
+
                 def two(seed=0):
-                    return c.infer(GENERATE, gen_inputs(group_size=("INT32", 2), seed=("INT64", seed)), client_timeout=60)
+                    return c.infer(
+                        GENERATE, gen_inputs(group_size=("INT32", 2), seed=("INT64", seed)), client_timeout=60
+                    )
 
                 first = asyncio.ensure_future(two())
                 await asyncio.sleep(0.1)  # the first batch runs; the queue is empty again
@@ -452,7 +597,6 @@ def test_reflection_lists_kserve_and_no_kserve_turns_it_off():
     run(main())
 
 
-
 def test_an_answer_over_the_message_limit_is_resource_exhausted_and_the_next_is_served():
     async def main():
         async with running() as (server, addr):
@@ -461,8 +605,9 @@ def test_an_answer_over_the_message_limit_is_resource_exhausted_and_the_next_is_
             c = tca.InferenceServerClient(addr)
             try:
                 with pytest.raises(InferenceServerException) as info:
-                    await c.infer(GENERATE, inputs(prompt=("BYTES", "a red circle"), group_size=("INT32", 64),
-                                                   steps=("INT32", 1)))
+                    await c.infer(
+                        GENERATE, inputs(prompt=("BYTES", "a red circle"), group_size=("INT32", 64), steps=("INT32", 1))
+                    )
                 assert status(info.value) == "RESOURCE_EXHAUSTED" and "message limit" in info.value.message()
                 ok = await c.infer(GENERATE, inputs(prompt=("BYTES", "a red circle"), steps=("INT32", 1)))
                 assert ok.as_numpy("image").shape == (1, 32, 32, 3)

@@ -2,6 +2,7 @@
 alphagrpo_verify model of a second `alphagrpo serve` process over the KServe v2 protocol; and, against a
 scripted KServe server, retries on UNAVAILABLE only, timeouts, the concurrency limit and malformed
 answers."""
+
 import contextlib
 import threading
 import time
@@ -15,16 +16,23 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 from alphagrpo_serve.client import AsyncClient
 from alphagrpo_serve.reward.kserve_backend import KServeEndpoint, KServeReward
 from alphagrpo_serve.reward.openai_backend import BackendError
-from alphagrpo_serve.server.app import Server, ServeConfig
+from alphagrpo_serve.server.app import ServeConfig, Server
 from alphagrpo_serve.server.kserve_tensors import encode_output
 from test_kserve import RED_CIRCLE, free_port, run, serve_process, small_policy
 
 
 def test_reward_stage_on_a_second_serve_process(tmp_path):
     with serve_process(tmp_path) as (remote, _):
+
         async def main():
-            cfg = ServeConfig(host="127.0.0.1", port=0, reward="kserve", reward_url=remote,
-                              reward_model="alphagrpo_verify", reward_concurrency=4)
+            cfg = ServeConfig(
+                host="127.0.0.1",
+                port=0,
+                reward="kserve",
+                reward_url=remote,
+                reward_model="alphagrpo_verify",
+                reward_concurrency=4,
+            )
             server = Server(cfg, policy=small_policy())
             await server.start()
             try:
@@ -35,11 +43,17 @@ def test_reward_stage_on_a_second_serve_process(tmp_path):
                     want = await there.verify(prompts, images)
                     for g, w in zip(got, want):
                         assert (g.prompt, g.failed) == (w.prompt, w.failed)
-                        assert g.reward == pytest.approx(w.reward, abs=1e-6) and g.quality == pytest.approx(w.quality, abs=1e-6)
-                        assert [(a.question, a.answer) for a in g.answers] == [(a.question, a.answer) for a in w.answers]
+                        assert g.reward == pytest.approx(w.reward, abs=1e-6) and g.quality == pytest.approx(
+                            w.quality, abs=1e-6
+                        )
+                        assert [(a.question, a.answer) for a in g.answers] == [
+                            (a.question, a.answer) for a in w.answers
+                        ]
                         assert [a.score for a in g.answers] == pytest.approx([a.score for a in w.answers], abs=1e-6)
                     assert got[0].reward > 0.9 and got[1].reward < 0.1
-                    assert await here.decompose(["three green triangles"]) == await there.decompose(["three green triangles"])
+                    assert await here.decompose(["three green triangles"]) == await there.decompose(
+                        ["three green triangles"]
+                    )
                     with pytest.raises(grpc.aio.AioRpcError) as info:  # the remote verifier refuses the prompt
                         await here.verify(["a red blob"], [RED_CIRCLE])
                     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -105,8 +119,9 @@ class Scripted(service_pb2_grpc.GRPCInferenceServiceServicer):
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, "input 'prompt': bad")
             res = service_pb2.ModelInferResponse(model_name=request.model_name)
             for name in self.outputs:
-                res.raw_output_contents.append(encode_output(res.outputs.add(name=name),
-                                                             np.array([0.25], np.float32), "FP32"))
+                res.raw_output_contents.append(
+                    encode_output(res.outputs.add(name=name), np.array([0.25], np.float32), "FP32")
+                )
             return res
         finally:
             with self.lock:
@@ -142,7 +157,9 @@ def test_retries_timeouts_and_concurrency_limit():
         r.close()
     with scripted(fail=100) as (s, addr):
         r = _reward(addr, retries=2)
-        with pytest.raises(BackendError, match=f"KServe {addr} .model 'verifier'. after 3 attempts: UNAVAILABLE: warming up"):
+        with pytest.raises(
+            BackendError, match=f"KServe {addr} .model 'verifier'. after 3 attempts: UNAVAILABLE: warming up"
+        ):
             r(["a red circle"], [image])
         assert s.calls == 3
         r.close()

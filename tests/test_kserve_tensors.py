@@ -1,6 +1,7 @@
 """KServe v2 tensor codec (server/kserve_tensors.py) against tritonclient's own request building and
 result parsing: every datatype raw and typed, and every malformed form answered with a message
 naming the input."""
+
 import numpy as np
 import pytest
 import tritonclient.grpc as tc
@@ -15,20 +16,31 @@ ARRAYS = {
     "BOOL": np.array([[True, False, True]]),
     "UINT8": np.arange(24, dtype=np.uint8).reshape(2, 4, 3),
     "UINT16": np.array([0, 65535], dtype=np.uint16),
-    "UINT32": np.array([7, 2 ** 32 - 1], dtype=np.uint32),
-    "UINT64": np.array([2 ** 64 - 1], dtype=np.uint64),
+    "UINT32": np.array([7, 2**32 - 1], dtype=np.uint32),
+    "UINT64": np.array([2**64 - 1], dtype=np.uint64),
     "INT8": np.array([-128, 127], dtype=np.int8),
     "INT16": np.array([-3, 5], dtype=np.int16),
     "INT32": np.array([[1, -2], [3, -4]], dtype=np.int32),
-    "INT64": np.array([-(2 ** 63), 2 ** 63 - 1], dtype=np.int64),
+    "INT64": np.array([-(2**63), 2**63 - 1], dtype=np.int64),
     "FP16": np.array([0.5, -1.25], dtype=np.float16),
     "FP32": np.array([1.5, -2.25, 3e-8], dtype=np.float32),
     "FP64": np.array([np.pi], dtype=np.float64),
     "BYTES": np.array([b"a red circle", "caf\u00e9".encode(), b"", b"\x00\xff"], dtype=object),
 }
-TYPED = {"BOOL": "bool_contents", "UINT8": "uint_contents", "UINT16": "uint_contents", "UINT32": "uint_contents",
-         "UINT64": "uint64_contents", "INT8": "int_contents", "INT16": "int_contents", "INT32": "int_contents",
-         "INT64": "int64_contents", "FP32": "fp32_contents", "FP64": "fp64_contents", "BYTES": "bytes_contents"}
+TYPED = {
+    "BOOL": "bool_contents",
+    "UINT8": "uint_contents",
+    "UINT16": "uint_contents",
+    "UINT32": "uint_contents",
+    "UINT64": "uint64_contents",
+    "INT8": "int_contents",
+    "INT16": "int_contents",
+    "INT32": "int_contents",
+    "INT64": "int64_contents",
+    "FP32": "fp32_contents",
+    "FP64": "fp64_contents",
+    "BYTES": "bytes_contents",
+}
 
 
 def request_of(*inputs, raw=True):
@@ -47,7 +59,7 @@ def tc_input(name, arr, datatype):
 @pytest.mark.parametrize("datatype", sorted(ARRAYS))
 def test_raw_inputs_as_tritonclient_sends_them(datatype):
     arr = ARRAYS[datatype]
-    (got_type, got), = decode_inputs(request_of(tc_input("x", arr, datatype))).values()
+    ((got_type, got),) = decode_inputs(request_of(tc_input("x", arr, datatype))).values()
     assert got_type == datatype and got.shape == arr.shape
     assert got.tolist() == arr.tolist(), (got, arr)
 
@@ -57,7 +69,7 @@ def test_typed_contents(datatype):
     arr = ARRAYS[datatype]
     t = service_pb2.ModelInferRequest.InferInputTensor(name="x", datatype=datatype, shape=list(arr.shape))
     getattr(t.contents, TYPED[datatype]).extend(arr.reshape(-1).tolist())
-    (got_type, got), = decode_inputs(service_pb2.ModelInferRequest(inputs=[t])).values()
+    ((got_type, got),) = decode_inputs(service_pb2.ModelInferRequest(inputs=[t])).values()
     assert got_type == datatype and got.dtype.kind == (arr.dtype.kind if datatype != "BYTES" else "O")
     assert got.tolist() == arr.tolist()
 
@@ -100,20 +112,45 @@ def test_malformed_inputs_name_the_input():
     cases.append((both, "input 'prompt' has typed contents although the request uses raw_input_contents"))
     dup = request_of(p, p)
     cases.append((dup, "input 'prompt' is given twice"))
-    cases.append((service_pb2.ModelInferRequest(inputs=[_typed("g", "UINT8", [1], "uint_contents", [300])]),
-                  "input 'g': value 300 does not fit UINT8"))
-    cases.append((service_pb2.ModelInferRequest(inputs=[_typed("g", "INT32", [2], "int_contents", [1])]),
-                  "input 'g': contents.int_contents has 1 elements; shape [2] needs 2"))
-    cases.append((service_pb2.ModelInferRequest(inputs=[_typed("g", "INT32", [1], "int64_contents", [1])]),
-                  "input 'g': a INT32 tensor's typed data goes in contents.int_contents, not int64_contents"))
-    cases.append((service_pb2.ModelInferRequest(inputs=[_typed("h", "FP16", [1], "fp32_contents", [1.0])]),
-                  "input 'h': FP16 has no typed contents field"))
-    cases.append((service_pb2.ModelInferRequest(inputs=[_typed("g", "INT33", [1], "int_contents", [1])]),
-                  "input 'g': 'INT33' is not a KServe v2 datatype"))
-    cases.append((service_pb2.ModelInferRequest(inputs=[_typed("g", "INT32", [-1], "int_contents", [1])]),
-                  "input 'g' has a negative dimension"))
-    cases.append((service_pb2.ModelInferRequest(inputs=[_typed("", "INT32", [1], "int_contents", [1])]),
-                  "inputs[0] has no name"))
+    cases.append(
+        (
+            service_pb2.ModelInferRequest(inputs=[_typed("g", "UINT8", [1], "uint_contents", [300])]),
+            "input 'g': value 300 does not fit UINT8",
+        )
+    )
+    cases.append(
+        (
+            service_pb2.ModelInferRequest(inputs=[_typed("g", "INT32", [2], "int_contents", [1])]),
+            "input 'g': contents.int_contents has 1 elements; shape [2] needs 2",
+        )
+    )
+    cases.append(
+        (
+            service_pb2.ModelInferRequest(inputs=[_typed("g", "INT32", [1], "int64_contents", [1])]),
+            "input 'g': a INT32 tensor's typed data goes in contents.int_contents, not int64_contents",
+        )
+    )
+    cases.append(
+        (
+            service_pb2.ModelInferRequest(inputs=[_typed("h", "FP16", [1], "fp32_contents", [1.0])]),
+            "input 'h': FP16 has no typed contents field",
+        )
+    )
+    cases.append(
+        (
+            service_pb2.ModelInferRequest(inputs=[_typed("g", "INT33", [1], "int_contents", [1])]),
+            "input 'g': 'INT33' is not a KServe v2 datatype",
+        )
+    )
+    cases.append(
+        (
+            service_pb2.ModelInferRequest(inputs=[_typed("g", "INT32", [-1], "int_contents", [1])]),
+            "input 'g' has a negative dimension",
+        )
+    )
+    cases.append(
+        (service_pb2.ModelInferRequest(inputs=[_typed("", "INT32", [1], "int_contents", [1])]), "inputs[0] has no name")
+    )
     shm = service_pb2.ModelInferRequest(inputs=[_typed("g", "INT32", [1], "int_contents", [1])])
     shm.inputs[0].parameters["shared_memory_region"].string_param = "r0"
     cases.append((shm, "input 'g': shared memory is not supported"))
@@ -130,17 +167,25 @@ def test_signature_checks_and_sampling_inputs():
     from alphagrpo_serve.models.tiny_policy import TinyPolicy
 
     model = build_models(TinyPolicy.load().info)[GENERATE]
-    ok = {"prompt": ("BYTES", ARRAYS["BYTES"][:1]), "guidance_interval": ("FP32", np.array([0.2, 0.9], np.float32)),
-          "mode": ("BYTES", np.array([b"sde"], dtype=object)), "think": ("BOOL", np.array([True])),
-          "steps": ("INT32", np.array([7], np.int32))}
+    ok = {
+        "prompt": ("BYTES", ARRAYS["BYTES"][:1]),
+        "guidance_interval": ("FP32", np.array([0.2, 0.9], np.float32)),
+        "mode": ("BYTES", np.array([b"sde"], dtype=object)),
+        "think": ("BOOL", np.array([True])),
+        "steps": ("INT32", np.array([7], np.int32)),
+    }
     p = sampling_params(model, check_inputs(model, ok))
     assert (p.mode, p.steps, p.think, p.cfg_interval_high) == (2, 7, True, pytest.approx(0.9))
     assert not p.HasField("cfg_scale")  # unset: the policy's default
-    for bad, words in (({"seed": ("INT64", np.array([1]))}, "needs input 'prompt'"),
-                       (dict(ok, seed=("INT32", np.array([1], np.int32))),
-                        "input 'seed' has datatype INT32; model 'alphagrpo_generate' expects INT64"),
-                       (dict(ok, steps=("INT32", np.array([1, 2], np.int32))), "input 'steps' has shape [2]"),
-                       (dict(ok, nope=("INT32", np.array([1], np.int32))), "unexpected input 'nope'")):
+    for bad, words in (
+        ({"seed": ("INT64", np.array([1]))}, "needs input 'prompt'"),
+        (
+            dict(ok, seed=("INT32", np.array([1], np.int32))),
+            "input 'seed' has datatype INT32; model 'alphagrpo_generate' expects INT64",
+        ),
+        (dict(ok, steps=("INT32", np.array([1, 2], np.int32))), "input 'steps' has shape [2]"),
+        (dict(ok, nope=("INT32", np.array([1], np.int32))), "unexpected input 'nope'"),
+    ):
         with pytest.raises(BadRequest) as info:
             check_inputs(model, bad)
         assert words in str(info.value), str(info.value)

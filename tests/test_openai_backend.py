@@ -2,6 +2,7 @@
 and their limits, errors that name server and model, concurrency limits, invalid decompositions
 retried then reported, yes/no scores from log-probs with fallbacks, the disk cache and resume.
 (tests/test_vllm_reward.py runs the same code against a real vLLM server.)"""
+
 from __future__ import annotations
 
 import asyncio
@@ -16,12 +17,21 @@ import numpy as np
 import pytest
 
 from alphagrpo_serve.reward.dvreward import DVReward
-from alphagrpo_serve.reward.openai_backend import (BackendError, DecompositionFailed, Endpoint, OpenAIDecomposer,
-                                                   OpenAIVerifier, decompose_file, read_questions_jsonl)
+from alphagrpo_serve.reward.openai_backend import (
+    BackendError,
+    DecompositionFailed,
+    Endpoint,
+    OpenAIDecomposer,
+    OpenAIVerifier,
+    decompose_file,
+    read_questions_jsonl,
+)
 from alphagrpo_serve.reward.types import Question
 
-GOOD = {"semantic": [{"question": "Is there a red circle?", "tag": "Existence"}],
-        "quality": [{"question": "Are the edges clean?", "aspect": "Geometry"}]}
+GOOD = {
+    "semantic": [{"question": "Is there a red circle?", "tag": "Existence"}],
+    "quality": [{"question": "Are the edges clean?", "aspect": "Geometry"}],
+}
 
 
 class Scripted:
@@ -71,7 +81,9 @@ class Scripted:
 def chat(content, top=None):
     choice = {"message": {"role": "assistant", "content": content}}
     if top is not None:
-        choice["logprobs"] = {"content": [{"token": top[0]["token"] if top else content, "logprob": 0.0, "top_logprobs": top}]}
+        choice["logprobs"] = {
+            "content": [{"token": top[0]["token"] if top else content, "logprob": 0.0, "top_logprobs": top}]
+        }
     return {"choices": [choice]}
 
 
@@ -107,8 +119,13 @@ def test_errors_name_the_server_and_model():
 
 
 def test_invalid_decompositions_are_retried_then_reported():
-    outputs = iter(["not json", json.dumps({"semantic": [{"question": "red circle", "tag": "Existence"}], "quality": []}),
-                    json.dumps(GOOD)])
+    outputs = iter(
+        [
+            "not json",
+            json.dumps({"semantic": [{"question": "red circle", "tag": "Existence"}], "quality": []}),
+            json.dumps(GOOD),
+        ]
+    )
     with Scripted(lambda n, b: (200, chat(next(outputs)))) as s:
         dec = OpenAIDecomposer(ep(s.url), attempts=3)
         assert len(dec.decompose(["a red circle"])[0]) == 2
@@ -121,7 +138,13 @@ def test_invalid_decompositions_are_retried_then_reported():
 
 
 def test_verifier_scores_from_logprobs_with_fallback_and_failure():
-    lp = {"yes": math.log(0.5), " Yes": math.log(0.1), "No": math.log(0.2), " maybe": math.log(0.1), "x": math.log(0.05)}
+    lp = {
+        "yes": math.log(0.5),
+        " Yes": math.log(0.1),
+        "No": math.log(0.2),
+        " maybe": math.log(0.1),
+        "x": math.log(0.05),
+    }
 
     def respond(n, body):
         q = body["messages"][0]["content"][1]["text"]
@@ -133,9 +156,11 @@ def test_verifier_scores_from_logprobs_with_fallback_and_failure():
             return 200, chat("No, it is not.", [{"token": "The", "logprob": -0.1}])
         return 200, chat("purple", [{"token": "purple", "logprob": -0.1}])
 
-    qs = [Question("q0", "Is this the first?", "semantic", "Existence"),
-          Question("q1", "Is this the second?", "semantic", "Count"),
-          Question("q2", "Is this the third?", "quality", "Geometry")]
+    qs = [
+        Question("q0", "Is this the first?", "semantic", "Existence"),
+        Question("q1", "Is this the second?", "semantic", "Count"),
+        Question("q2", "Is this the third?", "quality", "Geometry"),
+    ]
     img = np.zeros((16, 16, 3), np.uint8)
     with Scripted(respond) as s:
         ver = OpenAIVerifier(ep(s.url))
@@ -167,8 +192,9 @@ def test_concurrency_is_bounded():
 
 def test_disk_cache_and_resume(tmp_path):
     out = tmp_path / "q.jsonl"
-    with Scripted(lambda n, b: (200, chat(json.dumps(GOOD)) if "bad" not in b["messages"][1]["content"]
-                                else chat("{}"))) as s:
+    with Scripted(
+        lambda n, b: (200, chat(json.dumps(GOOD)) if "bad" not in b["messages"][1]["content"] else chat("{}"))
+    ) as s:
         dec = OpenAIDecomposer(ep(s.url), attempts=2)
         ok, skipped, failed = asyncio.run(decompose_file(dec, ["a", "b", "bad one"], str(out), progress=False))
         assert (ok, skipped, len(failed)) == (2, 0, 1) and "bad one" in failed[0][1]

@@ -1,10 +1,16 @@
 """Parsing of OpenAI-compatible decomposer and verifier outputs, against hand-computed values."""
+
 import math
 
 import pytest
 
-from alphagrpo_serve.reward.openai_parsing import (DECOMPOSITION_SCHEMA, parse_answer, score_answer,
-                                                   validate_decomposition, yes_no_score)
+from alphagrpo_serve.reward.openai_parsing import (
+    DECOMPOSITION_SCHEMA,
+    parse_answer,
+    score_answer,
+    validate_decomposition,
+    yes_no_score,
+)
 
 
 def lp(p):
@@ -12,8 +18,13 @@ def lp(p):
 
 
 def test_score_sums_case_and_space_variants():
-    top = [{"token": "Yes", "logprob": lp(0.3)}, {"token": " yes", "logprob": lp(0.2)},
-           {"token": "No", "logprob": lp(0.1)}, {"token": " NO", "logprob": lp(0.15)}, {"token": "Maybe", "logprob": lp(0.2)}]
+    top = [
+        {"token": "Yes", "logprob": lp(0.3)},
+        {"token": " yes", "logprob": lp(0.2)},
+        {"token": "No", "logprob": lp(0.1)},
+        {"token": " NO", "logprob": lp(0.15)},
+        {"token": "Maybe", "logprob": lp(0.2)},
+    ]
     assert yes_no_score(top) == pytest.approx(0.5 / 0.75, abs=1e-12)
     assert yes_no_score([{"token": "The", "logprob": lp(0.9)}]) is None
 
@@ -27,12 +38,19 @@ def test_fallback_to_parsed_answer_is_reported():
 
 
 def test_decomposition_validation():
-    good = {"semantic": [{"question": "Is there a red circle?", "tag": "Existence"},
-                         {"question": "Are there exactly three cats?", "tag": "Count"}],
-            "quality": [{"question": "Are the shapes well formed?", "aspect": "Geometry"}]}
+    good = {
+        "semantic": [
+            {"question": "Is there a red circle?", "tag": "Existence"},
+            {"question": "Are there exactly three cats?", "tag": "Count"},
+        ],
+        "quality": [{"question": "Are the shapes well formed?", "aspect": "Geometry"}],
+    }
     qs = validate_decomposition(good)
-    assert [(q.id, q.kind, q.tag) for q in qs] == [("q0", "semantic", "Existence"), ("q1", "semantic", "Count"),
-                                                   ("q2", "quality", "Geometry")]
+    assert [(q.id, q.kind, q.tag) for q in qs] == [
+        ("q0", "semantic", "Existence"),
+        ("q1", "semantic", "Count"),
+        ("q2", "quality", "Geometry"),
+    ]
     for bad, words in [
         ({"semantic": []}, "exactly 'semantic' and 'quality'"),
         ({"semantic": [{"question": "A red circle.", "tag": "Existence"}], "quality": []}, "not a yes/no question"),

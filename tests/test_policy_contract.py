@@ -3,6 +3,7 @@
 Each registered policy has one entry in CASES: how to write a small random checkpoint of it in its
 own format, and prompts it accepts. A new policy that is not listed here fails
 test_every_registered_policy_has_a_contract_case."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -16,7 +17,7 @@ import torch
 from alphagrpo_serve.kernels import flow_sde_logprob
 from alphagrpo_serve.models import registry
 from alphagrpo_serve.models.base import CapabilityError, Policy
-from alphagrpo_serve.sampling.sampler import SamplingConfig, TextConfig
+from alphagrpo_serve.sampling.sampler import SamplingConfig
 
 
 @dataclass
@@ -81,7 +82,10 @@ def test_info_and_defaults_are_consistent(case):
     caps = info.capabilities
     for d in (info.generate_defaults, info.reflect_defaults):
         assert isinstance(d, SamplingConfig)
-        assert caps.canvas.resolve(d.width, d.height) == (d.width or caps.canvas.default[0], d.height or caps.canvas.default[1])
+        assert caps.canvas.resolve(d.width, d.height) == (
+            d.width or caps.canvas.default[0],
+            d.height or caps.canvas.default[1],
+        )
         assert d.cfg_img_scale == 1.0 or "image" in caps.guidance_branches
     with pytest.raises(ValueError, match="width"):
         caps.canvas.resolve(caps.canvas.max_side + caps.canvas.multiple, 0)
@@ -109,13 +113,20 @@ def test_generate_shapes_dtypes_and_recompute_equals_the_record(case):
         if think:
             lp = pol.token_logps(out, temperature=text.logp_temperature)
             for i, s in enumerate(out):
-                assert torch.allclose(lp[i, :len(s.text.ids)], torch.tensor(s.text.logps), atol=1e-5)
+                assert torch.allclose(lp[i, : len(s.text.ids)], torch.tensor(s.text.logps), atol=1e-5)
         for k in range(len(sc.window())):
             v = pol.guided_velocity(out, k)
             for i, s in enumerate(out):
                 tr = s.trajectory
-                rec = flow_sde_logprob(tr.latents[k:k + 1], v[i:i + 1], tr.latents[k + 1:k + 2], float(tr.sigmas[k]),
-                                       float(tr.sigma_nexts[k]), noise_level=sc.noise_level, sigma_max=tr.sigma_max)
+                rec = flow_sde_logprob(
+                    tr.latents[k : k + 1],
+                    v[i : i + 1],
+                    tr.latents[k + 1 : k + 2],
+                    float(tr.sigmas[k]),
+                    float(tr.sigma_nexts[k]),
+                    noise_level=sc.noise_level,
+                    sigma_max=tr.sigma_max,
+                )
                 assert abs(rec.item() - tr.log_probs[k].item()) <= 1e-5, (k, i, rec.item(), tr.log_probs[k].item())
 
 
@@ -136,10 +147,17 @@ def test_reflect_follows_its_capability(case):
         lp = pol.token_logps(out, refl, temperature=text.logp_temperature)
         v = pol.guided_velocity(out, 0, refl)
     for i, s in enumerate(out):
-        assert torch.allclose(lp[i, :len(s.text.ids)], torch.tensor(s.text.logps), atol=1e-5)
+        assert torch.allclose(lp[i, : len(s.text.ids)], torch.tensor(s.text.logps), atol=1e-5)
         tr = s.trajectory
-        rec = flow_sde_logprob(tr.latents[:1], v[i:i + 1], tr.latents[1:2], float(tr.sigmas[0]), float(tr.sigma_nexts[0]),
-                               noise_level=sc.noise_level, sigma_max=tr.sigma_max)
+        rec = flow_sde_logprob(
+            tr.latents[:1],
+            v[i : i + 1],
+            tr.latents[1:2],
+            float(tr.sigmas[0]),
+            float(tr.sigma_nexts[0]),
+            noise_level=sc.noise_level,
+            sigma_max=tr.sigma_max,
+        )
         assert abs(rec.item() - tr.log_probs[0].item()) <= 1e-5
 
 
@@ -191,8 +209,9 @@ def test_save_and_load_round_trip(case, tmp_path):
     written = pol.save(str(tmp_path / "saved"))
     again = registry.policy_class(case[0]).load(written)
     sc, text = pol.resolve_sampling(dict(steps=3)), pol.resolve_text(dict(temperature=0.0, max_tokens=4))
-    assert np.array_equal(pol.generate([c.prompts[1]], [5], sc, text)[0].image,
-                          again.generate([c.prompts[1]], [5], sc, text)[0].image)
+    assert np.array_equal(
+        pol.generate([c.prompts[1]], [5], sc, text)[0].image, again.generate([c.prompts[1]], [5], sc, text)[0].image
+    )
 
 
 def test_bfloat16_weights_draw_and_keep_their_dtype(case):

@@ -1,4 +1,5 @@
 """The gRPC stubs are generated from protos/ and must match them."""
+
 import filecmp
 import glob
 import os
@@ -9,15 +10,21 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_generated_stubs_are_fresh(tmp_path):
-    subprocess.run([sys.executable, os.path.join(ROOT, "tools", "gen_protos.py"), "--out", str(tmp_path)], check=True,
-                   capture_output=True, timeout=120)
+    subprocess.run(
+        [sys.executable, os.path.join(ROOT, "tools", "gen_protos.py"), "--out", str(tmp_path)],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
     fresh = sorted(os.path.relpath(p, tmp_path) for p in glob.glob(str(tmp_path / "alphagrpo" / "v1" / "*.py*")))
     assert fresh, "protoc produced nothing"
     pkg = os.path.join(ROOT, "alphagrpo_serve", "_proto")
     for rel in fresh:
         ours = os.path.join(pkg, rel)
         assert os.path.exists(ours), f"{rel} missing: run `make build` (tools/gen_protos.py)"
-        assert filecmp.cmp(ours, tmp_path / rel, shallow=False), f"{rel} is stale: run `make build` (tools/gen_protos.py)"
+        assert filecmp.cmp(ours, tmp_path / rel, shallow=False), (
+            f"{rel} is stale: run `make build` (tools/gen_protos.py)"
+        )
 
 
 def test_every_field_is_documented():
@@ -43,8 +50,12 @@ def test_every_field_is_documented():
 def test_messages_round_trip():
     from alphagrpo_serve._proto.alphagrpo.v1 import common_pb2, policy_pb2, reward_pb2
 
-    req = policy_pb2.GenerateRequest(prompts=["a red circle"], group_size=4, seed=7,
-                                     params=policy_pb2.SamplingParams(mode=policy_pb2.SAMPLING_MODE_SDE, steps=20))
+    req = policy_pb2.GenerateRequest(
+        prompts=["a red circle"],
+        group_size=4,
+        seed=7,
+        params=policy_pb2.SamplingParams(mode=policy_pb2.SAMPLING_MODE_SDE, steps=20),
+    )
     assert policy_pb2.GenerateRequest.FromString(req.SerializeToString()) == req
     t = common_pb2.Tensor(dtype="float32", shape=[2, 3], data=bytes(24))
     assert common_pb2.Tensor.FromString(t.SerializeToString()).shape == [2, 3]

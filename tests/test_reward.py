@@ -1,4 +1,5 @@
 """Embedded DVReward: aggregation by hand, ordering of near misses, blank images, cache, bad input."""
+
 import math
 
 import numpy as np
@@ -43,7 +44,13 @@ def test_decomposition_by_hand():
         ("quality", "Coherence", "Does the image hold only the objects the prompt asks for?"),
     ]
     qs = ShapesDecomposer().decompose(["a red circle above a blue square"])[0]
-    assert [q.tag for q in qs if q.kind == "semantic"] == ["Existence", "Attribute", "Existence", "Attribute", "Spatial"]
+    assert [q.tag for q in qs if q.kind == "semantic"] == [
+        "Existence",
+        "Attribute",
+        "Existence",
+        "Attribute",
+        "Spatial",
+    ]
     assert qs[4].text == "Is the red circle above the blue square?"
 
 
@@ -53,17 +60,30 @@ CASES = {
         "wrong colour": [Obj("circle", "green", 8, 16, 5), Obj("square", "blue", 24, 16, 5)],
         "wrong side": [Obj("circle", "red", 24, 16, 5), Obj("square", "blue", 8, 16, 5)],
         "missing object": [Obj("circle", "red", 8, 16, 5)],
-        "extra object": [Obj("circle", "red", 8, 16, 5), Obj("square", "blue", 24, 16, 5),
-                         Obj("triangle", "yellow", 16, 5, 4)],
+        "extra object": [
+            Obj("circle", "red", 8, 16, 5),
+            Obj("square", "blue", 24, 16, 5),
+            Obj("triangle", "yellow", 16, 5, 4),
+        ],
     },
     "three green triangles": {
-        "correct": [Obj("triangle", "green", 7, 8, 4), Obj("triangle", "green", 24, 8, 4),
-                    Obj("triangle", "green", 16, 24, 4)],
+        "correct": [
+            Obj("triangle", "green", 7, 8, 4),
+            Obj("triangle", "green", 24, 8, 4),
+            Obj("triangle", "green", 16, 24, 4),
+        ],
         "wrong count": [Obj("triangle", "green", 7, 8, 4), Obj("triangle", "green", 24, 8, 4)],
-        "wrong colour": [Obj("triangle", "orange", 7, 8, 4), Obj("triangle", "green", 24, 8, 4),
-                         Obj("triangle", "green", 16, 24, 4)],
-        "extra object": [Obj("triangle", "green", 7, 8, 4), Obj("triangle", "green", 24, 8, 4),
-                         Obj("triangle", "green", 16, 24, 4), Obj("circle", "red", 26, 25, 4)],
+        "wrong colour": [
+            Obj("triangle", "orange", 7, 8, 4),
+            Obj("triangle", "green", 24, 8, 4),
+            Obj("triangle", "green", 16, 24, 4),
+        ],
+        "extra object": [
+            Obj("triangle", "green", 7, 8, 4),
+            Obj("triangle", "green", 24, 8, 4),
+            Obj("triangle", "green", 16, 24, 4),
+            Obj("circle", "red", 26, 25, 4),
+        ],
     },
     "a yellow square": {
         "correct": [Obj("square", "yellow", 16, 16, 5)],

@@ -1,5 +1,6 @@
 """A real gRPC server on a free 127.0.0.1 port, talked to through the generated stubs and the client
 library (a small random tiny UMM keeps it fast). Every bad request is followed by a good one."""
+
 import asyncio
 import dataclasses
 import subprocess
@@ -11,13 +12,13 @@ import numpy as np
 import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from serving import run, running, small_policy
 
 from alphagrpo_serve._proto.alphagrpo.v1 import common_pb2, policy_pb2, policy_pb2_grpc
 from alphagrpo_serve.client import AsyncClient
 from alphagrpo_serve.models.tiny_policy import TinyPolicy
 from alphagrpo_serve.shapes.world import Obj, Scene, render
 from alphagrpo_serve.wire import image_to_proto
+from serving import run, running, small_policy
 
 
 class SlowPolicy(TinyPolicy):
@@ -32,10 +33,6 @@ class SlowPolicy(TinyPolicy):
         return super().generate(*a, **k)
 
 
-
-
-
-
 FAST = dict(steps=3, max_thought_tokens=4)
 
 
@@ -46,15 +43,24 @@ def test_generate_reflect_verify_and_health():
                 hs = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=""))
                 assert hs.status == health_pb2.HealthCheckResponse.SERVING
             async with AsyncClient(addr) as c:
-                out = await c.generate(["a red circle", "three squares"], group_size=2, think=True, mode="sde",
-                                       sde_window=(0, 2), return_trajectory=True, seed=5, **FAST)
+                out = await c.generate(
+                    ["a red circle", "three squares"],
+                    group_size=2,
+                    think=True,
+                    mode="sde",
+                    sde_window=(0, 2),
+                    return_trajectory=True,
+                    seed=5,
+                    **FAST,
+                )
                 assert [(s.prompt_index, s.sample_index) for s in out] == [(0, 0), (0, 1), (1, 0), (1, 1)]
                 assert all(s.image.shape == (32, 32, 3) and s.policy_version == 0 for s in out)
                 tr = out[0].trajectory.image
                 assert tr.latents.shape == (3, 3, 32, 32) and len(tr.log_probs) == 2
                 assert len(out[0].trajectory.token_ids) == len(out[0].trajectory.token_logprobs) > 0
-                again = await c.generate(["a red circle"], group_size=2, think=True, mode="sde", sde_window=(0, 2),
-                                         seed=5, **FAST)
+                again = await c.generate(
+                    ["a red circle"], group_size=2, think=True, mode="sde", sde_window=(0, 2), seed=5, **FAST
+                )
                 assert np.array_equal(again[0].image, out[0].image)  # same seed, same settings
                 ref = await c.reflect(["a red circle"], [out[0].image], group_size=2, **FAST)
                 assert len(ref) == 2 and ref[0].image.shape == (32, 32, 3)
@@ -73,14 +79,23 @@ def test_generate_reflect_verify_and_health():
     run(main())
 
 
-@pytest.mark.parametrize("request_, field", [
-    (policy_pb2.GenerateRequest(), "prompts is empty"),
-    (policy_pb2.GenerateRequest(prompts=["a red circle " * 100]), "prompts[0] has"),
-    (policy_pb2.GenerateRequest(prompts=["a red blob"]), "prompts[0]: cannot parse prompt"),
-    (policy_pb2.GenerateRequest(prompts=["a red circle"], group_size=1000), "group_size must be in"),
-    (policy_pb2.GenerateRequest(prompts=["a red circle"], params=policy_pb2.SamplingParams(steps=5000)), "params.steps"),
-    (policy_pb2.GenerateRequest(prompts=["a red circle"], params=policy_pb2.SamplingParams(top_p=2.0)), "params.top_p"),
-])
+@pytest.mark.parametrize(
+    "request_, field",
+    [
+        (policy_pb2.GenerateRequest(), "prompts is empty"),
+        (policy_pb2.GenerateRequest(prompts=["a red circle " * 100]), "prompts[0] has"),
+        (policy_pb2.GenerateRequest(prompts=["a red blob"]), "prompts[0]: cannot parse prompt"),
+        (policy_pb2.GenerateRequest(prompts=["a red circle"], group_size=1000), "group_size must be in"),
+        (
+            policy_pb2.GenerateRequest(prompts=["a red circle"], params=policy_pb2.SamplingParams(steps=5000)),
+            "params.steps",
+        ),
+        (
+            policy_pb2.GenerateRequest(prompts=["a red circle"], params=policy_pb2.SamplingParams(top_p=2.0)),
+            "params.top_p",
+        ),
+    ],
+)
 def test_bad_generate_then_good(request_, field):
     async def main():
         async with running() as (_, addr):
@@ -90,8 +105,9 @@ def test_bad_generate_then_good(request_, field):
                     await stub.Generate(request_)
                 assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
                 assert field in info.value.details(), info.value.details()
-                ok = await stub.Generate(policy_pb2.GenerateRequest(
-                    prompts=["a red circle"], params=policy_pb2.SamplingParams(steps=2)))
+                ok = await stub.Generate(
+                    policy_pb2.GenerateRequest(prompts=["a red circle"], params=policy_pb2.SamplingParams(steps=2))
+                )
                 assert len(ok.samples) == 1
 
     run(main())
@@ -103,8 +119,9 @@ def test_bad_reflect_and_verify_images():
             async with grpc.aio.insecure_channel(addr) as ch:
                 stub = policy_pb2_grpc.PolicyServiceStub(ch)
                 with pytest.raises(grpc.aio.AioRpcError) as info:
-                    await stub.Reflect(policy_pb2.ReflectRequest(prompts=["a red circle"],
-                                                                 images=[common_pb2.Image(png=b"junk")]))
+                    await stub.Reflect(
+                        policy_pb2.ReflectRequest(prompts=["a red circle"], images=[common_pb2.Image(png=b"junk")])
+                    )
                 assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "images[0]" in info.value.details()
             async with AsyncClient(addr) as c:
                 with pytest.raises(grpc.aio.AioRpcError) as info:
@@ -127,12 +144,18 @@ def test_update_weights_atomic_and_versioned():
                 before = pol.export_weights()
                 name = "blocks.0.qkv.weight"
                 with pytest.raises(grpc.aio.AioRpcError) as info:
-                    await c.update_weights({name: before[name] + 1, "blocks.0.proj.weight":
-                                            torch.full_like(before["blocks.0.proj.weight"], float("nan"))})
+                    await c.update_weights(
+                        {
+                            name: before[name] + 1,
+                            "blocks.0.proj.weight": torch.full_like(before["blocks.0.proj.weight"], float("nan")),
+                        }
+                    )
                 assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "non-finite" in info.value.details()
-                for bad, words in (({"nope": torch.zeros(2)}, "nope: not a parameter"),
-                                   ({name: torch.zeros(3)}, "shape"),
-                                   ({name: before[name].double()}, "dtype")):
+                for bad, words in (
+                    ({"nope": torch.zeros(2)}, "nope: not a parameter"),
+                    ({name: torch.zeros(3)}, "shape"),
+                    ({name: before[name].double()}, "dtype"),
+                ):
                     with pytest.raises(grpc.aio.AioRpcError) as info:
                         await c.update_weights(bad)
                     assert words in info.value.details()
@@ -169,7 +192,8 @@ def test_auth_token_and_metrics(tmp_path):
             async with AsyncClient(addr, token="s3cret") as c:
                 assert (await c.decompose(["a red circle"]))[0]
             text = await asyncio.get_running_loop().run_in_executor(
-                None, lambda: urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=10).read().decode())
+                None, lambda: urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=10).read().decode()
+            )
             assert 'alphagrpo_requests_total{code="OK",method="Decompose"}' in text
             assert "alphagrpo_policy_version 0.0" in text and "alphagrpo_request_seconds_bucket" in text
 
@@ -218,9 +242,28 @@ def test_queue_full_and_deadline():
 
 def test_tls_with_self_signed_certificate(tmp_path):
     key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
-    proc = subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
-                           str(cert), "-days", "1", "-subj", "/CN=localhost", "-addext",
-                           "subjectAltName=DNS:localhost,IP:127.0.0.1"], capture_output=True, timeout=60)
+    proc = subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost,IP:127.0.0.1",
+        ],
+        capture_output=True,
+        timeout=60,
+    )
     if proc.returncode != 0:
         pytest.skip(f"openssl could not make a certificate: {proc.stderr[-300:]}")
 
@@ -250,8 +293,23 @@ def test_cli_serve_subprocess_sigterm_drains_and_exits_zero(tmp_path):
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
     s.close()
-    proc = subprocess.Popen([sys.executable, "-m", "alphagrpo_serve.cli", "serve", "--port", str(port), "--weights",
-                             str(weights), "--grace-s", "20"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "alphagrpo_serve.cli",
+            "serve",
+            "--port",
+            str(port),
+            "--weights",
+            str(weights),
+            "--grace-s",
+            "20",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         seen = []
         for _ in range(20):  # a few structured log lines may come first
@@ -261,8 +319,23 @@ def test_cli_serve_subprocess_sigterm_drains_and_exits_zero(tmp_path):
         assert f"listening on 127.0.0.1:{port}" in seen[-1], seen
         img = tmp_path / "x.png"
         __import__("PIL.Image").Image.fromarray(render(Scene([Obj("circle", "red", 16, 16, 5)]))).save(img)
-        out = subprocess.run([sys.executable, "-m", "alphagrpo_serve.cli", "verify", "--server", f"127.0.0.1:{port}",
-                              "--prompt", "a red circle", "--image", str(img)], capture_output=True, text=True, timeout=120)
+        out = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "alphagrpo_serve.cli",
+                "verify",
+                "--server",
+                f"127.0.0.1:{port}",
+                "--prompt",
+                "a red circle",
+                "--image",
+                str(img),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert out.returncode == 0 and "Is there a red circle in the image?" in out.stdout, out.stdout + out.stderr
 
         async def slow_call_then_sigterm():
@@ -326,9 +399,13 @@ def test_retries_unavailable_over_addresses_reflection_and_health_during_a_batch
                     (r,) = await c.verify(["a red circle"], [render(Scene([Obj("circle", "red", 16, 16, 5)]))])
                     assert not batch.done() and r.reward > 0.9  # rewards are computed beside the running batch
                     stub = reflection_pb2_grpc.ServerReflectionStub(ch)
-                    responses = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+                    responses = stub.ServerReflectionInfo(
+                        iter([reflection_pb2.ServerReflectionRequest(list_services="")])
+                    )
                     names = [svc.name async for resp in responses for svc in resp.list_services_response.service]
-                    assert {"alphagrpo.v1.PolicyService", "alphagrpo.v1.RewardService", "grpc.health.v1.Health"} <= set(names)
+                    assert {"alphagrpo.v1.PolicyService", "alphagrpo.v1.RewardService", "grpc.health.v1.Health"} <= set(
+                        names
+                    )
                 assert len(await batch) == 1
             async with AsyncClient([dead], retries=1, backoff=0.01, timeout=5) as only_dead:
                 with pytest.raises(grpc.aio.AioRpcError) as info:
@@ -356,7 +433,9 @@ class NoReflectPolicy(TinyPolicy):
     @property
     def info(self):
         info = super().info
-        return dataclasses.replace(info, capabilities=dataclasses.replace(info.capabilities, reflect=False, think=False))
+        return dataclasses.replace(
+            info, capabilities=dataclasses.replace(info.capabilities, reflect=False, think=False)
+        )
 
     def reflect(self, *a, **k):  # pragma: no cover - the server must refuse before calling it
         raise AssertionError("reflect called on a policy without the capability")
@@ -369,18 +448,29 @@ def test_missing_capabilities_are_failed_precondition_naming_them():
                 stub = policy_pb2_grpc.PolicyServiceStub(ch)
                 img = common_pb2.Image(png=image_to_proto(np.zeros((32, 32, 3), np.uint8)).png)
                 for call, req, word in (
-                        (stub.Reflect, policy_pb2.ReflectRequest(prompts=["a red circle"], images=[img]), "reflect"),
-                        (stub.Generate, policy_pb2.GenerateRequest(
-                            prompts=["a red circle"], params=policy_pb2.SamplingParams(think=True)), "think"),
-                        (stub.Generate, policy_pb2.GenerateRequest(
-                            prompts=["a red circle"], params=policy_pb2.SamplingParams(cfg_img_scale=2.0)),
-                         "image guidance")):
+                    (stub.Reflect, policy_pb2.ReflectRequest(prompts=["a red circle"], images=[img]), "reflect"),
+                    (
+                        stub.Generate,
+                        policy_pb2.GenerateRequest(
+                            prompts=["a red circle"], params=policy_pb2.SamplingParams(think=True)
+                        ),
+                        "think",
+                    ),
+                    (
+                        stub.Generate,
+                        policy_pb2.GenerateRequest(
+                            prompts=["a red circle"], params=policy_pb2.SamplingParams(cfg_img_scale=2.0)
+                        ),
+                        "image guidance",
+                    ),
+                ):
                     with pytest.raises(grpc.aio.AioRpcError) as info:
                         await call(req)
                     assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION, info.value
                     assert word in info.value.details(), info.value.details()
-                ok = await stub.Generate(policy_pb2.GenerateRequest(prompts=["a red circle"],
-                                                                    params=policy_pb2.SamplingParams(steps=2)))
+                ok = await stub.Generate(
+                    policy_pb2.GenerateRequest(prompts=["a red circle"], params=policy_pb2.SamplingParams(steps=2))
+                )
                 assert len(ok.samples) == 1
                 mi = await stub.GetModelInfo(policy_pb2.GetModelInfoRequest())
                 assert not mi.capabilities.reflect and not mi.capabilities.think
@@ -393,22 +483,29 @@ def test_open_task_accepts_any_prompt_and_zero_is_a_real_value():
         async with running(task="open") as (_, addr):
             async with grpc.aio.insecure_channel(addr) as ch:
                 stub = policy_pb2_grpc.PolicyServiceStub(ch)
-                res = await stub.Generate(policy_pb2.GenerateRequest(
-                    prompts=["a watercolour lighthouse at dusk"],
-                    params=policy_pb2.SamplingParams(steps=2, cfg_scale=0.0, temperature=0.0, think=True,
-                                                     max_thought_tokens=3)))
+                res = await stub.Generate(
+                    policy_pb2.GenerateRequest(
+                        prompts=["a watercolour lighthouse at dusk"],
+                        params=policy_pb2.SamplingParams(
+                            steps=2, cfg_scale=0.0, temperature=0.0, think=True, max_thought_tokens=3
+                        ),
+                    )
+                )
                 assert len(res.samples) == 1
                 # cfg_scale 0 and temperature 0 were honoured, not replaced by the defaults
                 assert res.resolved_params.cfg_scale == 0.0 and res.resolved_params.temperature == 0.0
-                unset = await stub.Generate(policy_pb2.GenerateRequest(prompts=["x"], params=policy_pb2.SamplingParams(steps=2)))
+                unset = await stub.Generate(
+                    policy_pb2.GenerateRequest(prompts=["x"], params=policy_pb2.SamplingParams(steps=2))
+                )
                 assert unset.resolved_params.cfg_scale == 3.0 and unset.resolved_params.temperature == 1.0
                 mi = await stub.GetModelInfo(policy_pb2.GetModelInfoRequest())
                 assert mi.task == "open"
         async with running() as (_, addr):  # the tiny UMM's own domain: ShapesWorld's grammar
             async with grpc.aio.insecure_channel(addr) as ch:
                 with pytest.raises(grpc.aio.AioRpcError) as info:
-                    await policy_pb2_grpc.PolicyServiceStub(ch).Generate(policy_pb2.GenerateRequest(
-                        prompts=["a watercolour lighthouse at dusk"]))
+                    await policy_pb2_grpc.PolicyServiceStub(ch).Generate(
+                        policy_pb2.GenerateRequest(prompts=["a watercolour lighthouse at dusk"])
+                    )
                 assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "prompts[0]" in info.value.details()
 
     run(main())

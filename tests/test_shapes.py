@@ -5,8 +5,18 @@ import pytest
 
 from alphagrpo_serve.shapes import evaluate as E
 from alphagrpo_serve.shapes.detect import Detector, check_images, scene_matches
-from alphagrpo_serve.shapes.grammar import (CATEGORIES, Group, PromptError, PromptSampler, Spec, all_prompts,
-                                            is_heldout, parse, scene_for_spec, write)
+from alphagrpo_serve.shapes.grammar import (
+    CATEGORIES,
+    Group,
+    PromptError,
+    PromptSampler,
+    Spec,
+    all_prompts,
+    is_heldout,
+    parse,
+    scene_for_spec,
+    write,
+)
 from alphagrpo_serve.shapes.implicit import all_implicit, explicit_text, resolve, sample_implicit
 from alphagrpo_serve.shapes.world import COLORS, PALETTE, SHAPES, Obj, Scene, blank, place, render
 
@@ -26,27 +36,37 @@ def test_grammar_sizes_by_hand():
     # 3 shapes; 6 colours; counting: 3 shapes x (no colour + 6) x 4 counts; ordered pairs of distinct shapes (6)
     # x ordered pairs of distinct colours (30) x 4 relations for position
     sizes = {c: len(all_prompts(c)) for c in CATEGORIES}
-    assert sizes == {"single_object": 3, "two_object": 6, "counting": 84, "colors": 18, "position": 720,
-                     "color_attr": 180}
+    assert sizes == {
+        "single_object": 3,
+        "two_object": 6,
+        "counting": 84,
+        "colors": 18,
+        "position": 720,
+        "color_attr": 180,
+    }
 
 
 def test_parsed_meaning_by_hand():
     assert parse("three green triangles") == Spec((Group("triangle", "green", 3, True),))
     assert parse("a red circle to the left of a blue square") == Spec(
-        (Group("circle", "red"), Group("square", "blue")), "left of")
+        (Group("circle", "red"), Group("square", "blue")), "left of"
+    )
     assert parse("A Purple Square.") == Spec((Group("square", "purple"),))
     assert parse("a circle and a triangle").category == "two_object"
 
 
-@pytest.mark.parametrize("text, position, word", [
-    ("a red blob", 2, "blob"),
-    ("two red circle", 2, "circle"),
-    ("a red circle beside a square", 3, "beside"),
-    ("red circle", 0, "red"),
-    ("", 0, ""),
-    ("a red circle and", 4, ""),
-    ("a circle to the left of a circle", 7, "circle"),
-])
+@pytest.mark.parametrize(
+    "text, position, word",
+    [
+        ("a red blob", 2, "blob"),
+        ("two red circle", 2, "circle"),
+        ("a red circle beside a square", 3, "beside"),
+        ("red circle", 0, "red"),
+        ("", 0, ""),
+        ("a red circle and", 4, ""),
+        ("a circle to the left of a circle", 7, "circle"),
+    ],
+)
 def test_parse_errors_name_word_and_position(text, position, word):
     with pytest.raises(PromptError) as info:
         parse(text)
@@ -98,27 +118,33 @@ def test_blank_image_has_no_objects():
     assert d.objects == [] and d.stray_fraction == 0.0
 
 
-@pytest.mark.parametrize("bad, exc, words", [
-    (np.zeros((32, 32), np.uint8), ValueError, "[H, W, 3]"),
-    (np.zeros((32, 32, 4), np.uint8), ValueError, "RGB"),
-    (np.zeros((32, 30, 3), np.uint8), ValueError, "square"),
-    (np.zeros((32, 32, 3), np.int32), TypeError, "dtype int32"),
-    (np.full((32, 32, 3), 2.0), ValueError, "[0, 1]"),
-])
+@pytest.mark.parametrize(
+    "bad, exc, words",
+    [
+        (np.zeros((32, 32), np.uint8), ValueError, "[H, W, 3]"),
+        (np.zeros((32, 32, 4), np.uint8), ValueError, "RGB"),
+        (np.zeros((32, 30, 3), np.uint8), ValueError, "square"),
+        (np.zeros((32, 32, 3), np.int32), TypeError, "dtype int32"),
+        (np.full((32, 32, 3), 2.0), ValueError, "[0, 1]"),
+    ],
+)
 def test_bad_images(bad, exc, words):
     with pytest.raises(exc) as info:
         check_images(bad)
     assert words in str(info.value)
 
 
-@pytest.mark.parametrize("text, explicit", [
-    ("a shape with no corners, coloured like the sky", "a blue circle"),
-    ("a shape with three corners, coloured like grass", "a green triangle"),
-    ("a shape with four equal sides", "a square"),
-    ("a circle coloured like a ripe banana", "a yellow circle"),
-    ("as many squares as the wheels of a tricycle", "three squares"),
-    ("as many red triangles as the wheels of a bicycle", "two red triangles"),
-])
+@pytest.mark.parametrize(
+    "text, explicit",
+    [
+        ("a shape with no corners, coloured like the sky", "a blue circle"),
+        ("a shape with three corners, coloured like grass", "a green triangle"),
+        ("a shape with four equal sides", "a square"),
+        ("a circle coloured like a ripe banana", "a yellow circle"),
+        ("as many squares as the wheels of a tricycle", "three squares"),
+        ("as many red triangles as the wheels of a bicycle", "two red triangles"),
+    ],
+)
 def test_implicit_prompts_resolve(text, explicit):
     assert explicit_text(text) == explicit
     assert resolve("a red circle") is None
@@ -162,11 +188,14 @@ def test_geneval_rule_by_hand():
     spec = parse("two red squares")
     one = render(Scene([Obj("square", "red", 8, 8, 4)]))
     two = render(Scene([Obj("square", "red", 8, 8, 4), Obj("square", "red", 24, 24, 4)]))
-    three = render(Scene([Obj("square", "red", 8, 8, 4), Obj("square", "red", 24, 24, 4),
-                          Obj("square", "red", 24, 8, 4)]))
+    three = render(
+        Scene([Obj("square", "red", 8, 8, 4), Obj("square", "red", 24, 24, 4), Obj("square", "red", 24, 8, 4)])
+    )
     report = E.evaluate([write(spec)] * 3, np.stack([one, two, three]))
     assert report.correct == [False, True, False]
     left = render(Scene([Obj("circle", "red", 8, 16, 5), Obj("square", "blue", 24, 16, 5)]))
-    report = E.evaluate(["a red circle to the left of a blue square", "a red circle to the right of a blue square"],
-                        np.stack([left, left]))
+    report = E.evaluate(
+        ["a red circle to the left of a blue square", "a red circle to the right of a blue square"],
+        np.stack([left, left]),
+    )
     assert report.correct == [True, False]

@@ -1,4 +1,5 @@
 """The tiny UMM, its sampler and its policy interface, on a small random model (and the shipped weights)."""
+
 import os
 
 import numpy as np
@@ -29,8 +30,10 @@ def test_tokenizer_round_trips_every_prompt():
         ids = TOK.encode(p)
         assert TOK.unk_id not in ids, p
         assert TOK.decode(ids) == p
-    assert TOK.decode([TOK.think_id] + TOK.encode("a red circle") + [TOK.think_end_id], skip_special=False) == \
-        "<think> a red circle </think>"
+    assert (
+        TOK.decode([TOK.think_id] + TOK.encode("a red circle") + [TOK.think_end_id], skip_special=False)
+        == "<think> a red circle </think>"
+    )
 
 
 def test_patchify_round_trip():
@@ -41,8 +44,9 @@ def test_patchify_round_trip():
 
 def test_attention_rule_by_hand():
     # two text tokens, a 64-patch clean image, one text token: text is causal, the image is one block
-    b = collate([[("text", [1, 3], False), ("image", np.zeros((32, 32, 3), np.uint8)), ("text", [8], False)]],
-                TOK.pad_id, 4, 32)
+    b = collate(
+        [[("text", [1, 3], False), ("image", np.zeros((32, 32, 3), np.uint8)), ("text", [8], False)]], TOK.pad_id, 4, 32
+    )
     m = attention_mask(b.blocks, b.valid)[0, 0]
     assert m[0, 0] and not m[0, 1]  # text: causal
     assert m[2, 65] and m[65, 2]  # patches of one image see each other both ways
@@ -63,14 +67,18 @@ def _fake_velocity(scale):
     def velocity(x, sigma):
         vc = -x * 0.3 + 0.1
         return (vc, x * 0.2, scale) if scale != 1.0 else (vc, None, 1.0)
+
     return velocity
 
 
 def test_ode_equals_sde_at_noise_zero_and_cfg_one_is_conditional():
     noise0 = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     ode, _ = sample_images(_fake_velocity(2.0), noise0, SamplingConfig(steps=6, mode="ode", cfg_scale=2.0))
-    sde0, trajs = sample_images(_fake_velocity(2.0), noise0, SamplingConfig(steps=6, mode="sde", noise_level=0.0,
-                                                                             sde_window=(1, 3), cfg_scale=2.0))
+    sde0, trajs = sample_images(
+        _fake_velocity(2.0),
+        noise0,
+        SamplingConfig(steps=6, mode="sde", noise_level=0.0, sde_window=(1, 3), cfg_scale=2.0),
+    )
     assert torch.equal(ode, sde0)
     assert trajs[0].latents.shape == (4, 3, 32, 32) and torch.equal(trajs[0].log_probs, torch.zeros(3))
     one, _ = sample_images(_fake_velocity(1.0), noise0, SamplingConfig(steps=6, cfg_scale=1.0))
@@ -84,10 +92,15 @@ def test_ode_equals_sde_at_noise_zero_and_cfg_one_is_conditional():
 
 
 def test_sampling_config_rejects_non_finite_and_out_of_range_values():
-    for kw, field in ((dict(cfg_scale=float("nan")), "cfg_scale"), (dict(cfg_scale=float("inf")), "cfg_scale"),
-                      (dict(noise_level=-1.0), "noise_level"), (dict(cfg_interval=(0.5, 0.2)), "cfg_interval"),
-                      (dict(cfg_renorm_type="spherical"), "cfg_renorm_type"), (dict(shift=0.0), "shift"),
-                      (dict(width=-16), "width")):
+    for kw, field in (
+        (dict(cfg_scale=float("nan")), "cfg_scale"),
+        (dict(cfg_scale=float("inf")), "cfg_scale"),
+        (dict(noise_level=-1.0), "noise_level"),
+        (dict(cfg_interval=(0.5, 0.2)), "cfg_interval"),
+        (dict(cfg_renorm_type="spherical"), "cfg_renorm_type"),
+        (dict(shift=0.0), "shift"),
+        (dict(width=-16), "width"),
+    ):
         with pytest.raises(ValueError, match=field):
             SamplingConfig(**kw)
     for kw in (dict(temperature=1e-38), dict(temperature=float("nan")), dict(top_p=0.0), dict(max_tokens=0)):
@@ -110,13 +123,18 @@ def test_same_seed_same_image_bit_for_bit(policy):
 def test_recorded_logprobs_equal_training_recompute(policy):
     # guidance only where sigma <= 0.8: the recompute must apply the interval as sampling did
     sc = SamplingConfig(steps=5, mode="sde", sde_window=(0, 4), cfg_scale=2.5, noise_level=0.8, cfg_interval=(0.0, 0.8))
-    out = policy.generate(["a blue square", "as many circles as the wheels of a car"], [1, 2], sc,
-                          TextConfig(temperature=0.9, max_tokens=6), think=True)
+    out = policy.generate(
+        ["a blue square", "as many circles as the wheels of a car"],
+        [1, 2],
+        sc,
+        TextConfig(temperature=0.9, max_tokens=6),
+        think=True,
+    )
     with torch.no_grad():
         lp = policy.token_logps(out, temperature=0.9)
     for i, s in enumerate(out):
         assert len(s.text.ids) == len(s.text.logps) > 0
-        assert torch.allclose(lp[i, :len(s.text.ids)], torch.tensor(s.text.logps), atol=1e-5), (lp[i], s.text.logps)
+        assert torch.allclose(lp[i, : len(s.text.ids)], torch.tensor(s.text.logps), atol=1e-5), (lp[i], s.text.logps)
     sig = shifted_sigmas(5, 2.0)
     assert sig[1] > 0.8 >= sig[2]  # steps 0 and 1 unguided, 2 and 3 guided
     for k in range(4):
@@ -124,8 +142,15 @@ def test_recorded_logprobs_equal_training_recompute(policy):
             v = policy.guided_velocity(out, k)
         for i, s in enumerate(out):
             tr = s.trajectory
-            rec = flow_sde_logprob(tr.latents[k:k + 1], v[i:i + 1], tr.latents[k + 1:k + 2], float(tr.sigmas[k]),
-                                   float(tr.sigma_nexts[k]), noise_level=0.8, sigma_max=tr.sigma_max)
+            rec = flow_sde_logprob(
+                tr.latents[k : k + 1],
+                v[i : i + 1],
+                tr.latents[k + 1 : k + 2],
+                float(tr.sigmas[k]),
+                float(tr.sigma_nexts[k]),
+                noise_level=0.8,
+                sigma_max=tr.sigma_max,
+            )
             assert abs(rec.item() - tr.log_probs[k].item()) <= 1e-5, (k, rec.item(), tr.log_probs[k].item())
 
 
@@ -140,7 +165,10 @@ def test_reflect_runs_and_checks_images(policy):
 def test_import_weights_is_validated_and_atomic(policy):
     before = policy.export_weights()
     name = "blocks.0.qkv.weight"
-    bad = {name: torch.zeros_like(before[name]) + 1.0, "blocks.1.proj.weight": torch.full_like(before["blocks.1.proj.weight"], float("nan"))}
+    bad = {
+        name: torch.zeros_like(before[name]) + 1.0,
+        "blocks.1.proj.weight": torch.full_like(before["blocks.1.proj.weight"], float("nan")),
+    }
     with pytest.raises(ValueError, match="non-finite"):
         policy.import_weights(bad)
     assert torch.equal(policy.export_weights()[name], before[name]), "a failed update changed weights"
@@ -173,9 +201,11 @@ def test_rejected_lora_import_leaves_the_structure_as_it_was():
     pol = TinyPolicy(TinyUMM(TinyUMMConfig(vocab_size=len(TOK), width=32, layers=1, heads=1)))
     n_before, names_before = pol.info.parameters, set(pol.state_dict())
     good = {"blocks.0.qkv.lora_A": torch.randn(4, 32), "blocks.0.qkv.lora_B": torch.randn(96, 4)}
-    for bad in ({**good, "blocks.0.qkv.lora_B": torch.randn(96, 3)},  # B's rank differs from A's
-                {**good, "blocks.0.qkv.lora_A": torch.full((4, 32), float("nan"))},
-                {**good, "blocks.7.qkv.lora_A": torch.randn(4, 32)}):
+    for bad in (
+        {**good, "blocks.0.qkv.lora_B": torch.randn(96, 3)},  # B's rank differs from A's
+        {**good, "blocks.0.qkv.lora_A": torch.full((4, 32), float("nan"))},
+        {**good, "blocks.7.qkv.lora_A": torch.randn(4, 32)},
+    ):
         with pytest.raises((KeyError, ValueError)):
             pol.import_weights(bad, lora=True)
         assert not pol.lora_enabled and pol.info.parameters == n_before and set(pol.state_dict()) == names_before
@@ -186,8 +216,9 @@ def test_rejected_lora_import_leaves_the_structure_as_it_was():
 
 
 def test_pretraining_resume_continues_exactly(tmp_path):
-    from alphagrpo_serve.models.pretrain import PretrainConfig, pretrain
     from safetensors.torch import load_file
+
+    from alphagrpo_serve.models.pretrain import PretrainConfig, pretrain
 
     kw = dict(batch=4, width=32, layers=1, heads=1, ckpt_every=1, warmup=2)
     pretrain(PretrainConfig(steps=3, stop_at=2, **kw), str(tmp_path / "a"), progress=False)
@@ -235,8 +266,15 @@ def test_conv_decoder_recompute_matches_sampling():
     with torch.no_grad():
         v = pol.guided_velocity(out, 1)
     tr = out[0].trajectory
-    rec = flow_sde_logprob(tr.latents[1:2], v, tr.latents[2:3], float(tr.sigmas[1]),
-                           float(tr.sigma_nexts[1]), noise_level=0.7, sigma_max=tr.sigma_max)
+    rec = flow_sde_logprob(
+        tr.latents[1:2],
+        v,
+        tr.latents[2:3],
+        float(tr.sigmas[1]),
+        float(tr.sigma_nexts[1]),
+        noise_level=0.7,
+        sigma_max=tr.sigma_max,
+    )
     assert abs(rec.item() - tr.log_probs[1].item()) <= 1e-5
     with pytest.raises(ValueError, match="decoder must be"):
         TinyUMM(TinyUMMConfig(vocab_size=len(TOK), decoder="deconv"))
@@ -245,11 +283,13 @@ def test_conv_decoder_recompute_matches_sampling():
 def test_reflect_evaluation_keeps_images_the_critique_finds_correct():
     from types import SimpleNamespace
 
-    from alphagrpo_serve.shapes.policy_eval import evaluate_policy
     from alphagrpo_serve.shapes.evaluate import ground_truth_images
+    from alphagrpo_serve.shapes.policy_eval import evaluate_policy
 
-    rows = [{"prompt": "a red circle", "category": "single_object", "seed": 0},
-            {"prompt": "a blue square", "category": "single_object", "seed": 1}]
+    rows = [
+        {"prompt": "a red circle", "category": "single_object", "seed": 0},
+        {"prompt": "a blue square", "category": "single_object", "seed": 1},
+    ]
     good = ground_truth_images([r["prompt"] for r in rows])
     blank = np.zeros_like(good[0])
 
@@ -258,9 +298,15 @@ def test_reflect_evaluation_keeps_images_the_critique_finds_correct():
             return [SimpleNamespace(image=good[i], thought="") for i in range(len(prompts))]
 
         def reflect(self, prompts, images, seeds, sampling, text):
-            return [SimpleNamespace(image=blank, thought=t) for t in
-                    ("i see a red circle . it is correct . draw a red circle", "i see a blue square . draw a red circle")]
+            return [
+                SimpleNamespace(image=blank, thought=t)
+                for t in (
+                    "i see a red circle . it is correct . draw a red circle",
+                    "i see a blue square . draw a red circle",
+                )
+            ]
 
-    res = evaluate_policy(Scripted(TinyUMM(TinyUMMConfig(vocab_size=len(TOK), width=16, layers=1, heads=1))), rows=rows,
-                          reflect=True)
+    res = evaluate_policy(
+        Scripted(TinyUMM(TinyUMMConfig(vocab_size=len(TOK), width=16, layers=1, heads=1))), rows=rows, reflect=True
+    )
     assert res.report.correct == [True, False]  # kept the judged-correct image, took the (blank) redraw otherwise

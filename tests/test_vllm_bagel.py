@@ -11,6 +11,7 @@ position id and full attention inside the image (our prefill). So the text promp
 every weight (both towers, connector, position tables, qk-norm, GQA, RoPE, untied head) is checked;
 BAGEL's image layout itself is checked in test_bagel_core.py. ALPHAGRPO_SKIP_VLLM=1 skips the tier.
 """
+
 from __future__ import annotations
 
 import base64
@@ -24,7 +25,6 @@ import pytest
 import torch
 from PIL import Image
 
-from bagel_fixtures import tiny_bagel, tiny_bagel_dir  # noqa: F401
 from alphagrpo_serve.models.bagel import Text, forward_embeds, prefill, to_pixels, vit_embeds
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -71,8 +71,15 @@ def test_text_prompt_logprobs_match_vllm(server, tiny_bagel):
     tok, model = tiny_bagel.tokenizer, tiny_bagel.model
     V = tiny_bagel.config.llm.vocab_size
     ids = tiny_bagel.tokens.wrap(tok.encode("user\nDraw a red circle above a blue square.")) + [tiny_bagel.tokens.bos]
-    body = {"model": server.name, "prompt": ids, "max_tokens": 1, "temperature": 0.0, "logprobs": V,
-            "prompt_logprobs": V, "return_tokens_as_token_ids": True}
+    body = {
+        "model": server.name,
+        "prompt": ids,
+        "max_tokens": 1,
+        "temperature": 0.0,
+        "logprobs": V,
+        "prompt_logprobs": V,
+        "return_tokens_as_token_ids": True,
+    }
     r = httpx.post(f"{server.url}/completions", json=body, timeout=120).json()
     choice = r["choices"][0]
     next_top = {int(k.split(":")[1]): v for k, v in choice["logprobs"]["top_logprobs"][0].items()}
@@ -95,16 +102,31 @@ def test_image_and_text_prompt_logprobs_match_vllm(server, tiny_bagel):
     V = cfg.llm.vocab_size
     side = cfg.vit.image_size  # vLLM resizes to this; the image already has it, so nothing resamples
     img = (np.random.RandomState(1).rand(side, side, 3) * 255).astype(np.uint8)
-    body = {"model": server.name, "max_tokens": 1, "temperature": 0.0, "logprobs": True, "top_logprobs": V,
-            "prompt_logprobs": V, "return_token_ids": True, "return_tokens_as_token_ids": True,
-            "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": png_data_url(img)}},
-                                                      {"type": "text", "text": "What shape is it?"}]}]}
+    body = {
+        "model": server.name,
+        "max_tokens": 1,
+        "temperature": 0.0,
+        "logprobs": True,
+        "top_logprobs": V,
+        "prompt_logprobs": V,
+        "return_token_ids": True,
+        "return_tokens_as_token_ids": True,
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image_url", "image_url": {"url": png_data_url(img)}},
+                    {"type": "text", "text": "What shape is it?"},
+                ],
+            }
+        ],
+    }
     r = httpx.post(f"{server.url}/chat/completions", json=body, timeout=120).json()
     assert "choices" in r, r
     ids = r["prompt_token_ids"]
     pad = tiny_bagel.tokenizer.convert_tokens_to_ids("<|image_pad|>")
     at = [i for i, t in enumerate(ids) if t == pad]
-    assert len(at) == cfg.vit_max_num_patch_per_side ** 2
+    assert len(at) == cfg.vit_max_num_patch_per_side**2
     assert ids[at[0] - 1] == tiny_bagel.tokens.start_of_image and ids[at[-1] + 1] == tiny_bagel.tokens.end_of_image
     top = r["choices"][0]["logprobs"]["content"][0]["top_logprobs"]
     next_top = {int(t["token"].split(":")[1]): t["logprob"] for t in top}
@@ -113,8 +135,14 @@ def test_image_and_text_prompt_logprobs_match_vllm(server, tiny_bagel):
         emb = model.language_model.model.embed_tokens(torch.tensor(ids))
         emb[torch.tensor(at)] = vit_embeds(model, [to_pixels(img)])[0]
         causal = torch.ones(T, T, dtype=torch.bool).tril()
-        hidden, _ = forward_embeds(model, emb[None], torch.arange(T)[None], torch.zeros(1, T, dtype=torch.bool),
-                                   causal[None], torch.ones(1, T, dtype=torch.bool))
+        hidden, _ = forward_embeds(
+            model,
+            emb[None],
+            torch.arange(T)[None],
+            torch.zeros(1, T, dtype=torch.bool),
+            causal[None],
+            torch.ones(1, T, dtype=torch.bool),
+        )
         ours = our_logprobs(model, hidden[0])
     worst = compare(ours, ids, r["prompt_logprobs"], next_top)
     print(f"image + text prompt: {T} positions ({len(at)} image) x {V} tokens, max |diff| {worst:.2e}")

@@ -4,6 +4,7 @@ build, in its own venv .venv-vllm made by `make vllm-env`) serving tiny random m
 structured output that validates, scores equal to the returned log-probs, concurrency, the
 RewardService path, and a stopped server's error. ALPHAGRPO_SKIP_VLLM=1 skips the tier explicitly.
 """
+
 from __future__ import annotations
 
 import json
@@ -16,8 +17,7 @@ import time
 import httpx
 import pytest
 
-from alphagrpo_serve.reward.openai_backend import (BackendError, Endpoint, OpenAIDecomposer, OpenAIVerifier,
-                                                   png_data_url)
+from alphagrpo_serve.reward.openai_backend import BackendError, Endpoint, OpenAIDecomposer, OpenAIVerifier, png_data_url
 from alphagrpo_serve.reward.openai_parsing import yes_no_score
 from alphagrpo_serve.reward.types import Question
 from alphagrpo_serve.shapes.world import Obj, Scene, render
@@ -53,14 +53,21 @@ def scene_image():
 def test_decomposer_structured_output_validates(servers):
     llm, _ = servers
     dec = OpenAIDecomposer(Endpoint(llm.url, llm.name, concurrency=4, timeout_s=120), attempts=3)
-    prompts = ["a red circle", "two blue squares", "a green triangle above a yellow circle", "a purple shape",
-               "three orange triangles", "a blue circle to the left of a red square"]
+    prompts = [
+        "a red circle",
+        "two blue squares",
+        "a green triangle above a yellow circle",
+        "a purple shape",
+        "three orange triangles",
+        "a blue circle to the left of a red square",
+    ]
     out = dec.decompose(prompts)
     assert len(out) == len(prompts)
     for qs in out:  # validate_decomposition already ran; check what it promises
         assert any(q.kind == "semantic" for q in qs)
-        assert all(q.text.endswith("?") and q.text.split()[0] in ("Is", "Are", "Does", "Do", "Can", "Has", "Have")
-                   for q in qs)
+        assert all(
+            q.text.endswith("?") and q.text.split()[0] in ("Is", "Are", "Does", "Do", "Can", "Has", "Have") for q in qs
+        )
     assert dec.chat.requests >= len(prompts)
     assert set(dec.memory) == set(prompts)
 
@@ -68,9 +75,11 @@ def test_decomposer_structured_output_validates(servers):
 def test_verifier_scores_equal_the_returned_logprobs(servers):
     _, vlm = servers
     img = scene_image()
-    qs = [Question("q0", "Is there a red circle?", "semantic", "Existence"),
-          Question("q1", "Are there two shapes?", "semantic", "Count"),
-          Question("q2", "Are the edges clean?", "quality", "Geometry")]
+    qs = [
+        Question("q0", "Is there a red circle?", "semantic", "Existence"),
+        Question("q1", "Are there two shapes?", "semantic", "Count"),
+        Question("q2", "Are the edges clean?", "quality", "Geometry"),
+    ]
     # top_logprobs over the whole (tiny) vocabulary, so yes and no are always among them (more than
     # the vocabulary crashes vLLM 0.32's sampler)
     vocab = vlm.vocab_size
@@ -78,10 +87,22 @@ def test_verifier_scores_equal_the_returned_logprobs(servers):
     answers = ver.verify([img, img[::-1].copy()], [qs, qs])
     assert ver.failures == 0 and ver.fallbacks == 0
     # an independent request for the same (image, question): the score is P(yes) / (P(yes) + P(no))
-    body = {"model": vlm.name, "temperature": 0.0, "max_tokens": 3, "logprobs": True, "top_logprobs": vocab,
-            "messages": [{"role": "user", "content": [
-                {"type": "image_url", "image_url": {"url": png_data_url(img)}},
-                {"type": "text", "text": f"{ver.instructions}\nQuestion: {qs[0].text}"}]}]}
+    body = {
+        "model": vlm.name,
+        "temperature": 0.0,
+        "max_tokens": 3,
+        "logprobs": True,
+        "top_logprobs": vocab,
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image_url", "image_url": {"url": png_data_url(img)}},
+                    {"type": "text", "text": f"{ver.instructions}\nQuestion: {qs[0].text}"},
+                ],
+            }
+        ],
+    }
     r = httpx.post(f"{vlm.url}/chat/completions", json=body, timeout=60).json()
     top = r["choices"][0]["logprobs"]["content"][0]["top_logprobs"]
     p_yes = sum(math.exp(t["logprob"]) for t in top if t["token"].strip().lower() == "yes")
@@ -116,9 +137,26 @@ def test_reward_service_with_the_openai_backend(servers, tmp_path):
 
     port = free_port()
     cache = tmp_path / "decompositions.jsonl"
-    cmd = [sys.executable, "-m", "alphagrpo_serve.cli", "serve", "--port", str(port), "--reward", "openai",
-           "--decomposer-url", llm.url, "--decomposer-model", llm.name, "--verifier-url", vlm.url,
-           "--verifier-model", vlm.name, "--decomposition-cache", str(cache)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "alphagrpo_serve.cli",
+        "serve",
+        "--port",
+        str(port),
+        "--reward",
+        "openai",
+        "--decomposer-url",
+        llm.url,
+        "--decomposer-model",
+        llm.name,
+        "--verifier-url",
+        vlm.url,
+        "--verifier-model",
+        vlm.name,
+        "--decomposition-cache",
+        str(cache),
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         line = ""
@@ -146,4 +184,9 @@ def test_a_stopped_server_gives_a_clear_error(servers):
     vlm.stop()
     ver = OpenAIVerifier(Endpoint(vlm.url, vlm.name, retries=0, timeout_s=5))
     ans = ver.verify([scene_image()], [[Question("q0", "Is it red?", "semantic", "Attribute")]])[0]
-    assert ans[0].failed and ans[0].score is None and f"127.0.0.1:{vlm.port}" in ans[0].detail and "tiny-blip2" in ans[0].detail
+    assert (
+        ans[0].failed
+        and ans[0].score is None
+        and f"127.0.0.1:{vlm.port}" in ans[0].detail
+        and "tiny-blip2" in ans[0].detail
+    )

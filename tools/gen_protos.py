@@ -4,6 +4,7 @@ they are rewritten to the package path `alphagrpo_serve._proto.alphagrpo.v1`.
 
     python tools/gen_protos.py [--out DIR]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,8 +26,10 @@ def generate(out: str) -> list:
         raise SystemExit(f"no .proto files under {PROTOS}")
     os.makedirs(out, exist_ok=True)
     include = os.path.join(os.path.dirname(protoc.__file__), "_proto")
-    rc = protoc.main(["protoc", f"-I{PROTOS}", f"-I{include}", f"--python_out={out}", f"--pyi_out={out}",
-                      f"--grpc_python_out={out}"] + files)
+    rc = protoc.main(
+        ["protoc", f"-I{PROTOS}", f"-I{include}", f"--python_out={out}", f"--pyi_out={out}", f"--grpc_python_out={out}"]
+        + files
+    )
     if rc != 0:
         raise SystemExit(f"protoc failed with exit code {rc}")
     written = []

@@ -16,6 +16,7 @@ The ViT depth trap: the official loader builds vit_config.json's num_hidden_laye
 vLLM builds the inline vit_config's count and drops one only when it says 27. So vit_config.json
 says 3 and the inline copy says 2: both build the same 2-layer tower.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,10 +45,12 @@ CHAT_TEMPLATE = (
 
 
 def corpus():
-    words = ("a an the red green blue yellow purple orange circle square triangle shape shapes two three "
-             "left right above below of to is are image picture draw think plan edit make it bigger smaller "
-             "user assistant system answer yes no what colour color how many there").split()
-    lines = [" ".join(words[i:i + 7]) for i in range(0, len(words), 3)]
+    words = (
+        "a an the red green blue yellow purple orange circle square triangle shape shapes two three "
+        "left right above below of to is are image picture draw think plan edit make it bigger smaller "
+        "user assistant system answer yes no what colour color how many there"
+    ).split()
+    lines = [" ".join(words[i : i + 7]) for i in range(0, len(words), 3)]
     lines += ["<think> plan the image </think>", "Describe the image.", "What shape is it?"]
     return lines * 20
 
@@ -59,12 +62,22 @@ def make_tokenizer():
     tok = Tokenizer(models.BPE(unk_token="<|endoftext|>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=SPECIALS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=600,
+        special_tokens=SPECIALS,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(corpus(), trainer)
-    hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
-                                 pad_token="<|endoftext|>", unk_token="<|endoftext|>",
-                                 additional_special_tokens=SPECIALS[3:], model_max_length=4096)
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+        additional_special_tokens=SPECIALS[3:],
+        model_max_length=4096,
+    )
     hf.chat_template = CHAT_TEMPLATE
     return hf
 
@@ -173,6 +186,7 @@ def ae_shapes() -> dict:
 
 def sincos_2d(dim: int, grid: int) -> np.ndarray:
     """BAGEL's frozen 2D sin-cos table (MAE/DiT): [column half | row half], each [sin | cos]."""
+
     def one_d(d, pos):
         omega = 1.0 / 10000 ** (np.arange(d // 2, dtype=np.float64) / (d / 2.0))
         out = np.outer(pos.reshape(-1).astype(np.float64), omega)
@@ -201,27 +215,56 @@ def random_tensors(shapes: dict, g: torch.Generator) -> dict:
 def configs(tok) -> tuple:
     ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIALS}
     llm = {
-        "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "vocab_size": len(tok),
-        "hidden_size": HIDDEN, "intermediate_size": INTER, "num_hidden_layers": LAYERS,
-        "num_attention_heads": HEADS, "num_key_value_heads": KV_HEADS, "hidden_act": "silu",
-        "max_position_embeddings": 4096, "max_window_layers": LAYERS, "rms_norm_eps": 1e-6,
-        "rope_theta": 1000000.0, "sliding_window": None, "use_sliding_window": False,
-        "tie_word_embeddings": False, "qk_norm": True, "layer_module": "Qwen2MoTDecoderLayer",
-        "bos_token_id": ids["<|im_start|>"], "eos_token_id": ids["<|im_end|>"], "torch_dtype": "float32",
+        "architectures": ["Qwen2ForCausalLM"],
+        "model_type": "qwen2",
+        "vocab_size": len(tok),
+        "hidden_size": HIDDEN,
+        "intermediate_size": INTER,
+        "num_hidden_layers": LAYERS,
+        "num_attention_heads": HEADS,
+        "num_key_value_heads": KV_HEADS,
+        "hidden_act": "silu",
+        "max_position_embeddings": 4096,
+        "max_window_layers": LAYERS,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 1000000.0,
+        "sliding_window": None,
+        "use_sliding_window": False,
+        "tie_word_embeddings": False,
+        "qk_norm": True,
+        "layer_module": "Qwen2MoTDecoderLayer",
+        "bos_token_id": ids["<|im_start|>"],
+        "eos_token_id": ids["<|im_end|>"],
+        "torch_dtype": "float32",
     }
     vit_used = {
-        "model_type": "siglip_vision_model", "hidden_size": VIT_HIDDEN, "intermediate_size": VIT_INTER,
-        "num_hidden_layers": VIT_LAYERS, "num_attention_heads": VIT_HEADS, "num_channels": 3,
-        "image_size": VIT_PATCH * VIT_SIDE, "patch_size": VIT_PATCH, "hidden_act": "gelu_pytorch_tanh",
-        "layer_norm_eps": 1e-6, "attention_dropout": 0.0,
+        "model_type": "siglip_vision_model",
+        "hidden_size": VIT_HIDDEN,
+        "intermediate_size": VIT_INTER,
+        "num_hidden_layers": VIT_LAYERS,
+        "num_attention_heads": VIT_HEADS,
+        "num_channels": 3,
+        "image_size": VIT_PATCH * VIT_SIDE,
+        "patch_size": VIT_PATCH,
+        "hidden_act": "gelu_pytorch_tanh",
+        "layer_norm_eps": 1e-6,
+        "attention_dropout": 0.0,
     }
     vit_json = dict(vit_used, num_hidden_layers=VIT_LAYERS + 1)  # the official loader drops one
     root = {
-        "architectures": ["BagelForConditionalGeneration"], "model_type": "bagel",
-        "visual_gen": True, "visual_und": True, "llm_config": llm, "vit_config": vit_used,
-        "vae_config": {"z_channels": Z, "downsample": 8}, "latent_patch_size": LATENT_PATCH,
-        "max_latent_size": MAX_LATENT, "vit_max_num_patch_per_side": VIT_SIDE,
-        "connector_act": "gelu_pytorch_tanh", "interpolate_pos": False, "timestep_shift": 1.0,
+        "architectures": ["BagelForConditionalGeneration"],
+        "model_type": "bagel",
+        "visual_gen": True,
+        "visual_und": True,
+        "llm_config": llm,
+        "vit_config": vit_used,
+        "vae_config": {"z_channels": Z, "downsample": 8},
+        "latent_patch_size": LATENT_PATCH,
+        "max_latent_size": MAX_LATENT,
+        "vit_max_num_patch_per_side": VIT_SIDE,
+        "connector_act": "gelu_pytorch_tanh",
+        "interpolate_pos": False,
+        "timestep_shift": 1.0,
         "torch_dtype": "float32",
     }
     return root, llm, vit_json, ids
@@ -237,13 +280,33 @@ def write(out: str, seed: int = 0) -> str:
             json.dump(obj, f, indent=2)
     side = VIT_PATCH * VIT_SIDE
     with open(os.path.join(out, "preprocessor_config.json"), "w") as f:
-        json.dump({"image_processor_type": "SiglipImageProcessor", "processor_class": "BagelProcessor",
-                   "do_resize": True, "size": {"height": side, "width": side}, "resample": 3,
-                   "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
-                   "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "do_convert_rgb": True}, f, indent=2)
+        json.dump(
+            {
+                "image_processor_type": "SiglipImageProcessor",
+                "processor_class": "BagelProcessor",
+                "do_resize": True,
+                "size": {"height": side, "width": side},
+                "resample": 3,
+                "do_rescale": True,
+                "rescale_factor": 1 / 255,
+                "do_normalize": True,
+                "image_mean": [0.5, 0.5, 0.5],
+                "image_std": [0.5, 0.5, 0.5],
+                "do_convert_rgb": True,
+            },
+            f,
+            indent=2,
+        )
     with open(os.path.join(out, "generation_config.json"), "w") as f:
-        json.dump({"bos_token_id": ids["<|im_start|>"], "eos_token_id": ids["<|im_end|>"],
-                   "pad_token_id": ids["<|endoftext|>"]}, f, indent=2)
+        json.dump(
+            {
+                "bos_token_id": ids["<|im_start|>"],
+                "eos_token_id": ids["<|im_end|>"],
+                "pad_token_id": ids["<|endoftext|>"],
+            },
+            f,
+            indent=2,
+        )
     g = torch.Generator().manual_seed(seed)
     save_file(random_tensors(ema_shapes(len(tok)), g), os.path.join(out, "ema.safetensors"))
     save_file(random_tensors(ae_shapes(), g), os.path.join(out, "ae.safetensors"))

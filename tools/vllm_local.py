@@ -1,5 +1,6 @@
 """A local vLLM OpenAI-compatible server (the CPU build in .venv-vllm) for the vllm test tier and the
 reward benchmark: tiny random models from tools/make_tiny_vlm.py, 127.0.0.1 only, bounded waits."""
+
 from __future__ import annotations
 
 import json
@@ -26,8 +27,12 @@ def make_models(root: str, timeout: float = 600) -> None:
         return
     if not os.path.exists(VENV_PY):
         raise RuntimeError("the vLLM venv is missing: run `make vllm-env`")
-    res = subprocess.run([VENV_PY, os.path.join(REPO, "tools", "make_tiny_vlm.py"), root], capture_output=True,
-                         text=True, timeout=timeout)
+    res = subprocess.run(
+        [VENV_PY, os.path.join(REPO, "tools", "make_tiny_vlm.py"), root],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     if res.returncode != 0:
         raise RuntimeError(f"make_tiny_vlm.py failed:\n{res.stderr[-3000:]}")
 
@@ -41,12 +46,39 @@ class VLLMServer:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/v1"
         self.name, self.log_path = name, log_path
-        cmd = [VENV_PY, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir, "--served-model-name", name,
-               "--host", "127.0.0.1", "--port", str(self.port), "--dtype", "float32", "--max-model-len", str(max_len),
-               "--gpu-memory-utilization", "0.1", "--enforce-eager", "--max-logprobs", "1000",
-               "--structured-outputs-config", STRUCTURED, *extra]
-        env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-                   VLLM_NO_USAGE_STATS="1", DO_NOT_TRACK="1")
+        cmd = [
+            VENV_PY,
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            model_dir,
+            "--served-model-name",
+            name,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--dtype",
+            "float32",
+            "--max-model-len",
+            str(max_len),
+            "--gpu-memory-utilization",
+            "0.1",
+            "--enforce-eager",
+            "--max-logprobs",
+            "1000",
+            "--structured-outputs-config",
+            STRUCTURED,
+            *extra,
+        ]
+        env = dict(
+            os.environ,
+            OMP_NUM_THREADS="1",
+            HF_HUB_OFFLINE="1",
+            TRANSFORMERS_OFFLINE="1",
+            VLLM_NO_USAGE_STATS="1",
+            DO_NOT_TRACK="1",
+        )
         self.log = open(log_path, "w")
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env)
 

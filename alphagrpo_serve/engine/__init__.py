@@ -1,4 +1,5 @@
 """Request queues, dynamic batching and the model thread."""
+
 from .batcher import DeadlineExpired, DynamicBatcher, Engine, QueueFull, WorkItem
 from .types import BatchKey, Work
 

@@ -12,6 +12,7 @@ together or not at all, and a refused, failed or cancelled request takes its que
 A batch that raises is split in halves and re-run until the items that fail on their own are
 found: only they get the error, their neighbours complete.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -43,10 +44,17 @@ class WorkItem:
 class DynamicBatcher:
     """run_batch(key, payloads) -> list of results (one per payload), called on the worker thread."""
 
-    def __init__(self, name: str, run_batch: Callable[[Hashable, List[Any]], List[Any]], executor: ThreadPoolExecutor,
-                 max_batch: int = 64, max_wait_ms: float = 5.0, max_queue: int = 1024,
-                 on_batch: Optional[Callable[[str, int, float], None]] = None,
-                 on_queue: Optional[Callable[[str, int], None]] = None):
+    def __init__(
+        self,
+        name: str,
+        run_batch: Callable[[Hashable, List[Any]], List[Any]],
+        executor: ThreadPoolExecutor,
+        max_batch: int = 64,
+        max_wait_ms: float = 5.0,
+        max_queue: int = 1024,
+        on_batch: Optional[Callable[[str, int, float], None]] = None,
+        on_queue: Optional[Callable[[str, int], None]] = None,
+    ):
         if max_batch < 1 or max_queue < 1 or max_wait_ms < 0:
             raise ValueError("max_batch and max_queue must be >= 1 and max_wait_ms >= 0")
         self.name, self.run_batch, self.executor = name, run_batch, executor
@@ -75,8 +83,9 @@ class DynamicBatcher:
         (result,) = await self.submit_all(key, [(size, payload)], deadline)
         return result
 
-    async def submit_all(self, key: Hashable, parts: Sequence[Tuple[int, Any]], deadline: Optional[float] = None
-                         ) -> List[Any]:
+    async def submit_all(
+        self, key: Hashable, parts: Sequence[Tuple[int, Any]], deadline: Optional[float] = None
+    ) -> List[Any]:
         """Queues every (size, payload) part of one request at once, or none of them (QueueFull), and
         waits for all their results. When one part fails, or the caller goes away, the parts still
         queued are withdrawn before the error propagates: a failed request leaves no work behind."""
@@ -87,11 +96,14 @@ class DynamicBatcher:
         if self._closing:
             raise QueueFull(f"{self.name} queue is draining")
         if total > self.max_queue:
-            raise QueueFull(f"the request needs {total} samples, more than the {self.name} queue holds "
-                            f"({self.max_queue})")
+            raise QueueFull(
+                f"the request needs {total} samples, more than the {self.name} queue holds ({self.max_queue})"
+            )
         if self.queued_samples + total > self.max_queue:
-            raise QueueFull(f"{self.name} queue is full ({self.queued_samples} of {self.max_queue} samples queued, "
-                            f"the request needs {total})")
+            raise QueueFull(
+                f"{self.name} queue is full ({self.queued_samples} of {self.max_queue} samples queued, "
+                f"the request needs {total})"
+            )
         loop = asyncio.get_running_loop()
         items = [WorkItem(key, size, payload, deadline, loop.create_future()) for size, payload in parts]
         if len(items) > 1:
@@ -192,8 +204,9 @@ class DynamicBatcher:
         loop = asyncio.get_running_loop()
         start = time.monotonic()
         try:
-            results = await loop.run_in_executor(self.executor, self.run_batch, batch[0].key,
-                                                 [it.payload for it in batch])
+            results = await loop.run_in_executor(
+                self.executor, self.run_batch, batch[0].key, [it.payload for it in batch]
+            )
             if len(results) != len(batch):
                 raise RuntimeError(f"run_batch returned {len(results)} results for {len(batch)} items")
         except Exception as exc:
@@ -234,12 +247,18 @@ class Engine:
     """One worker thread for the model, a batcher per request kind, and exclusive jobs (weight
     updates) that run between batches."""
 
-    def __init__(self, max_batch: int = 64, max_wait_ms: float = 5.0, max_queue: int = 1024,
-                 on_batch: Optional[Callable[[str, int, float], None]] = None,
-                 on_queue: Optional[Callable[[str, int], None]] = None):
+    def __init__(
+        self,
+        max_batch: int = 64,
+        max_wait_ms: float = 5.0,
+        max_queue: int = 1024,
+        on_batch: Optional[Callable[[str, int, float], None]] = None,
+        on_queue: Optional[Callable[[str, int], None]] = None,
+    ):
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
-        self.settings = dict(max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue, on_batch=on_batch,
-                             on_queue=on_queue)
+        self.settings = dict(
+            max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue, on_batch=on_batch, on_queue=on_queue
+        )
         self.batchers: Dict[str, DynamicBatcher] = {}
 
     def add(self, name: str, run_batch: Callable[[Hashable, List[Any]], List[Any]], **overrides) -> DynamicBatcher:

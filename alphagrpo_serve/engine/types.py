@@ -1,4 +1,5 @@
 """The typed messages between the services and the model thread."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ KINDS = ("generate", "reflect")
 @dataclass(frozen=True)
 class BatchKey:
     """Work items with equal keys share a model batch (their settings are compatible)."""
+
     kind: str  # generate | reflect
     sampling: SamplingConfig  # resolved
     text: TextConfig  # resolved
@@ -27,6 +29,7 @@ class BatchKey:
 @dataclass
 class Work:
     """One item's samples: prompt i drawn with seed i (and, for Reflect, refining image i)."""
+
     prompts: List[str]
     seeds: List[int]
     images: Optional[List[np.ndarray]] = None

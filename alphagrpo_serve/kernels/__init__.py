@@ -4,6 +4,7 @@ Each op dispatches to the native kernel (C++ on CPU, CUDA on GPU) when the exten
 for the tensors' device, and otherwise to its plain-PyTorch twin in `reference` (with a one-time
 warning). `reference` is the specification the native kernels are tested against.
 """
+
 from . import reference
 from ._registry import build_info, have_extension
 from .flow_sde import SdeStep, flow_sde_logprob, flow_sde_step

@@ -2,6 +2,7 @@
 implementations for torch.compile and autograd formulas. Schemas and device kernels live in
 csrc/bindings.cpp.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -29,10 +30,22 @@ def build_info() -> dict:
     'linear_chunk_bytes', 'error'} (cpu_isa: the vectorised CPU loops in use, 'avx512', 'avx2' or
     'scalar'; linear_chunk_bytes: grpo_linear_token_loss's default budget for one chunk's logits)."""
     if _C is None:
-        return {"loaded": False, "with_cuda": False, "cuda_archs": "", "cpu_isa": "", "linear_chunk_bytes": 0,
-                "error": repr(_LOAD_ERROR)}
-    return {"loaded": True, "with_cuda": bool(_C.with_cuda), "cuda_archs": str(_C.cuda_archs),
-            "cpu_isa": str(_C.cpu_isa()), "linear_chunk_bytes": int(_C.linear_chunk_bytes), "error": None}
+        return {
+            "loaded": False,
+            "with_cuda": False,
+            "cuda_archs": "",
+            "cpu_isa": "",
+            "linear_chunk_bytes": 0,
+            "error": repr(_LOAD_ERROR),
+        }
+    return {
+        "loaded": True,
+        "with_cuda": bool(_C.with_cuda),
+        "cuda_archs": str(_C.cuda_archs),
+        "cpu_isa": str(_C.cpu_isa()),
+        "linear_chunk_bytes": int(_C.linear_chunk_bytes),
+        "error": None,
+    }
 
 
 def use_fast_path(op: str, *tensors: Optional[torch.Tensor]) -> bool:
@@ -45,7 +58,9 @@ def use_fast_path(op: str, *tensors: Optional[torch.Tensor]) -> bool:
     if key not in _WARNED:
         _WARNED.add(key)
         why = f"the extension failed to load ({_LOAD_ERROR})" if _C is None else f"it was built without {device.type}"
-        warnings.warn(f"alphagrpo_serve.kernels.{op}: no native kernel ({why}); using the PyTorch reference", stacklevel=3)
+        warnings.warn(
+            f"alphagrpo_serve.kernels.{op}: no native kernel ({why}); using the PyTorch reference", stacklevel=3
+        )
     return False
 
 
@@ -76,30 +91,74 @@ if _C is not None:
         return rewards.new_empty(rewards.shape, dtype=_acc(rewards.dtype))
 
     @torch.library.register_fake(f"{lib}::grpo_token_loss")
-    def _(logits, tokens, advantages, mask, old_logp, ref_logp, temperature, eps_low, eps_high, dual_clip, beta,
-          ratio_level, aggregation, compute_grad):
+    def _(
+        logits,
+        tokens,
+        advantages,
+        mask,
+        old_logp,
+        ref_logp,
+        temperature,
+        eps_low,
+        eps_high,
+        dual_clip,
+        beta,
+        ratio_level,
+        aggregation,
+        compute_grad,
+    ):
         acc = _acc(logits.dtype)
         grad = torch.empty_like(logits) if compute_grad else logits.new_empty((0,))
-        return logits.new_empty((), dtype=acc), logits.new_empty((3,), dtype=acc), \
-            logits.new_empty(logits.shape[:2], dtype=acc), grad
+        return (
+            logits.new_empty((), dtype=acc),
+            logits.new_empty((3,), dtype=acc),
+            logits.new_empty(logits.shape[:2], dtype=acc),
+            grad,
+        )
 
     @torch.library.register_fake(f"{lib}::grpo_linear_token_loss")
-    def _(hidden, weight, bias, tokens, advantages, mask, old_logp, ref_logp, temperature, eps_low, eps_high,
-          dual_clip, beta, ratio_level, aggregation, chunk_tokens, grad_hidden, grad_weight, grad_bias):
+    def _(
+        hidden,
+        weight,
+        bias,
+        tokens,
+        advantages,
+        mask,
+        old_logp,
+        ref_logp,
+        temperature,
+        eps_low,
+        eps_high,
+        dual_clip,
+        beta,
+        ratio_level,
+        aggregation,
+        chunk_tokens,
+        grad_hidden,
+        grad_weight,
+        grad_bias,
+    ):
         acc = _acc(hidden.dtype)
         empty = hidden.new_empty((0,))
-        return (hidden.new_empty((), dtype=acc), hidden.new_empty((3,), dtype=acc),
-                hidden.new_empty(hidden.shape[:2], dtype=acc),
-                hidden.new_empty(hidden.shape) if grad_hidden else empty,
-                weight.new_empty(weight.shape) if grad_weight else weight.new_empty((0,)),
-                bias.new_empty(bias.shape) if grad_bias else empty)
+        return (
+            hidden.new_empty((), dtype=acc),
+            hidden.new_empty((3,), dtype=acc),
+            hidden.new_empty(hidden.shape[:2], dtype=acc),
+            hidden.new_empty(hidden.shape) if grad_hidden else empty,
+            weight.new_empty(weight.shape) if grad_weight else weight.new_empty((0,)),
+            bias.new_empty(bias.shape) if grad_bias else empty,
+        )
 
     @torch.library.register_fake(f"{lib}::flow_grpo_loss")
     def _(logp, old_logp, advantages, kl, clip_range, beta):
         acc = _acc(logp.dtype)
         grad_kl = logp.new_empty(logp.shape, dtype=acc) if kl is not None else logp.new_empty((0,), dtype=acc)
-        return logp.new_empty((), dtype=acc), logp.new_empty((3,), dtype=acc), \
-            logp.new_empty(logp.shape, dtype=acc), grad_kl
+        return (
+            logp.new_empty((), dtype=acc),
+            logp.new_empty((3,), dtype=acc),
+            logp.new_empty(logp.shape, dtype=acc),
+            grad_kl,
+        )
 
     # ---- autograd ------------------------------------------------------------------------------
     def _logprob_setup(ctx, inputs, output):
@@ -111,7 +170,8 @@ if _C is not None:
         x, v, x_next, sigma, sigma_next = ctx.saved_tensors
         need_x = ctx.needs_input_grad[0]
         grad_v, grad_x = torch.ops.alphagrpo.flow_sde_logprob_backward(
-            grad, x, v, x_next, sigma, sigma_next, *ctx.params, need_x)
+            grad, x, v, x_next, sigma, sigma_next, *ctx.params, need_x
+        )
         return (grad_x if need_x else None), grad_v, None, None, None, None, None
 
     torch.library.register_autograd(f"{lib}::flow_sde_logprob", _logprob_backward, setup_context=_logprob_setup)
@@ -132,8 +192,10 @@ if _C is not None:
         if grad_loss is None:
             return (None,) * 14
         if grad_logits.numel() == 0:
-            raise RuntimeError("grpo_token_loss was called with compute_grad=False; call it with compute_grad=True "
-                               "(the Python wrapper does this when logits require grad)")
+            raise RuntimeError(
+                "grpo_token_loss was called with compute_grad=False; call it with compute_grad=True "
+                "(the Python wrapper does this when logits require grad)"
+            )
         # The usual caller backpropagates 1.0 from the loss: hand back the saved buffer itself rather
         # than a second logits-sized copy. The check reads one scalar, so it runs only on plain eager
         # tensors (not under tracing, fake tensors or CUDA-graph capture).
@@ -161,14 +223,17 @@ if _C is not None:
                 grads.append(None)
                 continue
             if not ctx.computed[i]:
-                raise RuntimeError(f"grpo_linear_token_loss was called with {_LINEAR_FLAGS[i]}=False; call it with "
-                                   f"{_LINEAR_FLAGS[i]}=True (the Python wrapper does this when the tensor requires grad)")
+                raise RuntimeError(
+                    f"grpo_linear_token_loss was called with {_LINEAR_FLAGS[i]}=False; call it with "
+                    f"{_LINEAR_FLAGS[i]}=True (the Python wrapper does this when the tensor requires grad)"
+                )
             # as for grpo_token_loss: hand back the buffers themselves when the upstream gradient is 1
             grads.append(g if _can_read_value(grad_loss) and bool(grad_loss == 1) else g * grad_loss.to(g.dtype))
         return (*grads, *(None,) * 16)
 
-    torch.library.register_autograd(f"{lib}::grpo_linear_token_loss", _linear_loss_backward,
-                                    setup_context=_linear_loss_setup)
+    torch.library.register_autograd(
+        f"{lib}::grpo_linear_token_loss", _linear_loss_backward, setup_context=_linear_loss_setup
+    )
 
     def _flow_loss_setup(ctx, inputs, output):
         ctx.set_materialize_grads(False)

@@ -3,6 +3,7 @@
 Shapes: latents x, v, noise are [B, ...] (any trailing shape); sigma and sigma_next are floats or
 [B] tensors (one value per sample, so one batch may hold samples at different timesteps).
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple, Optional, Union
@@ -64,7 +65,9 @@ def _check_schedule(sigma: torch.Tensor, sigma_next: torch.Tensor, noise_level: 
     if not bool(torch.all((sigma > 0) & (sigma <= 1))):
         raise ValueError(f"sigma must be in (0, 1], got {sigma.tolist()}")
     if not bool(torch.all((sigma_next >= 0) & (sigma_next < sigma))):
-        raise ValueError(f"sigma_next must be in [0, sigma), got sigma_next={sigma_next.tolist()} sigma={sigma.tolist()}")
+        raise ValueError(
+            f"sigma_next must be in [0, sigma), got sigma_next={sigma_next.tolist()} sigma={sigma.tolist()}"
+        )
 
 
 def flow_sde_step(
@@ -99,8 +102,9 @@ def flow_sde_step(
     sn = _as_sigma(sigma_next, x.shape[0], x.device, "sigma_next")
     _check_schedule(s, sn, noise_level, sigma_max)
     if use_fast_path("flow_sde_step", x):
-        out = torch.ops.alphagrpo.flow_sde_step(x, v, v_uncond, float(cfg_scale), s, sn, float(noise_level),
-                                                float(sigma_max), noise)
+        out = torch.ops.alphagrpo.flow_sde_step(
+            x, v, v_uncond, float(cfg_scale), s, sn, float(noise_level), float(sigma_max), noise
+        )
     else:
         out = reference.flow_sde_step(x, v, s, sn, noise_level, sigma_max, noise, v_uncond, cfg_scale)
     return SdeStep(*out)

@@ -1,4 +1,5 @@
 """GRPO advantages and losses: typed wrappers over torch.ops.alphagrpo."""
+
 from __future__ import annotations
 
 import math
@@ -31,8 +32,9 @@ def _finite(t: torch.Tensor, name: str) -> None:
         raise ValueError(f"{name} contains non-finite values (NaN or inf)")
 
 
-def grpo_advantages(rewards: torch.Tensor, std_scope: str = "batch", eps: float = 1e-4,
-                    clip: Optional[float] = None) -> torch.Tensor:
+def grpo_advantages(
+    rewards: torch.Tensor, std_scope: str = "batch", eps: float = 1e-4, clip: Optional[float] = None
+) -> torch.Tensor:
     """Group-relative advantages: rewards [P, G] (P prompts x G samples) -> [P, G] float32.
 
     Subtracts each prompt's group mean, then divides by (std + eps) with std the population std of
@@ -75,8 +77,25 @@ def _as_bt(t: Optional[torch.Tensor], shape, name: str, device, ref_name: str = 
     return t
 
 
-def _token_args(B: int, T: int, V: int, device, ref_name: str, tokens, advantages, mask, old_logp, ref_logp,
-                temperature, eps_low, eps_high, dual_clip, beta, ratio_level, aggregation):
+def _token_args(
+    B: int,
+    T: int,
+    V: int,
+    device,
+    ref_name: str,
+    tokens,
+    advantages,
+    mask,
+    old_logp,
+    ref_logp,
+    temperature,
+    eps_low,
+    eps_high,
+    dual_clip,
+    beta,
+    ratio_level,
+    aggregation,
+):
     """Checks the arguments shared by the token losses (each error names its argument); returns
     (advantages, mask, old_logp, ref_logp) as [B, T] floating tensors (mask None: all ones)."""
     if not isinstance(tokens, torch.Tensor) or tokens.dtype != torch.int64:
@@ -85,8 +104,12 @@ def _token_args(B: int, T: int, V: int, device, ref_name: str, tokens, advantage
         raise ValueError(f"tokens must be [{B}, {T}], got {tuple(tokens.shape)}")
     if tokens.device != device:
         raise ValueError(f"tokens must be on the device of {ref_name} ({device}), got {tokens.device}")
-    if (tokens.device.type == "cpu" and not torch.compiler.is_compiling() and tokens.numel()
-            and not bool(((tokens >= 0) & (tokens < V)).all())):
+    if (
+        tokens.device.type == "cpu"
+        and not torch.compiler.is_compiling()
+        and tokens.numel()
+        and not bool(((tokens >= 0) & (tokens < V)).all())
+    ):
         raise IndexError(f"tokens must be in [0, {V}), got values in [{int(tokens.min())}, {int(tokens.max())}]")
     if mask is None:
         mask = torch.ones((B, T), dtype=torch.float32, device=device)
@@ -140,16 +163,60 @@ def grpo_token_loss(
         raise ValueError(f"logits must be [batch, tokens, vocab], got shape {tuple(logits.shape)}")
     B, T, V = logits.shape
     advantages, mask, old_logp, ref_logp = _token_args(
-        B, T, V, logits.device, "logits", tokens, advantages, mask, old_logp, ref_logp, temperature, eps_low,
-        eps_high, dual_clip, beta, ratio_level, aggregation)
+        B,
+        T,
+        V,
+        logits.device,
+        "logits",
+        tokens,
+        advantages,
+        mask,
+        old_logp,
+        ref_logp,
+        temperature,
+        eps_low,
+        eps_high,
+        dual_clip,
+        beta,
+        ratio_level,
+        aggregation,
+    )
     if use_fast_path("grpo_token_loss", logits):
         compute_grad = torch.is_grad_enabled() and logits.requires_grad
         loss, metrics, logp, _ = torch.ops.alphagrpo.grpo_token_loss(
-            logits, tokens, advantages, mask, old_logp, ref_logp, float(temperature), float(eps_low),
-            float(eps_high), dual_clip, float(beta), ratio_level, aggregation, compute_grad)
+            logits,
+            tokens,
+            advantages,
+            mask,
+            old_logp,
+            ref_logp,
+            float(temperature),
+            float(eps_low),
+            float(eps_high),
+            dual_clip,
+            float(beta),
+            ratio_level,
+            aggregation,
+            compute_grad,
+        )
         return LossOutput(loss, metrics, logp)
-    return LossOutput(*reference.grpo_token_loss(logits, tokens, advantages, mask, old_logp, ref_logp, temperature,
-                                                 eps_low, eps_high, dual_clip, beta, ratio_level, aggregation))
+    return LossOutput(
+        *reference.grpo_token_loss(
+            logits,
+            tokens,
+            advantages,
+            mask,
+            old_logp,
+            ref_logp,
+            temperature,
+            eps_low,
+            eps_high,
+            dual_clip,
+            beta,
+            ratio_level,
+            aggregation,
+        )
+    )
 
 
 def grpo_linear_token_loss(
@@ -196,8 +263,9 @@ def grpo_linear_token_loss(
         raise ValueError(f"hidden must be [batch, tokens, hidden], got shape {tuple(hidden.shape)}")
     B, T, H = hidden.shape
     if not isinstance(weight, torch.Tensor) or weight.dtype != hidden.dtype:
-        raise TypeError(f"weight must be a tensor of hidden's dtype ({hidden.dtype}), got "
-                        f"{getattr(weight, 'dtype', type(weight))}")
+        raise TypeError(
+            f"weight must be a tensor of hidden's dtype ({hidden.dtype}), got {getattr(weight, 'dtype', type(weight))}"
+        )
     if weight.dim() != 2 or weight.shape[1] != H or weight.shape[0] == 0:
         raise ValueError(f"weight must be [vocab, {H}] (the LM head), got shape {tuple(weight.shape)}")
     if weight.device != hidden.device:
@@ -205,8 +273,9 @@ def grpo_linear_token_loss(
     V = weight.shape[0]
     if bias is not None:
         if not isinstance(bias, torch.Tensor) or bias.dtype != hidden.dtype:
-            raise TypeError(f"bias must be a tensor of hidden's dtype ({hidden.dtype}), got "
-                            f"{getattr(bias, 'dtype', type(bias))}")
+            raise TypeError(
+                f"bias must be a tensor of hidden's dtype ({hidden.dtype}), got {getattr(bias, 'dtype', type(bias))}"
+            )
         if tuple(bias.shape) != (V,):
             raise ValueError(f"bias must be [{V}], got shape {tuple(bias.shape)}")
         if bias.device != hidden.device:
@@ -214,19 +283,67 @@ def grpo_linear_token_loss(
     if chunk_tokens is not None and (not isinstance(chunk_tokens, int) or chunk_tokens < 1):
         raise ValueError(f"chunk_tokens must be a positive int or None, got {chunk_tokens!r}")
     advantages, mask, old_logp, ref_logp = _token_args(
-        B, T, V, hidden.device, "hidden", tokens, advantages, mask, old_logp, ref_logp, temperature, eps_low,
-        eps_high, dual_clip, beta, ratio_level, aggregation)
+        B,
+        T,
+        V,
+        hidden.device,
+        "hidden",
+        tokens,
+        advantages,
+        mask,
+        old_logp,
+        ref_logp,
+        temperature,
+        eps_low,
+        eps_high,
+        dual_clip,
+        beta,
+        ratio_level,
+        aggregation,
+    )
     if use_fast_path("grpo_linear_token_loss", hidden):
         grad = torch.is_grad_enabled()
         loss, metrics, logp, *_ = torch.ops.alphagrpo.grpo_linear_token_loss(
-            hidden, weight, bias, tokens, advantages, mask, old_logp, ref_logp, float(temperature), float(eps_low),
-            float(eps_high), dual_clip, float(beta), ratio_level, aggregation, chunk_tokens,
-            grad and hidden.requires_grad, grad and weight.requires_grad,
-            grad and bias is not None and bias.requires_grad)
+            hidden,
+            weight,
+            bias,
+            tokens,
+            advantages,
+            mask,
+            old_logp,
+            ref_logp,
+            float(temperature),
+            float(eps_low),
+            float(eps_high),
+            dual_clip,
+            float(beta),
+            ratio_level,
+            aggregation,
+            chunk_tokens,
+            grad and hidden.requires_grad,
+            grad and weight.requires_grad,
+            grad and bias is not None and bias.requires_grad,
+        )
         return LossOutput(loss, metrics, logp)
-    return LossOutput(*reference.grpo_linear_token_loss(
-        hidden, weight, tokens, advantages, mask, bias, old_logp, ref_logp, temperature, eps_low, eps_high,
-        dual_clip, beta, ratio_level, aggregation))
+    return LossOutput(
+        *reference.grpo_linear_token_loss(
+            hidden,
+            weight,
+            tokens,
+            advantages,
+            mask,
+            bias,
+            old_logp,
+            ref_logp,
+            temperature,
+            eps_low,
+            eps_high,
+            dual_clip,
+            beta,
+            ratio_level,
+            aggregation,
+        )
+    )
 
 
 def flow_grpo_loss(
@@ -262,7 +379,8 @@ def flow_grpo_loss(
             raise ValueError(f"{name} must be on the device of logp ({logp.device}), got {t.device}")
         _finite(t.detach(), name)
     if use_fast_path("flow_grpo_loss", logp):
-        loss, metrics, _, _ = torch.ops.alphagrpo.flow_grpo_loss(logp, old_logp, advantages, kl, float(clip_range),
-                                                                 float(beta))
+        loss, metrics, _, _ = torch.ops.alphagrpo.flow_grpo_loss(
+            logp, old_logp, advantages, kl, float(clip_range), float(beta)
+        )
         return LossOutput(loss, metrics)
     return LossOutput(*reference.flow_grpo_loss(logp, old_logp, advantages, clip_range, kl, beta))

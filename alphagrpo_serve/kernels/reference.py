@@ -7,6 +7,7 @@ input's space (x_next, mean, advantages of a half tensor) come back in the input
 
 The formulas follow shared/ARCHITECTURE.md, section "Kernels".
 """
+
 from __future__ import annotations
 
 import math
@@ -206,8 +207,21 @@ def grpo_linear_token_loss(
     grpo_token_loss(hidden @ weight.T (+ bias), ...). hidden [B, T, H]; weight [V, H]; bias [V] or
     None; the rest as grpo_token_loss. Returns (loss [], metrics [3], logp [B, T])."""
     logits = torch.nn.functional.linear(hidden, weight, bias)
-    return grpo_token_loss(logits, tokens, advantages, mask, old_logp, ref_logp, temperature, eps_low, eps_high,
-                           dual_clip, beta, ratio_level, aggregation)
+    return grpo_token_loss(
+        logits,
+        tokens,
+        advantages,
+        mask,
+        old_logp,
+        ref_logp,
+        temperature,
+        eps_low,
+        eps_high,
+        dual_clip,
+        beta,
+        ratio_level,
+        aggregation,
+    )
 
 
 def flow_grpo_loss(

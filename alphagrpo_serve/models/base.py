@@ -14,6 +14,7 @@ Conventions:
 - Seeds are any non-negative integer (requests carry uint64); `seed_streams` is the one place a
   sample's seed becomes torch generator seeds.
 """
+
 from __future__ import annotations
 
 import abc
@@ -24,7 +25,6 @@ import numpy as np
 import torch
 
 from ..sampling.sampler import ImageTrajectory, SamplingConfig, TextConfig
-
 
 SEED_MODULUS = 1 << 64  # torch generators take seeds in [0, 2^64); requests carry uint64 seeds
 
@@ -48,6 +48,7 @@ class TextSample:
 @dataclass
 class Sample:
     """One generated (or refined) image with everything GRPO needs to train on it."""
+
     prompt: str
     image: np.ndarray  # uint8 [H, W, 3]
     thought: str  # the <think> text or critique ('' when the policy wrote none)
@@ -65,6 +66,7 @@ class Sample:
 class CanvasRule:
     """Which image sizes a policy draws: width and height multiples of `multiple` within
     [min_side, max_side]; `default` when a request leaves them unset (0)."""
+
     default: Tuple[int, int]
     multiple: int
     min_side: int
@@ -76,8 +78,9 @@ class CanvasRule:
         h = height or self.default[1]
         for name, v in (("width", w), ("height", h)):
             if v % self.multiple or not self.min_side <= v <= self.max_side:
-                raise ValueError(f"{name} {v} is not allowed: multiples of {self.multiple} in "
-                                 f"[{self.min_side}, {self.max_side}]")
+                raise ValueError(
+                    f"{name} {v} is not allowed: multiples of {self.multiple} in [{self.min_side}, {self.max_side}]"
+                )
         return w, h
 
     def describe(self) -> str:
@@ -163,22 +166,35 @@ class Policy(abc.ABC):
 
     # ---- sampling --------------------------------------------------------------------------------
     @abc.abstractmethod
-    def generate(self, prompts: Sequence[str], seeds: Sequence[int], sampling: SamplingConfig,
-                 text: TextConfig, think: bool = False) -> List[Sample]:
+    def generate(
+        self,
+        prompts: Sequence[str],
+        seeds: Sequence[int],
+        sampling: SamplingConfig,
+        text: TextConfig,
+        think: bool = False,
+    ) -> List[Sample]:
         """Reasoning text-to-image: an optional <think> plan, then an image, one per (prompt, seed).
         Equal prompts in one call share one prefill of their context. sampling must be resolved
         (resolve_sampling). Trajectories come back on the CPU."""
 
     @abc.abstractmethod
-    def reflect(self, prompts: Sequence[str], images: Sequence[np.ndarray], seeds: Sequence[int],
-                sampling: SamplingConfig, text: TextConfig) -> List[Sample]:
+    def reflect(
+        self,
+        prompts: Sequence[str],
+        images: Sequence[np.ndarray],
+        seeds: Sequence[int],
+        sampling: SamplingConfig,
+        text: TextConfig,
+    ) -> List[Sample]:
         """Self-reflective refinement: a critique with an edit instruction, then a refined image.
         Raises CapabilityError when the policy cannot reflect."""
 
     # ---- training-time recompute -------------------------------------------------------------------
     @abc.abstractmethod
-    def token_hidden(self, samples: Sequence[Sample], reflect_images: Optional[Sequence[np.ndarray]] = None
-                     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def token_hidden(
+        self, samples: Sequence[Sample], reflect_images: Optional[Sequence[np.ndarray]] = None
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Teacher-forced final hidden states at the positions that predict each sample's recorded
         text tokens: (hidden [B, T, H], tokens [B, T] int64, mask [B, T] bool), right-padded; a
         sample without text has an all-False row. Differentiable. With lm_head() this feeds the
@@ -196,8 +212,9 @@ class Policy(abc.ABC):
         logits = torch.nn.functional.linear(hidden, w, b).float()
         return logits, tokens, mask
 
-    def token_logps(self, samples: Sequence[Sample], reflect_images=None, temperature: float = 1.0,
-                    chunk_tokens: int = 1024) -> torch.Tensor:
+    def token_logps(
+        self, samples: Sequence[Sample], reflect_images=None, temperature: float = 1.0, chunk_tokens: int = 1024
+    ) -> torch.Tensor:
         """Teacher-forced log_softmax(logits / temperature) at each sample's recorded tokens, [B, T]
         (0 where masked), computed chunk by chunk so that at most chunk_tokens rows of logits live
         at once (large vocabularies)."""
@@ -207,14 +224,15 @@ class Policy(abc.ABC):
         flat_h, flat_t = hidden.reshape(B * T, H), tokens.reshape(B * T)
         parts = []
         for i in range(0, B * T, max(1, chunk_tokens)):
-            logits = torch.nn.functional.linear(flat_h[i:i + chunk_tokens], w, b).float() / temperature
-            parts.append(torch.log_softmax(logits, -1).gather(-1, flat_t[i:i + chunk_tokens, None])[:, 0])
+            logits = torch.nn.functional.linear(flat_h[i : i + chunk_tokens], w, b).float() / temperature
+            parts.append(torch.log_softmax(logits, -1).gather(-1, flat_t[i : i + chunk_tokens, None])[:, 0])
         logp = torch.cat(parts).view(B, T) if parts else torch.zeros(B, T, device=hidden.device)
         return logp * mask
 
     @abc.abstractmethod
-    def guided_velocity(self, samples: Sequence[Sample], k: int,
-                        reflect_images: Optional[Sequence[np.ndarray]] = None) -> torch.Tensor:
+    def guided_velocity(
+        self, samples: Sequence[Sample], k: int, reflect_images: Optional[Sequence[np.ndarray]] = None
+    ) -> torch.Tensor:
         """The velocity at SDE-window step k of each sample's trajectory, with the policy's own
         guidance rule (branches, scales, interval, renormalisation) as at sampling, from each
         sample's recorded SamplingConfig. Differentiable; float32 [B, ...] like the latents."""
@@ -267,8 +285,10 @@ class Policy(abc.ABC):
         w, h = info.capabilities.canvas.resolve(sc.width, sc.height)
         branches = info.capabilities.guidance_branches
         if sc.cfg_img_scale != 1.0 and "image" not in branches:
-            raise CapabilityError(f"cfg_img_scale {sc.cfg_img_scale:g} needs image guidance, which policy "
-                                  f"{info.name!r} does not have (its guidance branches: {list(branches)})")
+            raise CapabilityError(
+                f"cfg_img_scale {sc.cfg_img_scale:g} needs image guidance, which policy "
+                f"{info.name!r} does not have (its guidance branches: {list(branches)})"
+            )
         if sc.cfg_scale != 1.0 and "text" not in branches:
             raise CapabilityError(f"cfg_scale {sc.cfg_scale:g} needs text guidance, which policy {info.name!r} lacks")
         return sc.replace(width=w, height=h)

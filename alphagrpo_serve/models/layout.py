@@ -1,5 +1,6 @@
 """Turns segment lists (models/tasks.py) into the batched tensors TinyUMM reads, the same way for
 training and for inference: tokens, kinds, positions, attention blocks, validity, text labels."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

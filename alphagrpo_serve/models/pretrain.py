@@ -5,6 +5,7 @@ Checkpoints (model, optimiser, step, RNG states) are written atomically every --
 and --resume continues from the last one; the final weights go to a safetensors file with the
 config in its metadata.
 """
+
 from __future__ import annotations
 
 import json
@@ -54,7 +55,9 @@ def training_loss(model: TinyUMM, batch, generator: Optional[torch.Generator] = 
     x = model.embed(batch.tokens, batch.kinds, batch.positions, batch.clean, noisy, t)
     h, _ = model.run(x, attention_mask(batch.blocks, batch.valid))
     logits = model.text_logits(h[:, :-1])
-    text_loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch.labels[:, 1:].reshape(-1), ignore_index=-100)
+    text_loss = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), batch.labels[:, 1:].reshape(-1), ignore_index=-100
+    )
     rows = batch.has_gen
     img_loss = torch.zeros(())
     if bool(rows.any()):
@@ -85,8 +88,11 @@ def pretrain(cfg: PretrainConfig, out_dir: str, resume: bool = False, progress: 
     model = TinyUMM(mcfg)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.99))
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr,
+        betas=(0.9, 0.99),
+    )
     maker = ExampleMaker(tok, seed=cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     step, log = 0, []
@@ -111,13 +117,25 @@ def pretrain(cfg: PretrainConfig, out_dir: str, resume: bool = False, progress: 
         return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
 
     def checkpoint():
-        save_torch_atomic({"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "log": log,
-                      "maker_rng": maker.rng.bit_generator.state, "sampler_rng": maker.sampler.rng.bit_generator.state,
-                      "torch_gen": gen.get_state(), "pools": pools, "config": cfg.__dict__}, ckpt_path)
+        save_torch_atomic(
+            {
+                "model": model.state_dict(),
+                "opt": opt.state_dict(),
+                "step": step,
+                "log": log,
+                "maker_rng": maker.rng.bit_generator.state,
+                "sampler_rng": maker.sampler.rng.bit_generator.state,
+                "torch_gen": gen.get_state(),
+                "pools": pools,
+                "config": cfg.__dict__,
+            },
+            ckpt_path,
+        )
 
     start = time.time()
     bar = tqdm(total=cfg.steps, initial=step, desc="pretrain", disable=not progress, dynamic_ncols=True)
     model.train()
+
     def next_batch():
         while True:
             ex = maker()
@@ -138,8 +156,15 @@ def pretrain(cfg: PretrainConfig, out_dir: str, resume: bool = False, progress: 
         opt.step()
         step += 1
         elapsed = elapsed0 + time.time() - start
-        log.append({"step": step, "img_loss": float(img_loss.detach()), "text_loss": float(text_loss.detach()),
-                    "grad_norm": float(gnorm), "elapsed_s": elapsed})
+        log.append(
+            {
+                "step": step,
+                "img_loss": float(img_loss.detach()),
+                "text_loss": float(text_loss.detach()),
+                "grad_norm": float(gnorm),
+                "elapsed_s": elapsed,
+            }
+        )
         bar.update(1)
         bar.set_postfix(img=f"{float(img_loss.detach()):.4f}", text=f"{float(text_loss.detach()):.3f}")
         if step % cfg.ckpt_every == 0 or step == cfg.steps:

@@ -1,5 +1,6 @@
 """Policy registry: name -> (module, class), imported lazily so that a deployment pays only for
 the model it serves. Adding a model is one line here (docs/adding_a_policy.md)."""
+
 from __future__ import annotations
 
 import importlib
@@ -53,8 +54,9 @@ def parse_device(name: Optional[str]) -> torch.device:
     return dev
 
 
-def load_policy(name: str = "tiny", path: Optional[str] = None, device: Optional[str] = "cpu",
-                dtype: Optional[str] = None):
+def load_policy(
+    name: str = "tiny", path: Optional[str] = None, device: Optional[str] = "cpu", dtype: Optional[str] = None
+):
     """Loads policy `name` from `path` (None: its default) onto device in dtype."""
     cls = policy_class(name)
     return cls.load(path, device=str(parse_device(device)), dtype=parse_dtype(dtype))

@@ -10,6 +10,7 @@ targets, ("image", pixels) for a clean input image, and a final ("gen", pixels) 
 draw. With probability cfg_drop the conditioning of a drawing task is dropped (the unconditional
 branch of classifier-free guidance): ("text", [<bos> <user> <assistant> <img>]) + ("gen", ...).
 """
+
 from __future__ import annotations
 
 from collections import Counter
@@ -80,7 +81,9 @@ def flaw(spec: Spec, scene: Scene, rng: np.random.Generator) -> Tuple[Scene, str
         else:
             objs = _add_object(objs, (o.shape, o.color), canvas, rng) or objs[:-1]
         noun = PLURALS[g.shape] if g.count > 1 else g.shape
-        return Scene(objs, canvas), f"there should be {NUMBER_WORDS[g.count]} {(g.color + ' ') if g.color else ''}{noun}"
+        return Scene(
+            objs, canvas
+        ), f"there should be {NUMBER_WORDS[g.count]} {(g.color + ' ') if g.color else ''}{noun}"
     if kind == "extra":
         pair = (SHAPES[rng.integers(3)], COLORS[rng.integers(6)])
         added = _add_object(objs, pair, canvas, rng)
@@ -95,7 +98,9 @@ def _add_object(objs: List[Obj], pair, canvas: int, rng) -> Optional[List[Obj]]:
     lo, hi = size_range(canvas)
     for _ in range(200):
         r = float(rng.uniform(lo, lo + (hi - lo) * 0.4))
-        o = Obj(pair[0], pair[1], float(rng.uniform(r + 1, canvas - r - 1)), float(rng.uniform(r + 1, canvas - r - 1)), r)
+        o = Obj(
+            pair[0], pair[1], float(rng.uniform(r + 1, canvas - r - 1)), float(rng.uniform(r + 1, canvas - r - 1)), r
+        )
         if all(not overlaps(o, p, canvas / 16) for p in objs):
             return objs + [o]
     return None
@@ -115,8 +120,15 @@ class Example:
 class ExampleMaker:
     """Random pretraining examples; never draws a held-out prompt (grammar.is_heldout)."""
 
-    def __init__(self, tokenizer, seed: int = 0, canvas: int = 32, cfg_drop: float = 0.1,
-                 mix: Tuple[float, float, float, float] = (0.45, 0.2, 0.25, 0.1), jitter: float = 6.0):
+    def __init__(
+        self,
+        tokenizer,
+        seed: int = 0,
+        canvas: int = 32,
+        cfg_drop: float = 0.1,
+        mix: Tuple[float, float, float, float] = (0.45, 0.2, 0.25, 0.1),
+        jitter: float = 6.0,
+    ):
         self.tok, self.canvas, self.cfg_drop, self.jitter = tokenizer, canvas, cfg_drop, jitter
         self.rng = np.random.default_rng(seed)
         self.sampler = PromptSampler(seed=int(self.rng.integers(2**31)))
@@ -146,20 +158,39 @@ class ExampleMaker:
         scene = scene_for_spec(spec, rng, self.canvas)
         target = self._render(scene)
         if task == "caption":
-            return Example(task, [("text", [t.bos_id, t.user_id, t.img_id], False), ("image", target),
-                                  ("text", [t.img_end_id] + t.encode("describe") + [t.assistant_id], False),
-                                  ("text", t.encode(describe(scene.objects)) + [t.eos_id], True)])
+            return Example(
+                task,
+                [
+                    ("text", [t.bos_id, t.user_id, t.img_id], False),
+                    ("image", target),
+                    ("text", [t.img_end_id] + t.encode("describe") + [t.assistant_id], False),
+                    ("text", t.encode(describe(scene.objects)) + [t.eos_id], True),
+                ],
+            )
         if rng.random() < self.cfg_drop:
             return self._uncond(target)
         head = [t.bos_id, t.user_id] + t.encode(prompt)
         if task == "reflect":
             flawed, fix = flaw(spec, scene, rng)
-            return Example(task, [("text", head + [t.img_id], False), ("image", self._render(flawed)),
-                                  ("text", [t.img_end_id, t.assistant_id, t.think_id], False),
-                                  ("text", t.encode(critique_text(flawed, fix, thought)) + [t.think_end_id], True),
-                                  ("text", [t.img_id], False), ("gen", target)])
+            return Example(
+                task,
+                [
+                    ("text", head + [t.img_id], False),
+                    ("image", self._render(flawed)),
+                    ("text", [t.img_end_id, t.assistant_id, t.think_id], False),
+                    ("text", t.encode(critique_text(flawed, fix, thought)) + [t.think_end_id], True),
+                    ("text", [t.img_id], False),
+                    ("gen", target),
+                ],
+            )
         if task == "implicit" or rng.random() < 0.5:
-            return Example(task, [("text", head + [t.assistant_id, t.think_id], False),
-                                  ("text", t.encode(thought) + [t.think_end_id], True),
-                                  ("text", [t.img_id], False), ("gen", target)])
+            return Example(
+                task,
+                [
+                    ("text", head + [t.assistant_id, t.think_id], False),
+                    ("text", t.encode(thought) + [t.think_end_id], True),
+                    ("text", [t.img_id], False),
+                    ("gen", target),
+                ],
+            )
         return Example(task, [("text", head + [t.assistant_id, t.img_id], False), ("gen", target)])

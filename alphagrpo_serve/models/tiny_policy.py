@@ -9,6 +9,7 @@ the full sequence in one pass; a test checks both paths agree.
 Guidance rule: one unconditional branch ("text"), v = v_u + cfg_scale (v_c - v_u), on the steps
 whose sigma lies in cfg_interval (both ends included), when cfg_scale != 1; no renormalisation.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,7 +21,7 @@ import torch
 import torch.nn as nn
 
 from ..sampling.sampler import SamplingConfig, TextConfig, sample_images
-from .base import Capabilities, CanvasRule, ModulePolicy, PolicyInfo, Sample, TextSample, seed_streams
+from .base import CanvasRule, Capabilities, ModulePolicy, PolicyInfo, Sample, TextSample, seed_streams
 from .layout import Batch, collate, to_uint8
 from .tiny_umm import KIND_NOISY, KIND_TEXT, TinyUMM, TinyUMMConfig, attention_mask, patchify, timestep_embedding
 from .tokenizer import Tokenizer
@@ -94,18 +95,52 @@ class TinyPolicy(ModulePolicy):
     def info(self) -> PolicyInfo:
         c, t = self.model.cfg, self.tok
         return PolicyInfo(
-            name=self.name, parameters=sum(p.numel() for p in self.model.parameters()), dtype=self.dtype,
-            device=self.device, vocab_size=c.vocab_size,
-            special_tokens={"bos": t.bos_id, "eos": t.eos_id, "pad": t.pad_id, "think": t.think_id,
-                            "think_end": t.think_end_id, "img": t.img_id},
-            capabilities=Capabilities(think=True, reflect=True, understanding=True, guidance_branches=("text",),
-                                      lora=True, canvas=CanvasRule((c.canvas, c.canvas), c.canvas, c.canvas, c.canvas)),
-            generate_defaults=SamplingConfig(steps=20, mode="ode", noise_level=0.7, sde_window=(0, 4), cfg_scale=3.0,
-                                             cfg_interval=(0.0, 1.0), shift=2.0, width=c.canvas, height=c.canvas),
-            reflect_defaults=SamplingConfig(steps=20, mode="ode", noise_level=0.7, sde_window=(0, 4), cfg_scale=3.0,
-                                            cfg_interval=(0.0, 1.0), shift=2.0, width=c.canvas, height=c.canvas),
+            name=self.name,
+            parameters=sum(p.numel() for p in self.model.parameters()),
+            dtype=self.dtype,
+            device=self.device,
+            vocab_size=c.vocab_size,
+            special_tokens={
+                "bos": t.bos_id,
+                "eos": t.eos_id,
+                "pad": t.pad_id,
+                "think": t.think_id,
+                "think_end": t.think_end_id,
+                "img": t.img_id,
+            },
+            capabilities=Capabilities(
+                think=True,
+                reflect=True,
+                understanding=True,
+                guidance_branches=("text",),
+                lora=True,
+                canvas=CanvasRule((c.canvas, c.canvas), c.canvas, c.canvas, c.canvas),
+            ),
+            generate_defaults=SamplingConfig(
+                steps=20,
+                mode="ode",
+                noise_level=0.7,
+                sde_window=(0, 4),
+                cfg_scale=3.0,
+                cfg_interval=(0.0, 1.0),
+                shift=2.0,
+                width=c.canvas,
+                height=c.canvas,
+            ),
+            reflect_defaults=SamplingConfig(
+                steps=20,
+                mode="ode",
+                noise_level=0.7,
+                sde_window=(0, 4),
+                cfg_scale=3.0,
+                cfg_interval=(0.0, 1.0),
+                shift=2.0,
+                width=c.canvas,
+                height=c.canvas,
+            ),
             text_defaults=TextConfig(temperature=1.0, top_p=1.0, max_tokens=40),
-            prompt_domain="shapes")
+            prompt_domain="shapes",
+        )
 
     def tokenize(self, text: str) -> List[int]:
         return self.tok.encode(text)
@@ -119,8 +154,11 @@ class TinyPolicy(ModulePolicy):
         t = self.tok
         head = [t.bos_id, t.user_id] + t.encode(prompt)
         if image is not None:
-            return [("text", head + [t.img_id], False), ("image", image),
-                    ("text", [t.img_end_id, t.assistant_id, t.think_id], False)]
+            return [
+                ("text", head + [t.img_id], False),
+                ("image", image),
+                ("text", [t.img_end_id, t.assistant_id, t.think_id], False),
+            ]
         return [("text", head + [t.assistant_id] + ([t.think_id] if think else [t.img_id]), False)]
 
     def check_context(self, prompts, text: TextConfig, think: bool, reflect: bool = False) -> None:
@@ -134,8 +172,10 @@ class TinyPolicy(ModulePolicy):
             segs = self.prefix(p, think or reflect, image)
             used = sum(len(seg[1]) if seg[0] == "text" else n_patches for seg in segs)
             if used + budget > c.max_positions:
-                raise ValueError(f"prompts[{i}] is too long for the tiny UMM: {used} context positions + {budget} for "
-                                 f"the thought exceed its {c.max_positions} (shorten it or lower max_thought_tokens)")
+                raise ValueError(
+                    f"prompts[{i}] is too long for the tiny UMM: {used} context positions + {budget} for "
+                    f"the thought exceed its {c.max_positions} (shorten it or lower max_thought_tokens)"
+                )
 
     def uncond_prefix(self) -> list:
         t = self.tok
@@ -157,8 +197,9 @@ class TinyPolicy(ModulePolicy):
 
     @staticmethod
     def _context_key(segs) -> tuple:
-        return tuple((seg[0], tuple(seg[1])) if seg[0] == "text" else (seg[0], np.asarray(seg[1]).tobytes())
-                     for seg in segs)
+        return tuple(
+            (seg[0], tuple(seg[1])) if seg[0] == "text" else (seg[0], np.asarray(seg[1]).tobytes()) for seg in segs
+        )
 
     def _encode(self, segs):
         """Runs the contexts (left-padded); returns (hidden, past, key_valid, next_position).
@@ -180,8 +221,9 @@ class TinyPolicy(ModulePolicy):
 
     # ---- text sampling --------------------------------------------------------------------------
     @torch.no_grad()
-    def sample_text(self, prefixes: Sequence[list], generators: Sequence[torch.Generator],
-                    text: TextConfig) -> List[TextSample]:
+    def sample_text(
+        self, prefixes: Sequence[list], generators: Sequence[torch.Generator], text: TextConfig
+    ) -> List[TextSample]:
         """Samples until </think> or <eos> per row. Log-probs of log_softmax(logits / T) with T =
         text.logp_temperature; temperature 0 picks the most likely token."""
         m, t = self.model, self.tok
@@ -231,8 +273,11 @@ class TinyPolicy(ModulePolicy):
         n = cfg.n_patches
         dt = self.dtype
         # exactly TinyUMM.embed's image slots: patch + 2D position + timestep embeddings
-        e = m.patch_in(patchify(x_t, cfg.patch).to(dt)) + m.patch_pos \
+        e = (
+            m.patch_in(patchify(x_t, cfg.patch).to(dt))
+            + m.patch_pos
             + m.t_mlp(timestep_embedding(sigma).to(dt))[:, None, :]
+        )
         mask = torch.cat([key_valid, torch.ones(B, n, dtype=torch.bool, device=x_t.device)], dim=1)[:, None, None, :]
         h, _ = m.run(e, mask, past)
         return m.velocity(h, x_t).float()
@@ -262,8 +307,9 @@ class TinyPolicy(ModulePolicy):
         # the starting noise comes from a CPU generator (the same images for a seed on any device);
         # the SDE noise from one generator per sample on the policy's device
         image_seeds = [seed_streams(s, 2)[0] for s in seeds]  # stream 0: image noise; 1: text
-        noise0 = torch.stack([torch.randn(3, c.canvas, c.canvas, generator=torch.Generator().manual_seed(s))
-                              for s in image_seeds]).to(dev)
+        noise0 = torch.stack(
+            [torch.randn(3, c.canvas, c.canvas, generator=torch.Generator().manual_seed(s)) for s in image_seeds]
+        ).to(dev)
         gens = [torch.Generator(device=dev).manual_seed(s) for s in image_seeds]
         if dev.type == "cpu":  # on the CPU the SDE noise continues the starting noise's stream (as before devices)
             for g in gens:
@@ -296,9 +342,22 @@ class TinyPolicy(ModulePolicy):
             contexts = prefixes
         x0, trajs = self._draw(contexts, seeds, sampling)
         images = to_uint8(x0)
-        return [Sample(p, images[i], texts[i].text, texts[i], trajs[i].to("cpu"), int(seeds[i]), sampling, text,
-                       think=think, reflect=reflect, policy_version=self.version)
-                for i, p in enumerate(prompts)]
+        return [
+            Sample(
+                p,
+                images[i],
+                texts[i].text,
+                texts[i],
+                trajs[i].to("cpu"),
+                int(seeds[i]),
+                sampling,
+                text,
+                think=think,
+                reflect=reflect,
+                policy_version=self.version,
+            )
+            for i, p in enumerate(prompts)
+        ]
 
     # ---- training-time recompute ------------------------------------------------------------------
     def _full_segments(self, s: Sample, reflect_image=None) -> list:
@@ -345,8 +404,9 @@ class TinyPolicy(ModulePolicy):
         dev = self.device
         x_t = torch.stack([s.trajectory.latents[k] for s in samples]).to(dev)
         sigma = torch.stack([s.trajectory.sigmas[k] for s in samples]).float().to(dev)
-        segs = [self._full_segments(s, None if reflect_images is None else reflect_images[i])
-                for i, s in enumerate(samples)]
+        segs = [
+            self._full_segments(s, None if reflect_images is None else reflect_images[i]) for i, s in enumerate(samples)
+        ]
         v = self._branch_velocity(segs, x_t, sigma)
         guided = [i for i, s in enumerate(samples) if self._guides(s.sampling, float(s.trajectory.sigmas[k]))]
         if not guided:
@@ -470,4 +530,3 @@ class TinyPolicy(ModulePolicy):
         tensors = {k: v.detach().float().contiguous().cpu() for k, v in self.merged_weights().items()}
         write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
         return path
-

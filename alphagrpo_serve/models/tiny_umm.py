@@ -10,6 +10,7 @@ Images are 32x32 RGB in [-1, 1], cut into 4x4 patches (64 tokens). Noisy patches
 timestep embedding; the velocity head predicts per patch and a small convolution over the
 reassembled image smooths patch seams. Flow matching: x_t = (1 - t) x0 + t eps, v = eps - x0.
 """
+
 from __future__ import annotations
 
 import math
@@ -77,11 +78,11 @@ class Block(nn.Module):
         self.qkv = nn.Linear(w, 3 * w)
         self.proj = nn.Linear(w, w)
         self.ln2 = nn.LayerNorm(w)
-        self.mlp = nn.Sequential(nn.Linear(w, cfg.mlp_ratio * w), nn.GELU(approximate="tanh"),
-                                 nn.Linear(cfg.mlp_ratio * w, w))
+        self.mlp = nn.Sequential(
+            nn.Linear(w, cfg.mlp_ratio * w), nn.GELU(approximate="tanh"), nn.Linear(cfg.mlp_ratio * w, w)
+        )
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor,
-                past: Optional[Tuple[torch.Tensor, torch.Tensor]] = None):
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, past: Optional[Tuple[torch.Tensor, torch.Tensor]] = None):
         """x [B, L, W]; mask [B, 1, L, L_past + L] (True = may attend); past (k, v) [B, H, L_past, d]."""
         B, L, W = x.shape
         q, k, v = self.qkv(self.ln1(x)).view(B, L, 3, self.heads, W // self.heads).permute(2, 0, 3, 1, 4)
@@ -114,9 +115,15 @@ class TinyUMM(nn.Module):
         if cfg.decoder == "conv":
             g = cfg.canvas // cfg.patch
             self.grid = g
-            self.decode = nn.Sequential(nn.Conv2d(w, 64, 3, padding=1), nn.SiLU(),
-                                        nn.ConvTranspose2d(64, 32, cfg.patch, stride=cfg.patch), nn.SiLU())
-            self.refine = nn.Sequential(nn.Conv2d(32 + 3 + 3, 32, 3, padding=1), nn.SiLU(), nn.Conv2d(32, 3, 3, padding=1))
+            self.decode = nn.Sequential(
+                nn.Conv2d(w, 64, 3, padding=1),
+                nn.SiLU(),
+                nn.ConvTranspose2d(64, 32, cfg.patch, stride=cfg.patch),
+                nn.SiLU(),
+            )
+            self.refine = nn.Sequential(
+                nn.Conv2d(32 + 3 + 3, 32, 3, padding=1), nn.SiLU(), nn.Conv2d(32, 3, 3, padding=1)
+            )
         nn.init.zeros_(self.refine[2].weight)
         nn.init.zeros_(self.refine[2].bias)
         self.apply(self._init)
@@ -131,9 +138,15 @@ class TinyUMM(nn.Module):
             nn.init.normal_(m.weight, std=0.02)
 
     # ---- embedding of a layout ----------------------------------------------------------------
-    def embed(self, tokens: torch.Tensor, kinds: torch.Tensor, positions: torch.Tensor,
-              clean: Optional[torch.Tensor] = None, noisy: Optional[torch.Tensor] = None,
-              t: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def embed(
+        self,
+        tokens: torch.Tensor,
+        kinds: torch.Tensor,
+        positions: torch.Tensor,
+        clean: Optional[torch.Tensor] = None,
+        noisy: Optional[torch.Tensor] = None,
+        t: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
         """tokens, kinds, positions [B, L]; clean [B, n_patches, patch_dim] for the rows' KIND_CLEAN
         slots (one image per row that has them); noisy likewise for KIND_NOISY slots, t [B] their times.
         Text slots get token + position + kind embeddings; image slots are replaced by patch + 2D patch
@@ -173,8 +186,12 @@ class TinyUMM(nn.Module):
         return coarse + self.refine(torch.cat([feats, coarse, x_t], dim=1))
 
 
-def attention_mask(blocks: torch.Tensor, valid: torch.Tensor, key_blocks: Optional[torch.Tensor] = None,
-                   key_valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+def attention_mask(
+    blocks: torch.Tensor,
+    valid: torch.Tensor,
+    key_blocks: Optional[torch.Tensor] = None,
+    key_valid: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
     """[B, 1, Lq, Lk] bool: query i may attend key j when key_block[j] <= block[i] and j is valid."""
     kb = blocks if key_blocks is None else key_blocks
     kv = valid if key_valid is None else key_valid

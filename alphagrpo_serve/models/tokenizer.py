@@ -3,6 +3,7 @@
 Words come from every prompt of the grammar, every implicit prompt and the critique templates
 (models/tasks.py), so the vocabulary is closed and fixed; anything else maps to <unk>.
 """
+
 from __future__ import annotations
 
 import re
@@ -35,7 +36,11 @@ class Tokenizer:
         self.pad_id, self.bos_id, self.eos_id = self.index["<pad>"], self.index["<bos>"], self.index["<eos>"]
         self.think_id, self.think_end_id = self.index["<think>"], self.index["</think>"]
         self.img_id, self.img_end_id = self.index["<img>"], self.index["</img>"]
-        self.user_id, self.assistant_id, self.unk_id = self.index["<user>"], self.index["<assistant>"], self.index["<unk>"]
+        self.user_id, self.assistant_id, self.unk_id = (
+            self.index["<user>"],
+            self.index["<assistant>"],
+            self.index["<unk>"],
+        )
 
     def __len__(self) -> int:
         return len(self.vocab)

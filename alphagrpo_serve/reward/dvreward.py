@@ -2,6 +2,7 @@
 aggregate: S = mean semantic score, Q = mean quality score, reward = sqrt(S * Q) (the paper's
 rule; `mean` and `weighted` are options). Decompositions depend only on the prompt and are cached.
 """
+
 from __future__ import annotations
 
 import math
@@ -77,8 +78,14 @@ class DecompositionCache:
 class DVReward:
     """reward = DVReward(decomposer, verifier); results = reward(prompts, images)."""
 
-    def __init__(self, decomposer: Decomposer, verifier: Verifier, aggregation: str = "geometric",
-                 semantic_weight: float = 0.5, cache: Optional[DecompositionCache] = None):
+    def __init__(
+        self,
+        decomposer: Decomposer,
+        verifier: Verifier,
+        aggregation: str = "geometric",
+        semantic_weight: float = 0.5,
+        cache: Optional[DecompositionCache] = None,
+    ):
         if aggregation not in AGGREGATIONS:
             raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
         self.decomposer, self.verifier = decomposer, verifier

@@ -3,6 +3,7 @@ and a verifier that answers from the detector with graded probabilities of "yes"
 (one object too many, a shape barely on the wrong side, a colour one step off) scores between a
 failure and a success.
 """
+
 from __future__ import annotations
 
 import math
@@ -45,19 +46,35 @@ def questions_for_spec(spec: Spec) -> List[Question]:
         add(f"Is there a {_noun(g)} in the image?", "semantic", "Existence", {"op": "exists", **_group_check(g)})
         if g.exact:
             plural = " ".join(([g.color] if g.color else []) + [PLURALS[g.shape] if g.count > 1 else g.shape])
-            add(f"Are there exactly {NUMBER_WORDS[g.count]} {plural}?", "semantic", "Count",
-                {"op": "count", **_group_check(g)})
+            add(
+                f"Are there exactly {NUMBER_WORDS[g.count]} {plural}?",
+                "semantic",
+                "Count",
+                {"op": "count", **_group_check(g)},
+            )
         if g.color:
             add(f"Is the {g.shape} {g.color}?", "semantic", "Attribute", {"op": "color", **_group_check(g)})
     if spec.relation is not None:
         a, b = spec.groups
-        add(f"Is the {_noun(a)} {_REL_TEXT[spec.relation]} the {_noun(b)}?", "semantic", "Spatial",
-            {"op": "relation", "a": _group_check(a), "b": _group_check(b), "relation": spec.relation})
-    add("Are all the shapes well formed (clean circles, squares and triangles)?", "quality", "Geometry",
-        {"op": "well_formed"})
+        add(
+            f"Is the {_noun(a)} {_REL_TEXT[spec.relation]} the {_noun(b)}?",
+            "semantic",
+            "Spatial",
+            {"op": "relation", "a": _group_check(a), "b": _group_check(b), "relation": spec.relation},
+        )
+    add(
+        "Are all the shapes well formed (clean circles, squares and triangles)?",
+        "quality",
+        "Geometry",
+        {"op": "well_formed"},
+    )
     add("Is the background clean, free of specks and smudges?", "quality", "Texture", {"op": "clean_background"})
-    add("Does the image hold only the objects the prompt asks for?", "quality", "Coherence",
-        {"op": "no_extra", "groups": [_group_check(g) for g in spec.groups]})
+    add(
+        "Does the image hold only the objects the prompt asks for?",
+        "quality",
+        "Coherence",
+        {"op": "no_extra", "groups": [_group_check(g) for g in spec.groups]},
+    )
     return qs
 
 
@@ -146,8 +163,9 @@ class DetectorVerifier:
                 for j, b in enumerate(objs):
                     if i == j:
                         continue
-                    d = {"left of": b.cx - a.cx, "right of": a.cx - b.cx, "above": b.cy - a.cy,
-                         "below": a.cy - b.cy}[c["relation"]] / canvas
+                    d = {"left of": b.cx - a.cx, "right of": a.cx - b.cx, "above": b.cy - a.cy, "below": a.cy - b.cy}[
+                        c["relation"]
+                    ] / canvas
                     s = ma[i] * mb[j] * _sigmoid((d - RELATION_MARGIN) / self.relation_softness)
                     best = max(best, s)
             return best

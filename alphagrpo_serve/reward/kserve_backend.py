@@ -9,6 +9,7 @@ process), one request per image, at most `concurrency` in flight, each with a ti
 (INVALID_ARGUMENT) is a ValueError naming it (the server answers INVALID_ARGUMENT in turn); any
 other failure is a BackendError naming the server and the model (UNAVAILABLE).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -27,6 +28,7 @@ from .types import Answer, Question, RewardResult
 @dataclass
 class KServeEndpoint:
     """A KServe v2 gRPC server and the verifier model on it."""
+
     url: str  # HOST:PORT
     model: str  # the verifier model (alphagrpo_verify signature)
     token: Optional[str] = None  # sent as `authorization: Bearer <token>`
@@ -67,9 +69,12 @@ class KServeReward:
         import tritonclient.grpc.aio as tc
 
         limit = self.ep.max_message_mb * 1024 * 1024
-        client = tc.InferenceServerClient(self.ep.url, ssl=bool(self.ep.ca_cert), root_certificates=self.ep.ca_cert,
-                                          channel_args=[("grpc.max_send_message_length", limit),
-                                                        ("grpc.max_receive_message_length", limit)])
+        client = tc.InferenceServerClient(
+            self.ep.url,
+            ssl=bool(self.ep.ca_cert),
+            root_certificates=self.ep.ca_cert,
+            channel_args=[("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit)],
+        )
         return client, asyncio.Semaphore(self.ep.concurrency)
 
     def _run(self, coro):
@@ -100,8 +105,10 @@ class KServeReward:
                         raise ValueError(exc.message()) from None
                     if not status.endswith("UNAVAILABLE") or attempt == self.ep.retries:
                         tries = f" after {attempt + 1} attempts" if attempt else ""
-                        raise BackendError(f"KServe {self.ep.url} (model {model!r}){tries}: "
-                                           f"{status.replace('StatusCode.', '') or 'error'}: {exc.message()}") from None
+                        raise BackendError(
+                            f"KServe {self.ep.url} (model {model!r}){tries}: "
+                            f"{status.replace('StatusCode.', '') or 'error'}: {exc.message()}"
+                        ) from None
                 self.retried += 1
                 await asyncio.sleep(delay * (1 + 0.25 * random.random()))
                 delay *= 2
@@ -128,17 +135,26 @@ class KServeReward:
         for name in ("reward", "semantic", "quality"):
             arr = res.as_numpy(name)
             if arr is None or arr.size != 1:
-                raise BackendError(f"KServe {self.ep}: the response has no {name} [1] output (is it a verifier with "
-                                   f"the alphagrpo_verify signature?)")
+                raise BackendError(
+                    f"KServe {self.ep}: the response has no {name} [1] output (is it a verifier with "
+                    f"the alphagrpo_verify signature?)"
+                )
             values[name] = float(arr.reshape(-1)[0])
         answers, failed = [], 0
         raw = res.as_numpy("breakdown")
         if raw is not None and raw.size:
             try:
                 b = json.loads(raw.reshape(-1)[0])
-                answers = [Answer(Question(a["id"], a["question"], a["kind"], a["tag"]), a.get("score"),
-                                  a.get("answer", ""), bool(a.get("failed", False)), a.get("detail", ""))
-                           for a in b.get("answers", [])]
+                answers = [
+                    Answer(
+                        Question(a["id"], a["question"], a["kind"], a["tag"]),
+                        a.get("score"),
+                        a.get("answer", ""),
+                        bool(a.get("failed", False)),
+                        a.get("detail", ""),
+                    )
+                    for a in b.get("answers", [])
+                ]
                 failed = int(b.get("failed", 0))
             except (ValueError, KeyError, TypeError) as exc:
                 raise BackendError(f"KServe {self.ep}: malformed breakdown output ({exc})") from None
@@ -148,8 +164,10 @@ class KServeReward:
         res = await self._infer(self.ep.decompose_model, self._inputs(prompt))
         cols = [res.as_numpy(n) for n in ("question_ids", "questions", "kinds", "tags")]
         if any(c is None for c in cols):
-            raise BackendError(f"KServe {self.ep.url}: model {self.ep.decompose_model!r} lacks the alphagrpo_decompose "
-                               f"outputs (question_ids, questions, kinds, tags)")
+            raise BackendError(
+                f"KServe {self.ep.url}: model {self.ep.decompose_model!r} lacks the alphagrpo_decompose "
+                f"outputs (question_ids, questions, kinds, tags)"
+            )
         try:
             return [Question(*(v.decode("utf-8") for v in row)) for row in zip(*(c.reshape(-1) for c in cols))]
         except (ValueError, UnicodeDecodeError) as exc:

@@ -10,6 +10,7 @@ finally fails is marked failed in the breakdown (excluded from S and Q, counted)
 
 The instruction texts below are the project's own; docs/openai_reward.md explains them.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -51,6 +52,7 @@ class BackendError(RuntimeError):
 @dataclass
 class Endpoint:
     """One OpenAI-compatible server and model. url: the API base, e.g. http://127.0.0.1:8000/v1."""
+
     url: str
     model: str
     api_key: Optional[str] = None
@@ -92,9 +94,14 @@ class ChatClient:
             entry = self._clients.get(id(loop))
             if entry is None or entry[0] is not loop:
                 headers = {"Authorization": f"Bearer {self.ep.api_key}"} if self.ep.api_key else {}
-                limits = httpx.Limits(max_connections=self.ep.concurrency, max_keepalive_connections=self.ep.concurrency)
-                entry = (loop, httpx.AsyncClient(timeout=self.ep.timeout_s, headers=headers, limits=limits),
-                         asyncio.Semaphore(self.ep.concurrency))
+                limits = httpx.Limits(
+                    max_connections=self.ep.concurrency, max_keepalive_connections=self.ep.concurrency
+                )
+                entry = (
+                    loop,
+                    httpx.AsyncClient(timeout=self.ep.timeout_s, headers=headers, limits=limits),
+                    asyncio.Semaphore(self.ep.concurrency),
+                )
                 self._clients[id(loop)] = entry
         return entry[1], entry[2]
 
@@ -168,8 +175,15 @@ class OpenAIDecomposer:
 
     cache_path: a JSONL file of {"prompt", "questions"} rows, read at start and appended to."""
 
-    def __init__(self, endpoint: Endpoint, attempts: int = 3, cache_path: Optional[str] = None,
-                 instructions: str = DECOMPOSE_INSTRUCTIONS, max_tokens: int = 1024, temperature: float = 0.0):
+    def __init__(
+        self,
+        endpoint: Endpoint,
+        attempts: int = 3,
+        cache_path: Optional[str] = None,
+        instructions: str = DECOMPOSE_INSTRUCTIONS,
+        max_tokens: int = 1024,
+        temperature: float = 0.0,
+    ):
         if attempts < 1:
             raise ValueError(f"attempts must be >= 1, got {attempts}")
         self.ep, self.chat = endpoint, ChatClient(endpoint)
@@ -183,8 +197,7 @@ class OpenAIDecomposer:
             self.memory.update(read_questions_jsonl(cache_path))
 
     def _messages(self, prompt: str) -> List[Dict]:
-        return [{"role": "system", "content": self.instructions},
-                {"role": "user", "content": f"Prompt: {prompt}"}]
+        return [{"role": "system", "content": self.instructions}, {"role": "user", "content": f"Prompt: {prompt}"}]
 
     async def decompose_one(self, prompt: str) -> List[Question]:
         if prompt in self.memory:
@@ -192,9 +205,14 @@ class OpenAIDecomposer:
         why = ""
         for _ in range(self.attempts):
             res = await self.chat.chat(
-                self._messages(prompt), temperature=self.temperature, max_tokens=self.max_tokens,
-                response_format={"type": "json_schema",
-                                 "json_schema": {"name": "decomposition", "schema": DECOMPOSITION_SCHEMA, "strict": True}})
+                self._messages(prompt),
+                temperature=self.temperature,
+                max_tokens=self.max_tokens,
+                response_format={
+                    "type": "json_schema",
+                    "json_schema": {"name": "decomposition", "schema": DECOMPOSITION_SCHEMA, "strict": True},
+                },
+            )
             text = _content(res)
             try:
                 questions = validate_decomposition(json.loads(text))
@@ -209,7 +227,10 @@ class OpenAIDecomposer:
     def _remember(self, prompt: str, questions: List[Question]) -> None:
         self.memory[prompt] = questions
         if self.cache_path:
-            row = {"prompt": prompt, "questions": [dict(id=q.id, text=q.text, kind=q.kind, tag=q.tag) for q in questions]}
+            row = {
+                "prompt": prompt,
+                "questions": [dict(id=q.id, text=q.text, kind=q.kind, tag=q.tag) for q in questions],
+            }
             with self._file_lock, open(self.cache_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
 
@@ -258,8 +279,9 @@ def png_data_url(image) -> str:
 class OpenAIVerifier:
     """(image, question) -> P(yes) / (P(yes) + P(no)) from the first generated token's top log-probs."""
 
-    def __init__(self, endpoint: Endpoint, top_logprobs: int = 5, max_tokens: int = 3,
-                 instructions: str = VERIFY_INSTRUCTIONS):
+    def __init__(
+        self, endpoint: Endpoint, top_logprobs: int = 5, max_tokens: int = 3, instructions: str = VERIFY_INSTRUCTIONS
+    ):
         if top_logprobs < 5:
             raise ValueError(f"top_logprobs must be >= 5 (the yes/no variants), got {top_logprobs}")
         self.ep, self.chat = endpoint, ChatClient(endpoint)
@@ -268,12 +290,19 @@ class OpenAIVerifier:
         self.failures = 0
 
     async def answer(self, image_url: str, q: Question) -> Answer:
-        messages = [{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": image_url}},
-            {"type": "text", "text": f"{self.instructions}\nQuestion: {q.text}"}]}]
+        messages = [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image_url", "image_url": {"url": image_url}},
+                    {"type": "text", "text": f"{self.instructions}\nQuestion: {q.text}"},
+                ],
+            }
+        ]
         try:
-            res = await self.chat.chat(messages, temperature=0.0, max_tokens=self.max_tokens, logprobs=True,
-                                       top_logprobs=self.top_logprobs)
+            res = await self.chat.chat(
+                messages, temperature=0.0, max_tokens=self.max_tokens, logprobs=True, top_logprobs=self.top_logprobs
+            )
             text = _content(res)
             first = res["choices"][0].get("logprobs") or {}
             content = first.get("content") or []
@@ -300,7 +329,7 @@ class OpenAIVerifier:
             await self.chat.aclose()
         out, i = [], 0
         for ts in tasks:
-            out.append(list(flat[i:i + len(ts)]))
+            out.append(list(flat[i : i + len(ts)]))
             i += len(ts)
         return out
 
@@ -308,15 +337,24 @@ class OpenAIVerifier:
         return run_sync(self.averify(images, questions))
 
 
-def openai_reward(decomposer: Endpoint, verifier: Endpoint, cache_path: Optional[str] = None,
-                  attempts: int = 3, aggregation: str = "geometric") -> DVReward:
+def openai_reward(
+    decomposer: Endpoint,
+    verifier: Endpoint,
+    cache_path: Optional[str] = None,
+    attempts: int = 3,
+    aggregation: str = "geometric",
+) -> DVReward:
     """DVReward with an OpenAI-compatible decomposer and verifier."""
-    return DVReward(OpenAIDecomposer(decomposer, attempts=attempts, cache_path=cache_path),
-                    OpenAIVerifier(verifier), aggregation=aggregation)
+    return DVReward(
+        OpenAIDecomposer(decomposer, attempts=attempts, cache_path=cache_path),
+        OpenAIVerifier(verifier),
+        aggregation=aggregation,
+    )
 
 
-async def decompose_file(dec: OpenAIDecomposer, prompts: Sequence[str], out_path: str,
-                         progress: bool = True) -> Tuple[int, int, List[Tuple[str, str]]]:
+async def decompose_file(
+    dec: OpenAIDecomposer, prompts: Sequence[str], out_path: str, progress: bool = True
+) -> Tuple[int, int, List[Tuple[str, str]]]:
     """Decomposes a dataset into out_path (JSONL), skipping prompts already in it (resume); returns
     (newly decomposed, skipped, [(prompt, why) failed])."""
     from tqdm import tqdm

@@ -5,6 +5,7 @@ Score = P(yes) / (P(yes) + P(no)), summing the case and leading-space variants o
 among the first generated token's top log-probs; when neither appears, the parsed answer (1 or 0)
 is used and reported as a fallback.
 """
+
 from __future__ import annotations
 
 import math
@@ -25,16 +26,33 @@ MAX_SEMANTIC, MAX_QUALITY = 12, 6
 DECOMPOSITION_SCHEMA = {
     "type": "object",
     "properties": {
-        "semantic": {"type": "array", "minItems": 1, "maxItems": MAX_SEMANTIC, "items": {
-            "type": "object",
-            "properties": {"question": {"type": "string", "pattern": QUESTION_PATTERN},
-                           "tag": {"type": "string", "enum": list(SEMANTIC_TAGS)}},
-            "required": ["question", "tag"], "additionalProperties": False}},
-        "quality": {"type": "array", "maxItems": MAX_QUALITY, "items": {
-            "type": "object",
-            "properties": {"question": {"type": "string", "pattern": QUESTION_PATTERN},
-                           "aspect": {"type": "string", "enum": list(QUALITY_TAGS)}},
-            "required": ["question", "aspect"], "additionalProperties": False}},
+        "semantic": {
+            "type": "array",
+            "minItems": 1,
+            "maxItems": MAX_SEMANTIC,
+            "items": {
+                "type": "object",
+                "properties": {
+                    "question": {"type": "string", "pattern": QUESTION_PATTERN},
+                    "tag": {"type": "string", "enum": list(SEMANTIC_TAGS)},
+                },
+                "required": ["question", "tag"],
+                "additionalProperties": False,
+            },
+        },
+        "quality": {
+            "type": "array",
+            "maxItems": MAX_QUALITY,
+            "items": {
+                "type": "object",
+                "properties": {
+                    "question": {"type": "string", "pattern": QUESTION_PATTERN},
+                    "aspect": {"type": "string", "enum": list(QUALITY_TAGS)},
+                },
+                "required": ["question", "aspect"],
+                "additionalProperties": False,
+            },
+        },
     },
     "required": ["semantic", "quality"],
     "additionalProperties": False,
@@ -76,8 +94,10 @@ def score_answer(top_logprobs: Sequence[Dict], text: str) -> Tuple[Optional[floa
 def validate_decomposition(obj) -> List[Question]:
     """Questions from a decomposer's JSON object; ValueError naming what is wrong."""
     if not isinstance(obj, dict) or set(obj) != {"semantic", "quality"}:
-        raise ValueError(f"expected an object with exactly 'semantic' and 'quality', got {type(obj).__name__} "
-                         f"{sorted(obj) if isinstance(obj, dict) else ''}")
+        raise ValueError(
+            f"expected an object with exactly 'semantic' and 'quality', got {type(obj).__name__} "
+            f"{sorted(obj) if isinstance(obj, dict) else ''}"
+        )
     out: List[Question] = []
     for kind, key in (("semantic", "tag"), ("quality", "aspect")):
         items = obj[kind]

@@ -1,12 +1,23 @@
 """The data of a decomposed, verified reward, shared by every backend (embedded, OpenAI-compatible)."""
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional
 
 KINDS = ("semantic", "quality")
-SEMANTIC_TAGS = ("Style", "Environment", "Viewpoint", "Existence", "Count", "Attribute", "Action", "Spatial", "Text",
-                 "Negative")
+SEMANTIC_TAGS = (
+    "Style",
+    "Environment",
+    "Viewpoint",
+    "Existence",
+    "Count",
+    "Attribute",
+    "Action",
+    "Spatial",
+    "Text",
+    "Negative",
+)
 QUALITY_TAGS = ("Geometry", "Anatomy", "Texture", "Coherence", "Lighting", "Physics", "Legibility", "Aesthetics")
 
 
@@ -14,6 +25,7 @@ QUALITY_TAGS = ("Geometry", "Anatomy", "Texture", "Coherence", "Lighting", "Phys
 class Question:
     """One atomic yes/no question about an image. check: a machine-checkable form where the world
     allows (the embedded verifier answers from it), e.g. {"op": "exists", "shape": "circle", "color": "red"}."""
+
     id: str
     text: str
     kind: str  # semantic | quality
@@ -31,6 +43,7 @@ class Question:
 @dataclass
 class Answer:
     """A verifier's answer: score = P(yes) / (P(yes) + P(no)) in [0, 1], or None when it failed."""
+
     question: Question
     score: Optional[float]
     answer: str = ""  # the verifier's text answer ("yes"/"no"), when it has one
@@ -61,6 +74,8 @@ class RewardResult:
         for a in self.answers:
             score = "failed" if a.score is None else f"{a.score:.3f}"
             rows.append(f"{a.question.kind:9s} {a.question.tag:10s} {score:>6s}  {a.question.text}")
-        rows.append(f"S = {self.semantic:.3f}  Q = {self.quality:.3f}  reward = {self.reward:.3f}"
-                    + (f"  ({self.failed} failed)" if self.failed else ""))
+        rows.append(
+            f"S = {self.semantic:.3f}  Q = {self.quality:.3f}  reward = {self.reward:.3f}"
+            + (f"  ({self.failed} failed)" if self.failed else "")
+        )
         return "\n".join(rows)

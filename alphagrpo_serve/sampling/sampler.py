@@ -6,6 +6,7 @@ Guidance is not decided here: each policy owns its guidance rule (which steps gu
 branches, scales and renormalisation) and hands the sampler a velocity function that applies it,
 and the trainer's recompute calls the very same rule (`Policy.guided_velocity`).
 """
+
 from __future__ import annotations
 
 import math
@@ -46,6 +47,7 @@ class SamplingConfig:
     """How to draw one image. Every policy publishes its own defaults (PolicyInfo.generate_defaults,
     reflect_defaults); a request overrides fields of those. Frozen and hashable: requests with equal
     configs share a model batch."""
+
     steps: int = 20  # denoising updates (the schedule has steps + 1 noise levels)
     mode: str = "ode"  # ode: deterministic; sde: noise inside the SDE window
     noise_level: float = 0.7  # SDE noise level inside the window
@@ -119,6 +121,7 @@ class SamplingConfig:
 @dataclass(frozen=True)
 class TextConfig:
     """How to write a thought or critique."""
+
     temperature: float = 1.0  # 0: greedy (the recorded log-probs are then those of temperature 1)
     top_p: float = 1.0  # nucleus mass in (0, 1]
     max_tokens: int = 40  # longest thought or critique
@@ -128,10 +131,15 @@ class TextConfig:
 
     def __post_init__(self):
         t = self.temperature
-        if not (isinstance(t, (int, float)) and math.isfinite(t)
-                and (t == 0 or self.MIN_TEMPERATURE <= t <= self.MAX_TEMPERATURE)):
-            raise ValueError(f"temperature must be 0 (greedy) or a finite number in [{self.MIN_TEMPERATURE:g}, "
-                             f"{self.MAX_TEMPERATURE:g}], got {t!r}")
+        if not (
+            isinstance(t, (int, float))
+            and math.isfinite(t)
+            and (t == 0 or self.MIN_TEMPERATURE <= t <= self.MAX_TEMPERATURE)
+        ):
+            raise ValueError(
+                f"temperature must be 0 (greedy) or a finite number in [{self.MIN_TEMPERATURE:g}, "
+                f"{self.MAX_TEMPERATURE:g}], got {t!r}"
+            )
         if not (isinstance(self.top_p, (int, float)) and math.isfinite(self.top_p) and 0 < self.top_p <= 1):
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if not (isinstance(self.max_tokens, int) and self.max_tokens >= 1):
@@ -153,6 +161,7 @@ class TextConfig:
 class ImageTrajectory:
     """What GRPO needs of one image: for each SDE-window step k, the latent before (latents[k]) and
     after (latents[k + 1]), sigma, sigma_next and the step's log-prob. The chain is stored once."""
+
     latents: torch.Tensor  # [K + 1, ...] float32, the policy's latent layout
     sigmas: torch.Tensor  # [K]
     sigma_nexts: torch.Tensor  # [K]
@@ -161,8 +170,14 @@ class ImageTrajectory:
     sigma_max: float = 0.0  # stands in for sigma where sigma == 1 in the step's std formula
 
     def to(self, device) -> "ImageTrajectory":
-        return ImageTrajectory(self.latents.to(device), self.sigmas.to(device), self.sigma_nexts.to(device),
-                               self.log_probs.to(device), self.window_start, self.sigma_max)
+        return ImageTrajectory(
+            self.latents.to(device),
+            self.sigmas.to(device),
+            self.sigma_nexts.to(device),
+            self.log_probs.to(device),
+            self.window_start,
+            self.sigma_max,
+        )
 
 
 def _check_finite(t: torch.Tensor, k: int, cfg: SamplingConfig, what: str) -> None:
@@ -170,7 +185,8 @@ def _check_finite(t: torch.Tensor, k: int, cfg: SamplingConfig, what: str) -> No
         raise SamplingDiverged(
             f"params: sampling diverged at step {k + 1} of {cfg.steps} (non-finite {what}) with mode {cfg.mode}, "
             f"noise_level {cfg.noise_level:g}, cfg_scale {cfg.cfg_scale:g}, timestep_shift {cfg.shift:g}; "
-            f"lower params.noise_level, params.cfg_scale or params.timestep_shift")
+            f"lower params.noise_level, params.cfg_scale or params.timestep_shift"
+        )
 
 
 # velocity(x, sigma [B]) -> (v, v_uncond or None, scale): the policy's guided velocity; when it
@@ -184,9 +200,13 @@ def sigma_max_of(sigmas: torch.Tensor) -> float:
     return min(max(float(sigmas[1]) if len(sigmas) > 2 else 0.5, 1e-3), 0.999)
 
 
-def sample_images(velocity: VelocityFn, noise0: torch.Tensor, cfg: SamplingConfig,
-                  generators: Optional[Sequence[torch.Generator]] = None,
-                  sigmas: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, List[ImageTrajectory]]:
+def sample_images(
+    velocity: VelocityFn,
+    noise0: torch.Tensor,
+    cfg: SamplingConfig,
+    generators: Optional[Sequence[torch.Generator]] = None,
+    sigmas: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, List[ImageTrajectory]]:
     """Integrates from noise0 [B, ...] at sigma 1 to a sample at sigma 0 (float32 state).
 
     generators: one per sample, on noise0's device, for the SDE noise (reproducible per sample; the
@@ -207,13 +227,24 @@ def sample_images(velocity: VelocityFn, noise0: torch.Tensor, cfg: SamplingConfi
         if in_window:
             if not chain:
                 chain.append(x)
-            noise = torch.stack([torch.randn(x.shape[1:], generator=g, device=dev) for g in generators]) \
-                if generators is not None else torch.randn_like(x)
+            noise = (
+                torch.stack([torch.randn(x.shape[1:], generator=g, device=dev) for g in generators])
+                if generators is not None
+                else torch.randn_like(x)
+            )
         else:
             noise = torch.zeros_like(x)
-        out = flow_sde_step(x, v.float(), s, sn, noise_level=cfg.noise_level if in_window else 0.0,
-                            sigma_max=sigma_max, noise=noise,
-                            v_uncond=None if v_uncond is None else v_uncond.float(), cfg_scale=scale)
+        out = flow_sde_step(
+            x,
+            v.float(),
+            s,
+            sn,
+            noise_level=cfg.noise_level if in_window else 0.0,
+            sigma_max=sigma_max,
+            noise=noise,
+            v_uncond=None if v_uncond is None else v_uncond.float(),
+            cfg_scale=scale,
+        )
         x = out.x_next
         _check_finite(x, k, cfg, "state")
         if in_window:
@@ -225,6 +256,8 @@ def sample_images(velocity: VelocityFn, noise0: torch.Tensor, cfg: SamplingConfi
     lat = torch.stack(chain, 1) if K else torch.zeros(B, 0, *x.shape[1:], device=dev)
     s_win = torch.tensor([float(sig[k]) for k in window]) if K else torch.zeros(0)
     sn_win = torch.tensor([float(sig[k + 1]) for k in window]) if K else torch.zeros(0)
-    trajs = [ImageTrajectory(lat[b], s_win.to(dev), sn_win.to(dev), lp[b], window[0] if K else 0, sigma_max)
-             for b in range(B)]
+    trajs = [
+        ImageTrajectory(lat[b], s_win.to(dev), sn_win.to(dev), lp[b], window[0] if K else 0, sigma_max)
+        for b in range(B)
+    ]
     return x, trajs

@@ -3,6 +3,7 @@
 and TLS, Prometheus metrics, and a graceful stop on SIGTERM/SIGINT (stop accepting, drain in-flight
 work up to the grace period, exit 0).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -97,9 +98,12 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:
             return None
         if handler.request_streaming:
-            return grpc.stream_unary_rpc_method_handler(deny_stream, handler.request_deserializer,
-                                                        handler.response_serializer)
-        return grpc.unary_unary_rpc_method_handler(deny_unary, handler.request_deserializer, handler.response_serializer)
+            return grpc.stream_unary_rpc_method_handler(
+                deny_stream, handler.request_deserializer, handler.response_serializer
+            )
+        return grpc.unary_unary_rpc_method_handler(
+            deny_unary, handler.request_deserializer, handler.response_serializer
+        )
 
 
 class Server:
@@ -142,8 +146,10 @@ class Server:
                 raise ValueError(f"auth token file {cfg.auth_token_file} is empty")
             interceptors.append(AuthInterceptor(token, self.metrics))
         interceptors.append(MalformedRequestGuard(self.metrics))  # inside auth: strangers learn nothing of parsing
-        return grpc.aio.server(interceptors=interceptors, options=[
-            ("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)])
+        return grpc.aio.server(
+            interceptors=interceptors,
+            options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)],
+        )
 
     def bind(self, grpc_server: grpc.aio.Server, port: int) -> int:
         """Listens on host:port (TLS when configured); returns the port bound."""
@@ -167,8 +173,13 @@ class Server:
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         self.port = self.bind(self._server, cfg.port)
         # services are registered before start; they answer once the model is loaded (health says when)
-        self.engine = Engine(cfg.max_batch, cfg.max_wait_ms, cfg.max_queue, on_batch=self.metrics.on_batch,
-                             on_queue=self.metrics.on_queue)
+        self.engine = Engine(
+            cfg.max_batch,
+            cfg.max_wait_ms,
+            cfg.max_queue,
+            on_batch=self.metrics.on_batch,
+            on_queue=self.metrics.on_queue,
+        )
         loop = asyncio.get_running_loop()
         if self.policy is None:
             self.policy = await loop.run_in_executor(None, self._load_policy)
@@ -176,28 +187,45 @@ class Server:
         task = load_task(task_name)
         if self.reward is None:
             self.reward = self._load_reward(task)
-        self.policy_service = PolicyServicer(self.policy, self.engine, limits, self.metrics, self.boot_id,
-                                             task.check_prompt, task_name)
+        self.policy_service = PolicyServicer(
+            self.policy, self.engine, limits, self.metrics, self.boot_id, task.check_prompt, task_name
+        )
         policy_pb2_grpc.add_PolicyServiceServicer_to_server(self.policy_service, self._server)
         self.reward_service = RewardServicer(self.reward, limits, self.metrics)
         reward_pb2_grpc.add_RewardServiceServicer_to_server(self.reward_service, self._server)
         extra = []
         if cfg.kserve:  # the KServe v2 models on the same engine (beside the native services unless kserve_port)
-            from .kserve import SERVICE as KSERVE, add_kserve
+            from .kserve import SERVICE as KSERVE
+            from .kserve import add_kserve
 
             self._kserve_server = await add_kserve(self)
             extra = [KSERVE] if self._kserve_server is None else []
-        reflection.enable_server_reflection([
-            policy_pb2.DESCRIPTOR.services_by_name["PolicyService"].full_name,
-            reward_pb2.DESCRIPTOR.services_by_name["RewardService"].full_name,
-            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME, *extra], self._server)
+        reflection.enable_server_reflection(
+            [
+                policy_pb2.DESCRIPTOR.services_by_name["PolicyService"].full_name,
+                reward_pb2.DESCRIPTOR.services_by_name["RewardService"].full_name,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+                *extra,
+            ],
+            self._server,
+        )
         await self._server.start()
         self.engine.start()
         if cfg.metrics_port:
             self._metrics_http = self.metrics.serve_http(cfg.metrics_port, cfg.host)
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
-        log.info(json.dumps({"event": "serving", "address": f"{cfg.host}:{self.port}", "boot_id": self.boot_id,
-                             "tls": bool(cfg.tls_cert), "auth": bool(cfg.auth_token_file)}))
+        log.info(
+            json.dumps(
+                {
+                    "event": "serving",
+                    "address": f"{cfg.host}:{self.port}",
+                    "boot_id": self.boot_id,
+                    "tls": bool(cfg.tls_cert),
+                    "auth": bool(cfg.auth_token_file),
+                }
+            )
+        )
         return self.port
 
     def _load_policy(self):
@@ -213,8 +241,11 @@ class Server:
         if c.reward == "openai":
             from ..reward.openai_backend import Endpoint, openai_reward
 
-            missing = [f"--{n.replace('_', '-')}" for n in ("decomposer_url", "decomposer_model", "verifier_url",
-                                                            "verifier_model") if not getattr(c, n)]
+            missing = [
+                f"--{n.replace('_', '-')}"
+                for n in ("decomposer_url", "decomposer_model", "verifier_url", "verifier_model")
+                if not getattr(c, n)
+            ]
             if missing:
                 raise ValueError(f"--reward openai needs {', '.join(missing)}")
             dec = Endpoint(c.decomposer_url, c.decomposer_model, c.reward_api_key, c.reward_concurrency)
@@ -226,8 +257,11 @@ class Server:
             missing = [f"--{n.replace('_', '-')}" for n in ("reward_url", "reward_model") if not getattr(c, n)]
             if missing:
                 raise ValueError(f"--reward kserve needs {', '.join(missing)}")
-            return KServeReward(KServeEndpoint(c.reward_url, c.reward_model, c.reward_api_key, c.reward_concurrency,
-                                               ca_cert=c.reward_ca_cert))
+            return KServeReward(
+                KServeEndpoint(
+                    c.reward_url, c.reward_model, c.reward_api_key, c.reward_concurrency, ca_cert=c.reward_ca_cert
+                )
+            )
         raise ValueError(f"unknown --reward {c.reward!r}; available: embedded, openai, kserve")
 
     async def stop(self, grace: Optional[float] = None) -> None:
@@ -236,7 +270,9 @@ class Server:
             return
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         grace = self.cfg.grace_s if grace is None else grace
-        await asyncio.gather(self._server.stop(grace), *([self._kserve_server.stop(grace)] if self._kserve_server else []))
+        await asyncio.gather(
+            self._server.stop(grace), *([self._kserve_server.stop(grace)] if self._kserve_server else [])
+        )
         if self.engine:
             await self.engine.stop()
         if self._metrics_http:

@@ -1,4 +1,5 @@
 """How failures become gRPC status codes (docs/limits_and_errors.md lists every one)."""
+
 from __future__ import annotations
 
 import grpc
@@ -37,7 +38,7 @@ CLIENT_ERRORS = tuple(exc for exc, _ in CODES)
 
 def details(message: str) -> str:
     """An error message cut to MAX_DETAILS characters (a request may carry megabytes in one field)."""
-    return message if len(message) <= MAX_DETAILS else message[:MAX_DETAILS - 16] + " ... (truncated)"
+    return message if len(message) <= MAX_DETAILS else message[: MAX_DETAILS - 16] + " ... (truncated)"
 
 
 async def abort_for(context, exc: BaseException, prefix: str = ""):

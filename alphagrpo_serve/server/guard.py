@@ -5,6 +5,7 @@ never reach the service's metrics. This interceptor wraps every method's request
 that do not parse become a marker, and the call is answered INVALID_ARGUMENT naming the request type
 (for a request stream: the index of the bad message), and recorded in the metrics under that code.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -69,22 +70,26 @@ class MalformedRequestGuard(grpc.aio.ServerInterceptor):
             inner = handler.unary_unary or handler.unary_stream
             if handler.response_streaming:
                 if inspect.isasyncgenfunction(inner):
+
                     async def behaviour(request, context):
                         if isinstance(request, _Malformed):
                             await refuse(context, message_for(request))
                         async for item in inner(request, context):
                             yield item
                 else:
+
                     async def behaviour(request, context):
                         if isinstance(request, _Malformed):
                             await refuse(context, message_for(request))
                         return await _maybe_await(inner(request, context))
+
                 return grpc.unary_stream_rpc_method_handler(behaviour, deserializer, handler.response_serializer)
 
             async def behaviour(request, context):
                 if isinstance(request, _Malformed):
                     await refuse(context, message_for(request))
                 return await _maybe_await(inner(request, context))
+
             return grpc.unary_unary_rpc_method_handler(behaviour, deserializer, handler.response_serializer)
 
         inner = handler.stream_unary or handler.stream_stream
@@ -97,19 +102,25 @@ class MalformedRequestGuard(grpc.aio.ServerInterceptor):
                         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, message_for(request, index))
                     index += 1
                     yield request
+
             return gen()
 
         if not handler.response_streaming:
+
             async def behaviour(request_iterator, context):
                 return await _maybe_await(inner(checked(request_iterator, context), context))
+
             return grpc.stream_unary_rpc_method_handler(behaviour, deserializer, handler.response_serializer)
         if inspect.isasyncgenfunction(inner):
+
             async def behaviour(request_iterator, context):
                 async for item in inner(checked(request_iterator, context), context):
                     yield item
         else:
+
             async def behaviour(request_iterator, context):
                 return await _maybe_await(inner(checked(request_iterator, context), context))
+
         return grpc.stream_stream_rpc_method_handler(behaviour, deserializer, handler.response_serializer)
 
 
@@ -124,4 +135,3 @@ async def _aiter(iterator):
     else:  # a synchronous iterator (grpc's sync servicers); not used by grpc.aio, kept for safety
         for item in iterator:
             yield item
-

@@ -12,6 +12,7 @@ Status codes follow Triton's: an unknown model or version is NOT_FOUND, a model 
 answers each request of the stream as soon as it is done (match them by id); a failed request is
 reported in the stream's error_message and the stream goes on.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -28,8 +29,22 @@ from ..engine import DeadlineExpired, QueueFull
 from ..models.base import CapabilityError
 from ..wire import MAX_IMAGE_SIDE
 from .errors import BadRequest, ResourceLimit, Upstream
-from .kserve_models import (DECOMPOSE, GENERATE, PLATFORM, REFLECT, VERIFY, VERSION, Model, build_models,
-                            check_inputs, name_inputs, resolved_json, sampling_params, scalar, text)
+from .kserve_models import (
+    DECOMPOSE,
+    GENERATE,
+    PLATFORM,
+    REFLECT,
+    VERIFY,
+    VERSION,
+    Model,
+    build_models,
+    check_inputs,
+    name_inputs,
+    resolved_json,
+    sampling_params,
+    scalar,
+    text,
+)
 from .kserve_tensors import decode_inputs, encode_output
 from .validation import check_message_size, check_prompts, deadline, request_settings
 
@@ -70,8 +85,12 @@ class KServeServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         self.policy_service, self.reward_service = policy_service, reward_service
         self.ready, self.metrics, self.settings = ready, metrics, settings
         self.models: Dict[str, Model] = build_models(policy_service.policy.info)
-        self.handlers = {GENERATE: self._generate, REFLECT: self._reflect, VERIFY: self._verify,
-                         DECOMPOSE: self._decompose}
+        self.handlers = {
+            GENERATE: self._generate,
+            REFLECT: self._reflect,
+            VERIFY: self._verify,
+            DECOMPOSE: self._decompose,
+        }
 
     # ---- lookup -----------------------------------------------------------------------------------
     def _model(self, name: str, version: str) -> Model:
@@ -79,8 +98,9 @@ class KServeServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         if model is None:
             raise ModelNotFound(f"Request for unknown model: '{name}' is not found (models: {', '.join(self.models)})")
         if version not in ("", VERSION):
-            raise ModelNotFound(f"Request for unknown model: '{name}' version {version} is not found (versions: "
-                                f"{VERSION})")
+            raise ModelNotFound(
+                f"Request for unknown model: '{name}' version {version} is not found (versions: {VERSION})"
+            )
         return model
 
     # ---- health and metadata ------------------------------------------------------------------------
@@ -101,8 +121,7 @@ class KServeServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             v = version("alphagrpo-serve")
         except PackageNotFoundError:  # pragma: no cover - a source tree without an install
             v = "0"
-        return service_pb2.ServerMetadataResponse(name="alphagrpo-serve", version=v,
-                                                  extensions=["model_configuration"])
+        return service_pb2.ServerMetadataResponse(name="alphagrpo-serve", version=v, extensions=["model_configuration"])
 
     async def ModelMetadata(self, request, context):
         try:
@@ -111,9 +130,12 @@ class KServeServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
         meta = service_pb2.ModelMetadataResponse.TensorMetadata
         return service_pb2.ModelMetadataResponse(
-            name=m.name, versions=[VERSION], platform=PLATFORM,
+            name=m.name,
+            versions=[VERSION],
+            platform=PLATFORM,
             inputs=[meta(name=t.name, datatype=t.datatype, shape=list(t.shape)) for t in m.inputs],
-            outputs=[meta(name=t.name, datatype=t.datatype, shape=list(t.shape)) for t in m.outputs])
+            outputs=[meta(name=t.name, datatype=t.datatype, shape=list(t.shape)) for t in m.outputs],
+        )
 
     async def ModelConfig(self, request, context):
         try:
@@ -127,20 +149,36 @@ class KServeServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             return model_config_pb2.DataType.Value("TYPE_STRING" if d == "BYTES" else f"TYPE_{d}")
 
         info = self.policy_service.policy.info
-        params = dict(self.settings, description=m.doc, policy=info.name, device=str(info.device),
-                      task=self.policy_service.task, inputs=json.dumps({t.name: t.doc for t in m.inputs}),
-                      outputs=json.dumps({t.name: t.doc for t in m.outputs}))
+        params = dict(
+            self.settings,
+            description=m.doc,
+            policy=info.name,
+            device=str(info.device),
+            task=self.policy_service.task,
+            inputs=json.dumps({t.name: t.doc for t in m.inputs}),
+            outputs=json.dumps({t.name: t.doc for t in m.outputs}),
+        )
         if m.name in (GENERATE, REFLECT):
             sc = info.reflect_defaults if m.name == REFLECT else info.generate_defaults
             params["defaults"] = resolved_json(sc, info.text_defaults, False)
             params["canvas"] = info.capabilities.canvas.describe()
         return model_config_pb2.ModelConfig(
-            name=m.name, platform=PLATFORM, backend=PLATFORM, max_batch_size=0,
-            input=[model_config_pb2.ModelInput(name=t.name, data_type=dtype(t.datatype), dims=list(t.shape),
-                                               optional=t.optional) for t in m.inputs],
-            output=[model_config_pb2.ModelOutput(name=t.name, data_type=dtype(t.datatype), dims=list(t.shape))
-                    for t in m.outputs],
-            parameters={k: model_config_pb2.ModelParameter(string_value=str(v)) for k, v in params.items()})
+            name=m.name,
+            platform=PLATFORM,
+            backend=PLATFORM,
+            max_batch_size=0,
+            input=[
+                model_config_pb2.ModelInput(
+                    name=t.name, data_type=dtype(t.datatype), dims=list(t.shape), optional=t.optional
+                )
+                for t in m.inputs
+            ],
+            output=[
+                model_config_pb2.ModelOutput(name=t.name, data_type=dtype(t.datatype), dims=list(t.shape))
+                for t in m.outputs
+            ],
+            parameters={k: model_config_pb2.ModelParameter(string_value=str(v)) for k, v in params.items()},
+        )
 
     # ---- inference ----------------------------------------------------------------------------------
     async def ModelInfer(self, request, context):
@@ -217,8 +255,10 @@ class KServeServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         names = []
         for o in request.outputs:
             if model.output(o.name) is None:
-                raise BadRequest(f"unexpected output '{o.name}': model '{model.name}' gives "
-                                 f"{', '.join(t.name for t in model.outputs)}")
+                raise BadRequest(
+                    f"unexpected output '{o.name}': model '{model.name}' gives "
+                    f"{', '.join(t.name for t in model.outputs)}"
+                )
             for p in ("classification", "shared_memory_region"):
                 if p in o.parameters:
                     raise BadRequest(f"output '{o.name}': parameter {p!r} is not supported by this server")
@@ -247,26 +287,35 @@ class KServeServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             if sc_check is not None:  # reflect: the image must fit the canvas the request resolves to
                 sc, _, _ = request_settings(self.policy_service.policy, params, limits, reflect=True)
                 sc_check(sc)
-            samples, sc, text_cfg, think = await self.policy_service.sample(kind, prompts, G, params, seed, until,
-                                                                            images)
+            samples, sc, text_cfg, think = await self.policy_service.sample(
+                kind, prompts, G, params, seed, until, images
+            )
         except (BadRequest, CapabilityError) as exc:
             raise type(exc)(name_inputs(str(exc))) from None
         ss = [s for _, _, s in samples]
         steps = np.stack([s.trajectory.log_probs.detach().cpu().numpy().astype(np.float32).reshape(-1) for s in ss])
-        return {"image": np.stack([s.image for s in ss]),
-                "thought": np.array([s.thought.encode("utf-8") for s in ss], dtype=object),
-                "seed": np.array([s.seed for s in ss], dtype=np.int64),
-                "step_log_probs": steps,
-                "policy_version": np.array([s.policy_version for s in ss], dtype=np.int64),
-                "resolved_params": np.array([resolved_json(sc, text_cfg, think).encode()], dtype=object)}
+        return {
+            "image": np.stack([s.image for s in ss]),
+            "thought": np.array([s.thought.encode("utf-8") for s in ss], dtype=object),
+            "seed": np.array([s.seed for s in ss], dtype=np.int64),
+            "step_log_probs": steps,
+            "policy_version": np.array([s.policy_version for s in ss], dtype=np.int64),
+            "resolved_params": np.array([resolved_json(sc, text_cfg, think).encode()], dtype=object),
+        }
 
     async def _generate(self, model: Model, inputs, until):
         return await self._sample("generate", model, inputs, until)
 
     async def _reflect(self, model: Model, inputs, until):
         image = _image(inputs)
-        return await self._sample("reflect", model, inputs, until, [image],
-                                  lambda sc: self.policy_service.check_reflect_image(image, sc, "input 'image'"))
+        return await self._sample(
+            "reflect",
+            model,
+            inputs,
+            until,
+            [image],
+            lambda sc: self.policy_service.check_reflect_image(image, sc, "input 'image'"),
+        )
 
     async def _verify(self, model: Model, inputs, until):
         prompt, image = text(inputs, "prompt"), _image(inputs)
@@ -274,14 +323,33 @@ class KServeServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             (r,) = await _within(self.reward_service.score([prompt], image[None], field="prompts"), until)
         except BadRequest as exc:
             raise BadRequest(_reward_message(str(exc))) from None
-        breakdown = {"prompt": r.prompt, "reward": r.reward, "semantic": r.semantic, "quality": r.quality,
-                     "failed": r.failed,
-                     "answers": [{"id": a.question.id, "question": a.question.text, "kind": a.question.kind,
-                                  "tag": a.question.tag, "score": a.score, "answer": a.answer, "failed": a.failed,
-                                  "detail": a.detail} for a in r.answers]}
+        breakdown = {
+            "prompt": r.prompt,
+            "reward": r.reward,
+            "semantic": r.semantic,
+            "quality": r.quality,
+            "failed": r.failed,
+            "answers": [
+                {
+                    "id": a.question.id,
+                    "question": a.question.text,
+                    "kind": a.question.kind,
+                    "tag": a.question.tag,
+                    "score": a.score,
+                    "answer": a.answer,
+                    "failed": a.failed,
+                    "detail": a.detail,
+                }
+                for a in r.answers
+            ],
+        }
         f32 = lambda v: np.array([v], dtype=np.float32)  # noqa: E731
-        return {"reward": f32(r.reward), "semantic": f32(r.semantic), "quality": f32(r.quality),
-                "breakdown": np.array([json.dumps(breakdown).encode()], dtype=object)}
+        return {
+            "reward": f32(r.reward),
+            "semantic": f32(r.semantic),
+            "quality": f32(r.quality),
+            "breakdown": np.array([json.dumps(breakdown).encode()], dtype=object),
+        }
 
     async def _decompose(self, model: Model, inputs, until):
         try:
@@ -319,7 +387,7 @@ def _reward_message(message: str) -> str:
         return message
     for word in ("image ", "images "):
         if message.startswith(word):
-            return "input 'image' " + message[len(word):]
+            return "input 'image' " + message[len(word) :]
     return f"input 'prompt': {message}" if "prompt" in message else message
 
 
@@ -328,8 +396,12 @@ def _message(request, exc: BaseException) -> str:
 
 
 def _stream_error(request, message: str) -> service_pb2.ModelStreamInferResponse:
-    return service_pb2.ModelStreamInferResponse(error_message=message, infer_response=service_pb2.ModelInferResponse(
-        model_name=request.model_name, model_version=request.model_version, id=request.id))
+    return service_pb2.ModelStreamInferResponse(
+        error_message=message,
+        infer_response=service_pb2.ModelInferResponse(
+            model_name=request.model_name, model_version=request.model_version, id=request.id
+        ),
+    )
 
 
 async def add_kserve(server) -> Optional[grpc.aio.Server]:
@@ -338,8 +410,9 @@ async def add_kserve(server) -> Optional[grpc.aio.Server]:
     native server (returns None)."""
     cfg = server.cfg
     settings = {"max_batch_samples": cfg.max_batch, "max_wait_ms": cfg.max_wait_ms, "max_queue_samples": cfg.max_queue}
-    servicer = KServeServicer(server.policy_service, server.reward_service, lambda: server.serving, server.metrics,
-                              settings)
+    servicer = KServeServicer(
+        server.policy_service, server.reward_service, lambda: server.serving, server.metrics, settings
+    )
     server.kserve_service = servicer
     if cfg.kserve_port is None:
         service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server._server)

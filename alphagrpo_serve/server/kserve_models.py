@@ -7,6 +7,7 @@ alphagrpo_decompose (on the reward backend). A model the policy cannot serve (re
 capability) is not listed; an input the policy cannot honour (think, image guidance) is not in its
 signature.
 """
+
 from __future__ import annotations
 
 import json
@@ -21,7 +22,12 @@ from ..models.base import PolicyInfo
 from ..wire import MODES
 from .errors import BadRequest
 
-GENERATE, REFLECT, VERIFY, DECOMPOSE = "alphagrpo_generate", "alphagrpo_reflect", "alphagrpo_verify", "alphagrpo_decompose"
+GENERATE, REFLECT, VERIFY, DECOMPOSE = (
+    "alphagrpo_generate",
+    "alphagrpo_reflect",
+    "alphagrpo_verify",
+    "alphagrpo_decompose",
+)
 VERSION = "1"  # the only version of every model; "" also means it
 PLATFORM = "alphagrpo"
 
@@ -62,10 +68,20 @@ SAMPLING = (
     _opt("mode", "BYTES", (1,), "mode", "'ode' (deterministic) or 'sde' (noise inside the SDE window)"),
     _opt("steps", "INT32", (1,), "steps", "denoising updates, 1 to the server's --max-steps"),
     _opt("guidance", "FP32", (1,), "cfg_scale", "text guidance scale in [0, 100]; 1 disables it"),
-    _opt("guidance_interval", "FP32", (2,), "cfg_interval_low/cfg_interval_high",
-         "(low, high): guidance applies where sigma lies in it, 0 <= low <= high <= 1"),
-    _opt("image_guidance", "FP32", (1,), "cfg_img_scale",
-         "image guidance scale in [0, 100] (policies with an image guidance branch)"),
+    _opt(
+        "guidance_interval",
+        "FP32",
+        (2,),
+        "cfg_interval_low/cfg_interval_high",
+        "(low, high): guidance applies where sigma lies in it, 0 <= low <= high <= 1",
+    ),
+    _opt(
+        "image_guidance",
+        "FP32",
+        (1,),
+        "cfg_img_scale",
+        "image guidance scale in [0, 100] (policies with an image guidance branch)",
+    ),
     _opt("guidance_renorm", "BYTES", (1,), "cfg_renorm_type", "none | global | channel | text_channel"),
     _opt("guidance_renorm_min", "FP32", (1,), "cfg_renorm_min", "lower clamp of the renormalisation, [0, 1]"),
     _opt("sde_window", "INT32", (2,), "sde_window_start/sde_window_size", "(first step, steps) sampled with noise"),
@@ -75,8 +91,13 @@ SAMPLING = (
     _opt("height", "INT32", (1,), "height", "canvas height in pixels"),
     _opt("temperature", "FP32", (1,), "temperature", "text sampling temperature: 0 (greedy) or [0.001, 100]"),
     _opt("top_p", "FP32", (1,), "top_p", "nucleus sampling mass in (0, 1]"),
-    _opt("max_thought_tokens", "INT32", (1,), "max_thought_tokens",
-         "longest thought or critique, at most the server's limit"),
+    _opt(
+        "max_thought_tokens",
+        "INT32",
+        (1,),
+        "max_thought_tokens",
+        "longest thought or critique, at most the server's limit",
+    ),
 )
 PROMPT = Tensor("prompt", "BYTES", (1,), "the prompt, UTF-8")
 GROUP = _opt("group_size", "INT32", (1,), None, "samples G (default 1), at most the server's limit")
@@ -90,8 +111,9 @@ def _sample_outputs(h: int, w: int) -> Tuple[Tensor, ...]:
         Tensor("seed", "INT64", (-1,), "each sample's seed"),
         Tensor("step_log_probs", "FP32", (-1, -1), "log-prob of each SDE-window step, [G, K] (K = 0 in ODE mode)"),
         Tensor("policy_version", "INT64", (-1,), "version of the weights that drew each sample"),
-        Tensor("resolved_params", "BYTES", (1,), "JSON of the settings the samples were drawn with (defaults "
-                                                 "filled in)"),
+        Tensor(
+            "resolved_params", "BYTES", (1,), "JSON of the settings the samples were drawn with (defaults filled in)"
+        ),
     )
 
 
@@ -101,28 +123,53 @@ def build_models(info: PolicyInfo) -> Dict[str, Model]:
     fixed = canvas.min_side == canvas.max_side
     h, w = (canvas.default[1], canvas.default[0]) if fixed else (-1, -1)
     sampling = tuple(t for t in SAMPLING if t.name != "image_guidance" or "image" in caps.guidance_branches)
-    think = (_opt("think", "BOOL", (1,), None, "write a <think> plan before drawing (default false)"),) if caps.think else ()
+    think = (
+        (_opt("think", "BOOL", (1,), None, "write a <think> plan before drawing (default false)"),)
+        if caps.think
+        else ()
+    )
     models = {
-        GENERATE: Model(GENERATE, "reasoning text-to-image: G samples of one prompt (PolicyService.Generate)",
-                        (PROMPT, GROUP, SEED) + think + sampling, _sample_outputs(h, w)),
-        VERIFY: Model(VERIFY, "DVReward of one image: reward = sqrt(S * Q) with its breakdown (RewardService.Verify)",
-                      (PROMPT, Tensor("image", "UINT8", (-1, -1, 3), "the image, RGB [H, W, 3]")),
-                      (Tensor("reward", "FP32", (1,), "the aggregate reward"),
-                       Tensor("semantic", "FP32", (1,), "S: mean semantic score"),
-                       Tensor("quality", "FP32", (1,), "Q: mean quality score"),
-                       Tensor("breakdown", "BYTES", (1,), "JSON: every question with kind, tag, score and answer, "
-                                                          "and the failed count"))),
-        DECOMPOSE: Model(DECOMPOSE, "the prompt's atomic yes/no questions (RewardService.Decompose)", (PROMPT,),
-                         (Tensor("question_ids", "BYTES", (-1,), "ids q0, q1, ..."),
-                          Tensor("questions", "BYTES", (-1,), "the questions"),
-                          Tensor("kinds", "BYTES", (-1,), "semantic | quality"),
-                          Tensor("tags", "BYTES", (-1,), "Existence, Count, ..., Geometry, ..."))),
+        GENERATE: Model(
+            GENERATE,
+            "reasoning text-to-image: G samples of one prompt (PolicyService.Generate)",
+            (PROMPT, GROUP, SEED) + think + sampling,
+            _sample_outputs(h, w),
+        ),
+        VERIFY: Model(
+            VERIFY,
+            "DVReward of one image: reward = sqrt(S * Q) with its breakdown (RewardService.Verify)",
+            (PROMPT, Tensor("image", "UINT8", (-1, -1, 3), "the image, RGB [H, W, 3]")),
+            (
+                Tensor("reward", "FP32", (1,), "the aggregate reward"),
+                Tensor("semantic", "FP32", (1,), "S: mean semantic score"),
+                Tensor("quality", "FP32", (1,), "Q: mean quality score"),
+                Tensor(
+                    "breakdown",
+                    "BYTES",
+                    (1,),
+                    "JSON: every question with kind, tag, score and answer, and the failed count",
+                ),
+            ),
+        ),
+        DECOMPOSE: Model(
+            DECOMPOSE,
+            "the prompt's atomic yes/no questions (RewardService.Decompose)",
+            (PROMPT,),
+            (
+                Tensor("question_ids", "BYTES", (-1,), "ids q0, q1, ..."),
+                Tensor("questions", "BYTES", (-1,), "the questions"),
+                Tensor("kinds", "BYTES", (-1,), "semantic | quality"),
+                Tensor("tags", "BYTES", (-1,), "Existence, Count, ..., Geometry, ..."),
+            ),
+        ),
     }
     if caps.reflect:
-        models[REFLECT] = Model(REFLECT, "self-reflective refinement: G critiques and refined images of one (prompt, "
-                                         "image) (PolicyService.Reflect)",
-                                (PROMPT, Tensor("image", "UINT8", (h, w, 3), "the image to refine, RGB [H, W, 3]"),
-                                 GROUP, SEED) + sampling, _sample_outputs(h, w))
+        models[REFLECT] = Model(
+            REFLECT,
+            "self-reflective refinement: G critiques and refined images of one (prompt, image) (PolicyService.Reflect)",
+            (PROMPT, Tensor("image", "UINT8", (h, w, 3), "the image to refine, RGB [H, W, 3]"), GROUP, SEED) + sampling,
+            _sample_outputs(h, w),
+        )
     return dict(sorted(models.items()))
 
 
@@ -131,17 +178,22 @@ def check_inputs(model: Model, decoded: Dict[str, Tuple[str, np.ndarray]]) -> Di
     for name, (datatype, arr) in decoded.items():
         spec = model.input(name)
         if spec is None:
-            raise BadRequest(f"unexpected input '{name}': model '{model.name}' takes "
-                             f"{', '.join(t.name for t in model.inputs)}")
+            raise BadRequest(
+                f"unexpected input '{name}': model '{model.name}' takes {', '.join(t.name for t in model.inputs)}"
+            )
         if datatype != spec.datatype:
             raise BadRequest(f"input '{name}' has datatype {datatype}; model '{model.name}' expects {spec.datatype}")
         if not spec.matches(arr.shape):
-            raise BadRequest(f"input '{name}' has shape {list(arr.shape)}; model '{model.name}' expects "
-                             f"{list(spec.shape)} (-1: any size)")
+            raise BadRequest(
+                f"input '{name}' has shape {list(arr.shape)}; model '{model.name}' expects "
+                f"{list(spec.shape)} (-1: any size)"
+            )
     missing = [t.name for t in model.inputs if not t.optional and t.name not in decoded]
     if missing:
-        raise BadRequest(f"model '{model.name}' needs input '{missing[0]}'" + (
-            f" (missing: {', '.join(missing)})" if len(missing) > 1 else ""))
+        raise BadRequest(
+            f"model '{model.name}' needs input '{missing[0]}'"
+            + (f" (missing: {', '.join(missing)})" if len(missing) > 1 else "")
+        )
     return {name: arr for name, (_, arr) in decoded.items()}
 
 
@@ -187,17 +239,32 @@ _INPUT_OF = {t.field: t.name for t in SAMPLING}
 def name_inputs(message: str) -> str:
     """A native validation message in KServe terms: `params.cfg_scale` -> `input 'guidance'`,
     `prompts[0]` -> `input 'prompt'`, `group_size` -> `input 'group_size'`."""
-    message = re.sub(r"params\.([a-z_]+(?:/[a-z_]+)?)", lambda m: f"input '{_INPUT_OF.get(m.group(1), m.group(1))}'",
-                     message)
+    message = re.sub(
+        r"params\.([a-z_]+(?:/[a-z_]+)?)", lambda m: f"input '{_INPUT_OF.get(m.group(1), m.group(1))}'", message
+    )
     message = re.sub(r"^prompts\[0\]", "input 'prompt'", message)
     return re.sub(r"^(group_size|think)\b", r"input '\1'", message)
 
 
 def resolved_json(sc, text_cfg, think: bool) -> str:
     """The settings samples were drawn with, under the input names (a client may send them back)."""
-    return json.dumps({
-        "mode": sc.mode, "steps": sc.steps, "guidance": sc.cfg_scale, "guidance_interval": list(sc.cfg_interval),
-        "image_guidance": sc.cfg_img_scale, "guidance_renorm": sc.cfg_renorm_type,
-        "guidance_renorm_min": sc.cfg_renorm_min, "sde_window": list(sc.sde_window), "noise_level": sc.noise_level,
-        "timestep_shift": sc.shift, "width": sc.width, "height": sc.height, "temperature": text_cfg.temperature,
-        "top_p": text_cfg.top_p, "max_thought_tokens": text_cfg.max_tokens, "think": think})
+    return json.dumps(
+        {
+            "mode": sc.mode,
+            "steps": sc.steps,
+            "guidance": sc.cfg_scale,
+            "guidance_interval": list(sc.cfg_interval),
+            "image_guidance": sc.cfg_img_scale,
+            "guidance_renorm": sc.cfg_renorm_type,
+            "guidance_renorm_min": sc.cfg_renorm_min,
+            "sde_window": list(sc.sde_window),
+            "noise_level": sc.noise_level,
+            "timestep_shift": sc.shift,
+            "width": sc.width,
+            "height": sc.height,
+            "temperature": text_cfg.temperature,
+            "top_p": text_cfg.top_p,
+            "max_thought_tokens": text_cfg.max_tokens,
+            "think": think,
+        }
+    )

@@ -5,6 +5,7 @@ Raw contents are row-major little-endian; BOOL is one byte per element; a BYTES 
 elements one after another, each a 4-byte little-endian length followed by that many bytes.
 Every error is a BadRequest naming the input.
 """
+
 from __future__ import annotations
 
 import struct
@@ -54,17 +55,20 @@ def deserialize_bytes(data: bytes, count: int, where: str) -> np.ndarray:
     view, pos = memoryview(data), 0
     for i in range(count):
         if pos + 4 > len(view):
-            raise BadRequest(f"{where}: raw BYTES contents end inside element {i} of {count} (each element is a "
-                             f"4-byte little-endian length, then its bytes)")
+            raise BadRequest(
+                f"{where}: raw BYTES contents end inside element {i} of {count} (each element is a "
+                f"4-byte little-endian length, then its bytes)"
+            )
         (n,) = _LEN.unpack_from(view, pos)
         pos += 4
         if pos + n > len(view):
             raise BadRequest(f"{where}: raw BYTES element {i} declares {n} bytes but only {len(view) - pos} remain")
-        out[i] = bytes(view[pos:pos + n])
+        out[i] = bytes(view[pos : pos + n])
         pos += n
     if pos != len(view):
-        raise BadRequest(f"{where}: raw BYTES contents hold {len(view) - pos} bytes after the {count} elements "
-                         f"its shape declares")
+        raise BadRequest(
+            f"{where}: raw BYTES contents hold {len(view) - pos} bytes after the {count} elements its shape declares"
+        )
     return out
 
 
@@ -84,8 +88,9 @@ def _from_raw(data: bytes, datatype: str, shape: Tuple[int, ...], where: str) ->
         return deserialize_bytes(data, count, where).reshape(shape)
     dtype = DATATYPES[datatype][0]
     if count * dtype.itemsize != len(data):
-        raise BadRequest(f"{where}: raw contents have {len(data)} bytes; {datatype} {list(shape)} needs "
-                         f"{count * dtype.itemsize}")
+        raise BadRequest(
+            f"{where}: raw contents have {len(data)} bytes; {datatype} {list(shape)} needs {count * dtype.itemsize}"
+        )
     arr = np.frombuffer(data, dtype=np.uint8 if datatype == "BOOL" else dtype).reshape(shape)
     if datatype == "BOOL":
         if arr.size and arr.max() > 1:
@@ -122,8 +127,10 @@ def decode_inputs(request) -> Dict[str, Tuple[str, np.ndarray]]:
     """{name: (KServe datatype, array)} of a ModelInferRequest's inputs."""
     raw = request.raw_input_contents
     if raw and len(raw) != len(request.inputs):
-        raise BadRequest(f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} inputs: give raw "
-                         f"contents for every input, in the order of the inputs, or for none")
+        raise BadRequest(
+            f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} inputs: give raw "
+            f"contents for every input, in the order of the inputs, or for none"
+        )
     out: Dict[str, Tuple[str, np.ndarray]] = {}
     for k, t in enumerate(request.inputs):
         if not t.name:

@@ -1,4 +1,5 @@
 """Prometheus metrics of one server (its own registry, so several servers can live in one process)."""
+
 from __future__ import annotations
 
 import asyncio
@@ -27,10 +28,20 @@ class Metrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("alphagrpo_requests", "RPCs by method and status code", ["method", "code"], registry=r)
-        self.latency = Histogram("alphagrpo_request_seconds", "RPC latency by method", ["method"], registry=r,
-                                 buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
-        self.batch_size = Histogram("alphagrpo_batch_samples", "samples per model batch", ["kind"], registry=r,
-                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
+        self.latency = Histogram(
+            "alphagrpo_request_seconds",
+            "RPC latency by method",
+            ["method"],
+            registry=r,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+        )
+        self.batch_size = Histogram(
+            "alphagrpo_batch_samples",
+            "samples per model batch",
+            ["kind"],
+            registry=r,
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+        )
         self.batch_seconds = Histogram("alphagrpo_batch_seconds", "model time per batch", ["kind"], registry=r)
         self.queue_depth = Gauge("alphagrpo_queue_samples", "samples waiting, by queue", ["kind"], registry=r)
         self.images = Counter("alphagrpo_images", "images produced", registry=r)
@@ -58,8 +69,9 @@ class Metrics:
         """One finished call: the counter, the latency histogram and a log line."""
         self.requests.labels(method, code.name).inc()
         self.latency.labels(method).observe(seconds)
-        logging.getLogger("alphagrpo.server").info(json.dumps(
-            {"event": "rpc", "method": method, "code": code.name, "seconds": round(seconds, 4)}))
+        logging.getLogger("alphagrpo.server").info(
+            json.dumps({"event": "rpc", "method": method, "code": code.name, "seconds": round(seconds, 4)})
+        )
 
     def count(self, method: str, code: str) -> int:
         """Calls recorded so far for (method, code name)."""

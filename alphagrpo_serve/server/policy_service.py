@@ -3,6 +3,7 @@
 Requests are checked at the door (validation.py), resolved against the policy's defaults, split
 into work items and batched by the engine with every item of compatible settings (BatchKey).
 """
+
 from __future__ import annotations
 
 from typing import Callable, List
@@ -18,8 +19,16 @@ from .weights import StreamBudget, receive_weights
 
 
 class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
-    def __init__(self, policy: Policy, engine: Engine, limits: Limits, metrics: Metrics, boot_id: str,
-                 check_prompt: Callable[[str], None], task: str = "open"):
+    def __init__(
+        self,
+        policy: Policy,
+        engine: Engine,
+        limits: Limits,
+        metrics: Metrics,
+        boot_id: str,
+        check_prompt: Callable[[str], None],
+        task: str = "open",
+    ):
         self.policy, self.engine, self.limits, self.metrics = policy, engine, limits, metrics
         self.boot_id, self.check_prompt, self.task = boot_id, check_prompt, task
         self.weight_budget = StreamBudget(limits.max_update_total_bytes)
@@ -39,15 +48,21 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
             samples = self.policy.generate(prompts, seeds, key.sampling, key.text, think=key.think)
         out, i = [], 0
         for w in items:
-            out.append(samples[i:i + w.size])
+            out.append(samples[i : i + w.size])
             i += w.size
         return out
 
     # ---- encoding ---------------------------------------------------------------------------------
     @staticmethod
     def _sample_proto(s, prompt_index, sample_index, raw, with_traj) -> policy_pb2.Sample:
-        msg = policy_pb2.Sample(prompt_index=prompt_index, sample_index=sample_index, image=image_to_proto(s.image, raw),
-                                thought=s.thought, seed=s.seed, policy_version=s.policy_version)
+        msg = policy_pb2.Sample(
+            prompt_index=prompt_index,
+            sample_index=sample_index,
+            image=image_to_proto(s.image, raw),
+            thought=s.thought,
+            seed=s.seed,
+            policy_version=s.policy_version,
+        )
         if with_traj:
             msg.trajectory.CopyFrom(trajectory_to_proto(s.text.ids, s.text.logps, s.trajectory))
         return msg
@@ -74,8 +89,11 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
         for i, p in enumerate(prompts):
             for j0 in range(0, G, step):
                 n = min(step, G - j0)
-                work = Work([p] * n, [sample_seed(seed, i * G + j) for j in range(j0, j0 + n)],
-                            None if images is None else [images[i]] * n)
+                work = Work(
+                    [p] * n,
+                    [sample_seed(seed, i * G + j) for j in range(j0, j0 + n)],
+                    None if images is None else [images[i]] * n,
+                )
                 parts.append((n, work))
                 index.append((i, j0))
         results = await batcher.submit_all(key, parts, until)  # all parts queued, or none
@@ -89,10 +107,13 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
         if 1 <= G <= self.limits.max_group:  # (sample() names a bad group size)
             sc, _, _ = request_settings(self.policy, request.params, self.limits, reflect=kind == "reflect")
             check_answer_size(len(prompts) * G, sc.width, sc.height, request.return_raw, self.limits)
-        samples, sc, text, think = await self.sample(kind, prompts, request.group_size, request.params,
-                                                     int(request.seed), deadline(context), images)
-        return ([self._sample_proto(s, i, j, request.return_raw, request.return_trajectory) for i, j, s in samples],
-                config_to_params(sc, text, think))
+        samples, sc, text, think = await self.sample(
+            kind, prompts, request.group_size, request.params, int(request.seed), deadline(context), images
+        )
+        return (
+            [self._sample_proto(s, i, j, request.return_raw, request.return_trajectory) for i, j, s in samples],
+            config_to_params(sc, text, think),
+        )
 
     def check_reflect_image(self, arr, sc, field: str) -> None:
         """An image to refine must have the request's canvas when the policy draws one size only."""
@@ -140,8 +161,13 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
             try:
                 with self.weight_budget.hold() as hold:  # this stream's received bytes, until applied or refused
                     tensors, lora, received = await receive_weights(
-                        request_iterator, self.policy.weight_specs(lora=False), self.limits.max_update_bytes,
-                        self.policy.weight_specs(lora=True), hold, lambda: self.policy.require("lora"))
+                        request_iterator,
+                        self.policy.weight_specs(lora=False),
+                        self.limits.max_update_bytes,
+                        self.policy.weight_specs(lora=True),
+                        hold,
+                        lambda: self.policy.require("lora"),
+                    )
                     await self.engine.exclusive(lambda: self.policy.import_weights(tensors, lora=lora))
                     applied = len(tensors)
                     tensors.clear()  # the received bytes are freed before the stream's share is returned
@@ -149,10 +175,13 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
                 await abort_for(context, exc, f"weights not updated (still version {self.policy.version}): ")
             except (KeyError, TypeError, ValueError) as exc:  # the policy's import refused a tensor
                 why = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
-                await abort_for(context, BadRequest(why), f"weights not updated (still version {self.policy.version}): ")
+                await abort_for(
+                    context, BadRequest(why), f"weights not updated (still version {self.policy.version}): "
+                )
             self.metrics.policy_version.set(self.policy.version)
-            return policy_pb2.UpdateWeightsResponse(policy_version=self.policy.version, tensors_applied=applied,
-                                                    bytes_received=received)
+            return policy_pb2.UpdateWeightsResponse(
+                policy_version=self.policy.version, tensors_applied=applied, bytes_received=received
+            )
 
     async def GetModelInfo(self, request, context) -> policy_pb2.ModelInfo:
         with self.metrics.track("GetModelInfo", context):
@@ -161,17 +190,35 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
             specs = dict(self.policy.weight_specs(lora=False))
             if self.policy.lora_enabled:
                 specs.update(self.policy.weight_specs(lora=True))
-            params = [policy_pb2.TensorSpec(name=n, dtype=NAMES.get(dt, str(dt)), shape=list(shape))
-                      for n, (shape, dt) in specs.items()]
+            params = [
+                policy_pb2.TensorSpec(name=n, dtype=NAMES.get(dt, str(dt)), shape=list(shape))
+                for n, (shape, dt) in specs.items()
+            ]
             return policy_pb2.ModelInfo(
-                name=info.name, policy_version=self.policy.version, boot_id=self.boot_id, canvas=canvas.default[0],
-                parameters=params, lora_enabled=self.policy.lora_enabled,
-                capabilities=policy_pb2.Capabilities(think=caps.think, reflect=caps.reflect,
-                                                     understanding=caps.understanding,
-                                                     guidance_branches=list(caps.guidance_branches), lora=caps.lora),
-                canvas_rule=policy_pb2.CanvasRule(default_width=canvas.default[0], default_height=canvas.default[1],
-                                                  multiple=canvas.multiple, min_side=canvas.min_side,
-                                                  max_side=canvas.max_side),
-                parameter_count=info.parameters, dtype=NAMES.get(info.dtype, str(info.dtype)), device=str(info.device),
+                name=info.name,
+                policy_version=self.policy.version,
+                boot_id=self.boot_id,
+                canvas=canvas.default[0],
+                parameters=params,
+                lora_enabled=self.policy.lora_enabled,
+                capabilities=policy_pb2.Capabilities(
+                    think=caps.think,
+                    reflect=caps.reflect,
+                    understanding=caps.understanding,
+                    guidance_branches=list(caps.guidance_branches),
+                    lora=caps.lora,
+                ),
+                canvas_rule=policy_pb2.CanvasRule(
+                    default_width=canvas.default[0],
+                    default_height=canvas.default[1],
+                    multiple=canvas.multiple,
+                    min_side=canvas.min_side,
+                    max_side=canvas.max_side,
+                ),
+                parameter_count=info.parameters,
+                dtype=NAMES.get(info.dtype, str(info.dtype)),
+                device=str(info.device),
                 generate_defaults=config_to_params(info.generate_defaults, info.text_defaults),
-                reflect_defaults=config_to_params(info.reflect_defaults, info.text_defaults), task=self.task)
+                reflect_defaults=config_to_params(info.reflect_defaults, info.text_defaults),
+                task=self.task,
+            )

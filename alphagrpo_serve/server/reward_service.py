@@ -1,5 +1,6 @@
 """RewardService: Verify and Decompose on whichever reward backend the server runs. Rewards run on
 their own threads, beside the model thread."""
+
 from __future__ import annotations
 
 import asyncio
@@ -37,8 +38,10 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
         n = len(prompts)
         with self._lock:
             if self.pending + n > self.limits.max_reward_queue:
-                raise ResourceLimit(f"the reward queue is full ({self.pending} of {self.limits.max_reward_queue} items "
-                                    f"waiting or running, the request has {n})")
+                raise ResourceLimit(
+                    f"the reward queue is full ({self.pending} of {self.limits.max_reward_queue} items "
+                    f"waiting or running, the request has {n})"
+                )
             self.pending += n
         try:
             work = self.executor.submit(fn, prompts, *args)
@@ -95,8 +98,12 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
                     raise BadRequest(_naming("prompts", str(exc))) from None
             except (BadRequest, ResourceLimit, Upstream) as exc:
                 await abort_for(context, exc)
-            return reward_pb2.DecomposeResponse(decompositions=[
-                reward_pb2.Decomposition(prompt=p, questions=[_question_proto(q) for q in qq]) for p, qq in zip(prompts, qs)])
+            return reward_pb2.DecomposeResponse(
+                decompositions=[
+                    reward_pb2.Decomposition(prompt=p, questions=[_question_proto(q) for q in qq])
+                    for p, qq in zip(prompts, qs)
+                ]
+            )
 
 
 def _naming(field: str, message: str) -> str:
@@ -109,8 +116,20 @@ def _question_proto(q) -> reward_pb2.Question:
 
 
 def _reward_proto(r) -> reward_pb2.Reward:
-    return reward_pb2.Reward(prompt=r.prompt, reward=r.reward, semantic=r.semantic, quality=r.quality, failed=r.failed,
-                             answers=[reward_pb2.Answer(question=_question_proto(a.question),
-                                                        score=a.score if a.score is not None else 0.0,
-                                                        answer=a.answer, failed=a.failed or a.score is None,
-                                                        detail=a.detail) for a in r.answers])
+    return reward_pb2.Reward(
+        prompt=r.prompt,
+        reward=r.reward,
+        semantic=r.semantic,
+        quality=r.quality,
+        failed=r.failed,
+        answers=[
+            reward_pb2.Answer(
+                question=_question_proto(a.question),
+                score=a.score if a.score is not None else 0.0,
+                answer=a.answer,
+                failed=a.failed or a.score is None,
+                detail=a.detail,
+            )
+            for a in r.answers
+        ],
+    )

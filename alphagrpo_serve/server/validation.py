@@ -1,6 +1,7 @@
 """Request validation at the door: limits, prompts, sampling settings resolved against the policy's
 defaults. Every bad field is a BadRequest naming it; a setting the policy cannot honour is a
 CapabilityError naming the capability."""
+
 from __future__ import annotations
 
 import time
@@ -17,6 +18,7 @@ from .errors import BadRequest, ResourceLimit
 class Limits:
     """Every per-request limit of the server; docs/limits_and_errors.md lists each with its flag and
     the code a client gets."""
+
     max_prompts: int = 64  # prompts (or items) per request
     max_prompt_chars: int = 512
     max_group: int = 64
@@ -46,14 +48,18 @@ def check_prompts(prompts, limits: Limits, check_prompt: Callable[[str], None], 
 
 
 # SamplingConfig / TextConfig field -> its name in SamplingParams (errors name what the client sent)
-WIRE_NAMES = {"shift": "timestep_shift", "max_tokens": "max_thought_tokens",
-              "sde_window": "sde_window_start/sde_window_size", "cfg_interval": "cfg_interval_low/cfg_interval_high"}
+WIRE_NAMES = {
+    "shift": "timestep_shift",
+    "max_tokens": "max_thought_tokens",
+    "sde_window": "sde_window_start/sde_window_size",
+    "cfg_interval": "cfg_interval_low/cfg_interval_high",
+}
 
 
 def _wire_message(exc: Exception) -> str:
     msg = str(exc)
     head = msg.split(" ", 1)[0]
-    return f"params.{WIRE_NAMES[head]}{msg[len(head):]}" if head in WIRE_NAMES else f"params.{msg}"
+    return f"params.{WIRE_NAMES[head]}{msg[len(head) :]}" if head in WIRE_NAMES else f"params.{msg}"
 
 
 def request_settings(policy: Policy, params, limits: Limits, reflect: bool) -> Tuple[SamplingConfig, TextConfig, bool]:
@@ -72,15 +78,20 @@ def request_settings(policy: Policy, params, limits: Limits, reflect: bool) -> T
     except (ValueError, TypeError) as exc:
         raise BadRequest(_wire_message(exc)) from None
     if sc.steps > limits.max_steps:  # unset: the policy's default is over the server's limit
-        raise BadRequest(f"params.steps is unset and the policy's default {sc.steps} exceeds the server's "
-                         f"--max-steps {limits.max_steps}: set it")
+        raise BadRequest(
+            f"params.steps is unset and the policy's default {sc.steps} exceeds the server's "
+            f"--max-steps {limits.max_steps}: set it"
+        )
     think = bool(params.think) if not reflect else True
     if think and text.max_tokens > limits.max_thought_tokens:
         if "max_tokens" in text_ov:
-            raise BadRequest(f"params.max_thought_tokens must be in [1, {limits.max_thought_tokens}], "
-                             f"got {text.max_tokens}")
-        raise BadRequest(f"params.max_thought_tokens is unset and the policy's default {text.max_tokens} exceeds the "
-                         f"server's --max-thought-tokens {limits.max_thought_tokens}: set it")
+            raise BadRequest(
+                f"params.max_thought_tokens must be in [1, {limits.max_thought_tokens}], got {text.max_tokens}"
+            )
+        raise BadRequest(
+            f"params.max_thought_tokens is unset and the policy's default {text.max_tokens} exceeds the "
+            f"server's --max-thought-tokens {limits.max_thought_tokens}: set it"
+        )
     if params.think and not reflect:
         policy.require("think")
     return sc, text, think
@@ -96,9 +107,11 @@ def check_answer_size(n_samples: int, width: int, height: int, raw: bool, limits
     trajectories) are refused by check_message_size."""
     declared = n_samples * ((width * height * 3 if raw else 0) + SAMPLE_OVERHEAD)
     if declared > limits.max_message_bytes:
-        raise ResourceLimit(f"the answer would hold at least {declared} bytes ({n_samples} samples"
-                            f"{' with raw images' if raw else ''}), more than the message limit of "
-                            f"{limits.max_message_bytes} bytes: ask for fewer samples per request")
+        raise ResourceLimit(
+            f"the answer would hold at least {declared} bytes ({n_samples} samples"
+            f"{' with raw images' if raw else ''}), more than the message limit of "
+            f"{limits.max_message_bytes} bytes: ask for fewer samples per request"
+        )
 
 
 def check_message_size(msg, limits: Limits) -> None:
@@ -106,8 +119,10 @@ def check_message_size(msg, limits: Limits) -> None:
     drop it on the way out)."""
     size = msg.ByteSize()
     if size > limits.max_message_bytes:
-        raise ResourceLimit(f"the answer holds {size} bytes, more than the message limit of {limits.max_message_bytes} "
-                            f"bytes: ask for fewer samples per request, or without return_raw / return_trajectory")
+        raise ResourceLimit(
+            f"the answer holds {size} bytes, more than the message limit of {limits.max_message_bytes} "
+            f"bytes: ask for fewer samples per request, or without return_raw / return_trajectory"
+        )
 
 
 def deadline(context) -> Optional[float]:

@@ -4,6 +4,7 @@ any memory is set aside for them, assembled from the bytes actually received.
 Memory: a stream holds the chunks it has received (never what a header declares), each tensor is
 assembled into its final buffer as soon as its last chunk arrives, and the bytes held by every
 stream in progress together are bounded (StreamBudget, --max-update-total-mb)."""
+
 from __future__ import annotations
 
 from collections import deque
@@ -38,8 +39,10 @@ class Hold:
     def take(self, n: int, name: str) -> None:
         b = self.budget
         if b.held + n > b.limit:
-            raise ResourceLimit(f"{name}: weight streams in progress hold {b.held} bytes and this chunk adds {n}, "
-                                f"more than the server's {b.limit} (--max-update-total-mb); retry when they finish")
+            raise ResourceLimit(
+                f"{name}: weight streams in progress hold {b.held} bytes and this chunk adds {n}, "
+                f"more than the server's {b.limit} (--max-update-total-mb); retry when they finish"
+            )
         b.held += n
         self.bytes += n
 
@@ -66,15 +69,19 @@ class _Part:
         pos = 0
         while self.chunks:
             c = self.chunks.popleft()
-            buf[pos:pos + len(c)] = np.frombuffer(c, dtype=np.uint8)
+            buf[pos : pos + len(c)] = np.frombuffer(c, dtype=np.uint8)
             pos += len(c)
         self.tensor = torch.from_numpy(buf).view(DTYPES[self.dtype]).reshape(self.shape)
 
 
-async def receive_weights(request_iterator, specs: Dict[str, tuple], max_bytes: int,
-                          lora_specs: Optional[Dict[str, tuple]] = None, hold: Optional[Hold] = None,
-                          check_lora: Optional[Callable[[], None]] = None
-                          ) -> Tuple[Dict[str, torch.Tensor], bool, int]:
+async def receive_weights(
+    request_iterator,
+    specs: Dict[str, tuple],
+    max_bytes: int,
+    lora_specs: Optional[Dict[str, tuple]] = None,
+    hold: Optional[Hold] = None,
+    check_lora: Optional[Callable[[], None]] = None,
+) -> Tuple[Dict[str, torch.Tensor], bool, int]:
     """Reads the stream; returns (tensors, lora, bytes received).
 
     specs: {name: (shape, dtype)} the policy accepts for full weights (policy.weight_specs()).
@@ -117,15 +124,19 @@ async def receive_weights(request_iterator, specs: Dict[str, tuple], max_bytes: 
             size = nbytes(chunk.dtype, shape)
             declared += size
             if declared > max_bytes:
-                raise BadRequest(f"{name}: {chunk.dtype} {list(shape)} is {size} bytes; the stream declares {declared} "
-                                 f"bytes in all, more than the limit of {max_bytes}")
+                raise BadRequest(
+                    f"{name}: {chunk.dtype} {list(shape)} is {size} bytes; the stream declares {declared} "
+                    f"bytes in all, more than the limit of {max_bytes}"
+                )
             part = parts[name] = _Part(chunk.dtype, shape, size)
         elif (part.dtype, part.shape) != (chunk.dtype, tuple(int(d) for d in chunk.shape)):
             raise BadRequest(f"{name}: dtype/shape changed between chunks")
         n = len(chunk.data)
         if chunk.offset != part.filled or chunk.offset + n > part.size:
-            raise BadRequest(f"{name}: chunk at offset {chunk.offset} with {n} bytes does not continue "
-                             f"the {part.filled} of {part.size} bytes received")
+            raise BadRequest(
+                f"{name}: chunk at offset {chunk.offset} with {n} bytes does not continue "
+                f"the {part.filled} of {part.size} bytes received"
+            )
         if n:
             if hold is not None:
                 hold.take(n, name)

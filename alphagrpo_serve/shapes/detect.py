@@ -7,6 +7,7 @@ comes from two features: fill = area / bounding-box area (triangle 0.5, circle 0
 and how far its centroid sits below the box centre (a triangle's mass is low). Shape and colour
 come out as probabilities, so a verifier can grade near misses.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -102,8 +103,10 @@ class Detector:
             area = np.bincount(flat, minlength=n + 1)
             sy = np.bincount(flat, weights=np.broadcast_to(ys, lab.shape).ravel(), minlength=n + 1)
             sx = np.bincount(flat, weights=np.broadcast_to(xs, lab.shape).ravel(), minlength=n + 1)
-            cos_sum = np.stack([np.bincount(flat, weights=cos_all[..., k].ravel(), minlength=n + 1)
-                                for k in range(len(COLORS))], axis=1)
+            cos_sum = np.stack(
+                [np.bincount(flat, weights=cos_all[..., k].ravel(), minlength=n + 1) for k in range(len(COLORS))],
+                axis=1,
+            )
             for k, sl in enumerate(ndimage.find_objects(lab), start=1):
                 if sl is None or area[k] < min_area:
                     continue
@@ -127,9 +130,19 @@ class Detector:
                 color_probs = np.exp(color_logits - color_logits.max())
                 color_probs /= color_probs.sum()
                 s_i = int(shape_probs.argmax())
-                results[img_i].objects.append(Detection(
-                    SHAPES[s_i], COLORS[ci], float(cx + 0.5), float(cy + 0.5), int(area[k]),
-                    float(shape_probs[s_i] * color_probs[ci]), shape_probs, color_probs, feats))
+                results[img_i].objects.append(
+                    Detection(
+                        SHAPES[s_i],
+                        COLORS[ci],
+                        float(cx + 0.5),
+                        float(cy + 0.5),
+                        int(area[k]),
+                        float(shape_probs[s_i] * color_probs[ci]),
+                        shape_probs,
+                        color_probs,
+                        feats,
+                    )
+                )
                 kept_pixels[img_i] += area[k]
         fg_count = fg.reshape(N, -1).sum(1)
         for i in range(N):
@@ -155,8 +168,11 @@ def scene_matches(dets: ImageDetections, objects: Sequence) -> bool:
     remaining = list(dets.objects)
     for o in objects:
         ex, ey = expected_centroid(o)
-        match = [d for d in remaining if d.shape == o.shape and d.color == o.color
-                 and abs(d.cx - ex) <= 1.5 and abs(d.cy - ey) <= 1.5]
+        match = [
+            d
+            for d in remaining
+            if d.shape == o.shape and d.color == o.color and abs(d.cx - ex) <= 1.5 and abs(d.cy - ey) <= 1.5
+        ]
         if not match:
             return False
         remaining.remove(match[0])

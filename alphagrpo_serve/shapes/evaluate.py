@@ -6,6 +6,7 @@ its colour, and the relation between the two objects when one is asked. The tabl
 per category, the overall score as GenEval does (the mean of the six category accuracies),
 implicit prompts separately, and the mean DVReward.
 """
+
 from __future__ import annotations
 
 import json
@@ -38,8 +39,13 @@ def geneval_correct(spec: Spec, dets: ImageDetections, canvas: int) -> bool:
             return False
     if spec.relation is not None:
         a, b = spec.groups
-        return any(relation_holds(da, db, spec.relation, canvas)
-                   for da in dets.objects if _matches(da, a) for db in dets.objects if _matches(db, b) and db is not da)
+        return any(
+            relation_holds(da, db, spec.relation, canvas)
+            for da in dets.objects
+            if _matches(da, a)
+            for db in dets.objects
+            if _matches(db, b) and db is not da
+        )
     return True
 
 
@@ -61,15 +67,21 @@ class EvalReport:
         for c in list(CATEGORIES) + ["implicit"]:
             if c in self.accuracy:
                 rows.append(f"| {c} | {self.counts[c]} | {self.accuracy[c]:.3f} |")
-        rows.append(f"| **overall** (mean of categories) | {sum(self.counts[c] for c in CATEGORIES if c in self.counts)} "
-                    f"| **{self.overall:.3f}** |")
+        rows.append(
+            f"| **overall** (mean of categories) | {sum(self.counts[c] for c in CATEGORIES if c in self.counts)} "
+            f"| **{self.overall:.3f}** |"
+        )
         if self.mean_reward is not None:
             rows.append(f"| mean DVReward | {len(self.rewards)} | {self.mean_reward:.3f} |")
         return "\n".join(rows)
 
     def to_dict(self) -> Dict:
-        return {"accuracy": self.accuracy, "counts": self.counts, "overall": self.overall,
-                "mean_reward": self.mean_reward}
+        return {
+            "accuracy": self.accuracy,
+            "counts": self.counts,
+            "overall": self.overall,
+            "mean_reward": self.mean_reward,
+        }
 
 
 def evaluate(prompts: Sequence[str], images, *, reward=None, detector: Optional[Detector] = None) -> EvalReport:
@@ -130,8 +142,12 @@ def load_heldout(path: str = HELDOUT) -> List[Dict]:
 def ground_truth_images(prompts: Sequence[str], canvas: int = 32, seeds: Optional[Sequence[int]] = None) -> np.ndarray:
     """Renders of scenes that satisfy each prompt exactly (the upper bound of any policy)."""
     seeds = range(len(prompts)) if seeds is None else seeds
-    return np.stack([render(scene_for_spec(resolve(p) or parse(p), np.random.default_rng(s), canvas))
-                     for p, s in zip(prompts, seeds)])
+    return np.stack(
+        [
+            render(scene_for_spec(resolve(p) or parse(p), np.random.default_rng(s), canvas))
+            for p, s in zip(prompts, seeds)
+        ]
+    )
 
 
 if __name__ == "__main__":  # regenerate the shipped split: python -m alphagrpo_serve.shapes.evaluate

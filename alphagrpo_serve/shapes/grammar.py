@@ -9,6 +9,7 @@ counting "three green triangles" (1 to 4, exact); colors "a purple square"; posi
 circle to the left of a blue square"; color_attr "a red circle and a blue square" (two objects,
 distinct shape-colour bindings). parse(write(spec)) == spec for every spec of the grammar.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -42,6 +43,7 @@ class PromptError(ValueError):
 class Group:
     """count objects of `shape` (and `color` when given). exact: the count is a requirement
     (counting prompts); otherwise 'a circle' means at least one."""
+
     shape: str
     color: Optional[str] = None
     count: int = 1
@@ -110,7 +112,9 @@ def parse(prompt: str) -> Spec:
         elif count > 1 and w in plural:
             shape = plural[w]
         else:
-            form = "a shape (circle, square, triangle)" if count == 1 else "a plural shape (circles, squares, triangles)"
+            form = (
+                "a shape (circle, square, triangle)" if count == 1 else "a plural shape (circles, squares, triangles)"
+            )
             raise PromptError(prompt, pos, w, form + ("" if color else " or a colour " + "/".join(COLORS)))
         pos += 1
         return Group(shape, color, count, exact)
@@ -127,7 +131,7 @@ def parse(prompt: str) -> Spec:
         relation = None
     else:
         relation = None
-        if words[pos:pos + 3] in (["to", "the", "left"], ["to", "the", "right"]) and word(pos + 3) == "of":
+        if words[pos : pos + 3] in (["to", "the", "left"], ["to", "the", "right"]) and word(pos + 3) == "of":
             relation = f"{words[pos + 2]} of"
             pos += 4
         elif w in ("above", "below"):
@@ -164,8 +168,9 @@ def sample_spec(rng: np.random.Generator, category: str) -> Spec:
     if category == "color_attr":
         return Spec((Group(SHAPES[a], COLORS[ca]), Group(SHAPES[b], COLORS[cb])))
     if category == "position":
-        return Spec((Group(SHAPES[a], COLORS[ca]), Group(SHAPES[b], COLORS[cb])),
-                    RELATIONS[rng.integers(len(RELATIONS))])
+        return Spec(
+            (Group(SHAPES[a], COLORS[ca]), Group(SHAPES[b], COLORS[cb])), RELATIONS[rng.integers(len(RELATIONS))]
+        )
     raise ValueError(f"category must be one of {CATEGORIES}, got {category!r}")
 
 
@@ -199,8 +204,12 @@ def all_prompts(category: str) -> List[str]:
         out = [Spec((Group(a), Group(b))) for a, b in itertools.permutations(SHAPES, 2)]
     elif category in ("color_attr", "position"):
         rels = RELATIONS if category == "position" else (None,)
-        out = [Spec((Group(a, ca), Group(b, cb)), r) for a, b in itertools.permutations(SHAPES, 2)
-               for ca, cb in itertools.permutations(COLORS, 2) for r in rels]
+        out = [
+            Spec((Group(a, ca), Group(b, cb)), r)
+            for a, b in itertools.permutations(SHAPES, 2)
+            for ca, cb in itertools.permutations(COLORS, 2)
+            for r in rels
+        ]
     else:
         raise ValueError(f"category must be one of {CATEGORIES + ('implicit',)}, got {category!r}")
     return [write(s) for s in out]
@@ -236,8 +245,12 @@ RELATION_MARGIN = 0.1  # a relation holds when the centres differ by more than t
 def relation_holds(a: Obj, b: Obj, relation: str, canvas: int, margin: float = RELATION_MARGIN) -> bool:
     """Whether a stands in relation to b: centres apart by more than margin x canvas along the axis."""
     t = margin * canvas
-    return {"left of": b.cx - a.cx > t, "right of": a.cx - b.cx > t,
-            "above": b.cy - a.cy > t, "below": a.cy - b.cy > t}[relation]
+    return {
+        "left of": b.cx - a.cx > t,
+        "right of": a.cx - b.cx > t,
+        "above": b.cy - a.cy > t,
+        "below": a.cy - b.cy > t,
+    }[relation]
 
 
 def scene_for_spec(spec: Spec, rng: np.random.Generator, canvas: int = 32) -> Scene:

@@ -8,6 +8,7 @@ Templates (REF_* are phrases of the tables):
     colour only:   "a {shape} coloured like {COLOR_REF}"
     count:         "as many {shape}s as {COUNT_REF}"  /  "as many {colour} {shape}s as {COUNT_REF}"
 """
+
 from __future__ import annotations
 
 import json
@@ -104,8 +105,12 @@ def all_implicit() -> List[str]:
     out = [f"a shape with {s}, coloured like {c}" for s in t["shapes"] for c in t["colors"]]
     out += [f"a shape with {s}" for s in t["shapes"]]
     out += [f"a {shape} coloured like {c}" for shape in SHAPES for c in t["colors"]]
-    out += [f"as many {col + ' ' if col else ''}{PLURALS[shape]} as {n}"
-            for shape in SHAPES for col in [""] + list(COLORS) for n in t["counts"]]
+    out += [
+        f"as many {col + ' ' if col else ''}{PLURALS[shape]} as {n}"
+        for shape in SHAPES
+        for col in [""] + list(COLORS)
+        for n in t["counts"]
+    ]
     return out
 
 

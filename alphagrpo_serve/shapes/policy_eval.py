@@ -1,6 +1,7 @@
 """Held-out evaluation of a policy: GenEval-rule accuracy per category (ODE, fixed seeds), plain or
 think mode, optionally after one round of self-reflective refinement, and how often thoughts on
 implicit prompts parse as valid explicit prompts."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -43,10 +44,19 @@ def _overrides(sampling: SamplingConfig) -> dict:
     return dict(steps=sampling.steps, mode=sampling.mode, cfg_scale=sampling.cfg_scale)
 
 
-def evaluate_policy(policy: Policy, rows: Optional[Sequence[Dict]] = None, think: bool = False, reflect: bool = False,
-                    sampling: Optional[SamplingConfig] = None, batch: int = 64, limit: int = 0) -> PolicyEval:
+def evaluate_policy(
+    policy: Policy,
+    rows: Optional[Sequence[Dict]] = None,
+    think: bool = False,
+    reflect: bool = False,
+    sampling: Optional[SamplingConfig] = None,
+    batch: int = 64,
+    limit: int = 0,
+) -> PolicyEval:
     rows = list(rows if rows is not None else load_heldout())
-    if limit and limit < len(rows):  # evenly spaced: the split is grouped by category, so every category keeps its share
+    if limit and limit < len(
+        rows
+    ):  # evenly spaced: the split is grouped by category, so every category keeps its share
         rows = [rows[i * len(rows) // limit] for i in range(limit)]
     sampling = policy.resolve_sampling(dict(mode="ode") if sampling is None else _overrides(sampling))
     reflect_sampling = policy.resolve_sampling(_overrides(sampling), reflect=True)
@@ -55,11 +65,16 @@ def evaluate_policy(policy: Policy, rows: Optional[Sequence[Dict]] = None, think
     seeds = [int(r.get("seed", i)) for i, r in enumerate(rows)]
     images, thoughts = [], []
     for i in range(0, len(rows), batch):
-        out = policy.generate(prompts[i:i + batch], seeds[i:i + batch], sampling, greedy, think=think)
+        out = policy.generate(prompts[i : i + batch], seeds[i : i + batch], sampling, greedy, think=think)
         if reflect:
             first = out
-            out = policy.reflect(prompts[i:i + batch], [s.image for s in first], seeds[i:i + batch], reflect_sampling,
-                                 greedy.replace(max_tokens=48))
+            out = policy.reflect(
+                prompts[i : i + batch],
+                [s.image for s in first],
+                seeds[i : i + batch],
+                reflect_sampling,
+                greedy.replace(max_tokens=48),
+            )
             # the policy's own verdict: a critique that finds the image correct keeps it
             out = [f if judged_correct(s.thought) else s for f, s in zip(first, out)]
         images += [s.image for s in out]
@@ -83,19 +98,34 @@ def evaluate_policy(policy: Policy, rows: Optional[Sequence[Dict]] = None, think
 
 # ---- the three evaluation modes the model card and the trainer's report print ----------------------
 EVAL_MODES = (("plain", False, False), ("think", True, False), ("think+reflect", True, True))
-GRID_PROMPTS = ["a red circle", "a blue square", "three green triangles", "a yellow circle to the left of a purple square",
-                "a circle and a triangle", "a shape with no corners, coloured like the sky"]
+GRID_PROMPTS = [
+    "a red circle",
+    "a blue square",
+    "three green triangles",
+    "a yellow circle to the left of a purple square",
+    "a circle and a triangle",
+    "a shape with no corners, coloured like the sky",
+]
 
 
-def evaluate_modes(policy: Policy, sampling: Optional[SamplingConfig] = None, modes=EVAL_MODES,
-                   rows: Optional[Sequence[Dict]] = None, limit: int = 0, log=None) -> Dict[str, Dict]:
+def evaluate_modes(
+    policy: Policy,
+    sampling: Optional[SamplingConfig] = None,
+    modes=EVAL_MODES,
+    rows: Optional[Sequence[Dict]] = None,
+    limit: int = 0,
+    log=None,
+) -> Dict[str, Dict]:
     """{mode: report dict + thought rates} for each (name, think, reflect) mode (default: all three)."""
     sampling = sampling or SamplingConfig(steps=20, mode="ode", cfg_scale=3.0)
     results = {}
     for name, think, reflect in modes:
         res = evaluate_policy(policy, rows=rows, think=think, reflect=reflect, sampling=sampling, limit=limit)
-        results[name] = dict(res.report.to_dict(), thought_parse_rate=res.thought_parse_rate,
-                             thought_correct_rate=res.thought_correct_rate)
+        results[name] = dict(
+            res.report.to_dict(),
+            thought_parse_rate=res.thought_parse_rate,
+            thought_correct_rate=res.thought_correct_rate,
+        )
         if log:
             log(f"{name}: overall {res.report.overall:.3f}")
     return results
@@ -108,10 +138,15 @@ def modes_table(results: Dict[str, Dict]) -> str:
     cats = list(CATEGORIES) + ["implicit"]
     lines = ["| mode | " + " | ".join(cats) + " | overall | mean DVReward |", "|---" * (len(cats) + 3) + "|"]
     for name, r in results.items():
-        lines.append(f"| {name} | " + " | ".join(f"{r['accuracy'].get(c, float('nan')):.3f}" for c in cats)
-                     + f" | **{r['overall']:.3f}** | {r['mean_reward']:.3f} |")
+        lines.append(
+            f"| {name} | "
+            + " | ".join(f"{r['accuracy'].get(c, float('nan')):.3f}" for c in cats)
+            + f" | **{r['overall']:.3f}** | {r['mean_reward']:.3f} |"
+        )
     for name, r in results.items():
         if r.get("thought_parse_rate") is not None:
-            lines.append(f"\n{name}: implicit-prompt thoughts that parse {r['thought_parse_rate']:.3f}, "
-                         f"that parse to the intended prompt {r['thought_correct_rate']:.3f}")
+            lines.append(
+                f"\n{name}: implicit-prompt thoughts that parse {r['thought_parse_rate']:.3f}, "
+                f"that parse to the intended prompt {r['thought_correct_rate']:.3f}"
+            )
     return "\n".join(lines)

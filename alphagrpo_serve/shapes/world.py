@@ -8,6 +8,7 @@ Palette (RGB, fixed; every pair is >= 70 apart in RGB and far from the backgroun
     yellow (240, 215, 40)  purple (150, 60, 200)  orange (250, 140, 20)
     background (16, 16, 24)
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -34,6 +35,7 @@ SUPERSAMPLE = 4  # renderer anti-aliasing: each pixel averages SUPERSAMPLE^2 sub
 class Obj:
     """One shape. cx, cy: centre in pixels; r: half-extent in pixels (circle radius, half the
     square's side, the triangle's circumradius-like half-width)."""
+
     shape: str
     color: str
     cx: float
@@ -65,8 +67,14 @@ def _coverage(obj: Obj, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
     raise ValueError(f"unknown shape {obj.shape!r}; valid: {SHAPES}")
 
 
-def render(scene: Scene, *, noise: float = 0.0, jitter: float = 0.0, blur: float = 0.0,
-           rng: Optional[np.random.Generator] = None) -> np.ndarray:
+def render(
+    scene: Scene,
+    *,
+    noise: float = 0.0,
+    jitter: float = 0.0,
+    blur: float = 0.0,
+    rng: Optional[np.random.Generator] = None,
+) -> np.ndarray:
     """Scene -> uint8 image [canvas, canvas, 3]. Deterministic for a given rng state.
 
     jitter: std of a per-object colour perturbation (RGB units); noise: std of per-pixel Gaussian
@@ -109,8 +117,9 @@ def overlaps(a: Obj, b: Obj, gap: float) -> bool:
     return abs(a.cx - b.cx) < a.r + b.r + gap and abs(a.cy - b.cy) < a.r + b.r + gap
 
 
-def place(specs: Sequence[Tuple[str, str]], canvas: int, rng: np.random.Generator,
-          constraint=None, tries: int = 2000) -> List[Obj]:
+def place(
+    specs: Sequence[Tuple[str, str]], canvas: int, rng: np.random.Generator, constraint=None, tries: int = 2000
+) -> List[Obj]:
     """Non-overlapping objects for (shape, colour) pairs at random positions and sizes; optional
     constraint(objs) -> bool. Raises RuntimeError when no layout is found."""
     lo, hi = size_range(canvas)
@@ -122,7 +131,13 @@ def place(specs: Sequence[Tuple[str, str]], canvas: int, rng: np.random.Generato
         for shape, color in specs:
             for _ in range(100):
                 r = float(rng.uniform(lo, hi))
-                o = Obj(shape, color, float(rng.uniform(r + 1, canvas - r - 1)), float(rng.uniform(r + 1, canvas - r - 1)), r)
+                o = Obj(
+                    shape,
+                    color,
+                    float(rng.uniform(r + 1, canvas - r - 1)),
+                    float(rng.uniform(r + 1, canvas - r - 1)),
+                    r,
+                )
                 if all(not overlaps(o, p, gap) for p in objs):
                     objs.append(o)
                     break

@@ -1,4 +1,5 @@
 """The task (prompt domain) interface."""
+
 from __future__ import annotations
 
 import abc
@@ -32,8 +33,10 @@ class Task(abc.ABC):
         """Markdown of evaluate()'s (or a held-out file's) results: one row per mode."""
         lines = ["| mode | overall | mean reward | S | Q |", "|---|---:|---:|---:|---:|"]
         for name, r in results.items():
-            lines.append(f"| {name} | **{r['overall']:.3f}** | {r.get('mean_reward', float('nan')):.3f} | "
-                         f"{r.get('semantic', float('nan')):.3f} | {r.get('quality', float('nan')):.3f} |")
+            lines.append(
+                f"| {name} | **{r['overall']:.3f}** | {r.get('mean_reward', float('nan')):.3f} | "
+                f"{r.get('semantic', float('nan')):.3f} | {r.get('quality', float('nan')):.3f} |"
+            )
         return "\n".join(lines)
 
     def rollout_metrics(self, prompts: Sequence[str], images: np.ndarray) -> Dict[str, float]:
@@ -48,6 +51,7 @@ class Task(abc.ABC):
 class OpenTask(Task):
     """Any non-empty UTF-8 prompt (the server's size limits still apply); no built-in prompts,
     reward or evaluation suite: train from a prompts file against a reward server."""
+
     name = "open"
 
     def check_prompt(self, prompt: str) -> None:

@@ -1,5 +1,6 @@
 """Task registry: name -> (module, class), imported lazily (the server imports no task's code
 until one is named)."""
+
 from __future__ import annotations
 
 import importlib

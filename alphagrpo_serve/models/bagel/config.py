@@ -8,6 +8,7 @@ The official code reads the two separate files and forces a few fields; so do we
   says (BAGEL-7B-MoT: 27 -> 26). vLLM reads the inline `vit_config` instead and drops a layer only
   when it says 27; tools/make_tiny_bagel.py writes both so the two loaders read the same tower.
 """
+
 from __future__ import annotations
 
 import json
@@ -49,7 +50,7 @@ class BagelConfig:
     @property
     def patch_latent_dim(self) -> int:
         """Width of one latent token: p * p * 16 = 64."""
-        return self.latent_patch_size ** 2 * self.latent_channels
+        return self.latent_patch_size**2 * self.latent_channels
 
     @property
     def pixels_per_latent_token(self) -> int:
@@ -86,7 +87,8 @@ class BagelConfig:
         vit._attn_implementation = "sdpa"
         vae = root.get("vae_config") or {}
         cfg = cls(
-            llm=llm, vit=vit,
+            llm=llm,
+            vit=vit,
             latent_patch_size=int(root.get("latent_patch_size", 2)),
             max_latent_size=int(root.get("max_latent_size", 64)),
             vit_max_num_patch_per_side=int(root.get("vit_max_num_patch_per_side", 70)),

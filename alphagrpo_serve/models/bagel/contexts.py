@@ -22,6 +22,7 @@ Contexts (each text segment wrapped <|im_start|> ... <|im_end|>, as the official
 The written text is in the conditional context only. The same functions build the contexts at
 sampling time and in the trainer's recompute, so both see the same keys and values.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -36,15 +37,19 @@ from .core import Text, VaeImage, VitImage, prefill, velocity
 from .guidance import cfg_active, cfg_combine
 
 # official inferencer.py
-GEN_THINK_SYSTEM_PROMPT = ("You should first think about the planning process in the mind and then generate the "
-                           "image. \nThe planning process is enclosed within <think> </think> tags, i.e. <think> "
-                           "planning process here </think> image here")
+GEN_THINK_SYSTEM_PROMPT = (
+    "You should first think about the planning process in the mind and then generate the "
+    "image. \nThe planning process is enclosed within <think> </think> tags, i.e. <think> "
+    "planning process here </think> image here"
+)
 
 # ours (SRR): the editing layout with a critique in place of the plan
-REFLECT_SYSTEM_PROMPT = ("You are given an image that was generated for the user's prompt. You should first examine "
-                         "in the mind how the image fails the prompt, then generate a refined image. \n"
-                         "The critique and the edit instruction that fixes the image are enclosed within <think> "
-                         "</think> tags, i.e. <think> critique and edit instruction here </think> image here")
+REFLECT_SYSTEM_PROMPT = (
+    "You are given an image that was generated for the user's prompt. You should first examine "
+    "in the mind how the image fails the prompt, then generate a refined image. \n"
+    "The critique and the edit instruction that fixes the image are enclosed within <think> "
+    "</think> tags, i.e. <think> critique and edit instruction here </think> image here"
+)
 
 Piece = Tuple  # ("text", ids...) | ("vae", image index) | ("vit", image index)
 
@@ -53,6 +58,7 @@ Piece = Tuple  # ("text", ids...) | ("vae", image index) | ("vit", image index)
 class Job:
     """One row: its prompt, whether it writes a plan first (think), and the index of the image it
     refines among the batch's distinct images (None: text-to-image)."""
+
     prompt: str
     think: bool = False
     image: Optional[int] = None
@@ -106,6 +112,7 @@ class ContextBuilder:
 class ImageSet:
     """The batch's distinct input images as context segments: VAE latent tokens of the image resized
     to the canvas, and ViT pixels by BAGEL's ViT transform."""
+
     vae: List[VaeImage] = field(default_factory=list)
     vit: List[VitImage] = field(default_factory=list)
 
@@ -127,8 +134,9 @@ def materialise(pieces: Sequence[Piece], images: Optional[ImageSet]) -> list:
     return out
 
 
-def shared_prefill(model, rows: Sequence[Tuple[Piece, ...]], images: Optional[ImageSet] = None,
-                   share: bool = True) -> KVCache:
+def shared_prefill(
+    model, rows: Sequence[Tuple[Piece, ...]], images: Optional[ImageSet] = None, share: bool = True
+) -> KVCache:
     """One cache row per entry of `rows`; each distinct context is prefilled once and its keys and
     values are shared by every row that holds it (a view when the whole batch shares one).
     share=False prefills every row on its own (for measuring what sharing saves)."""
@@ -154,6 +162,7 @@ def extend(model, cache: KVCache, texts: Sequence[Optional[List[int]]]) -> KVCac
 
 # ----------------------------------------------------------------------------------------------
 # guidance
+
 
 def _rule(sc, t: float) -> Tuple[float, float]:
     """(text scale, image scale) in force at timestep t under settings sc: both 1 outside
@@ -195,8 +204,9 @@ class Branches:
             self._stacked[key] = parts[0] if len(parts) == 1 else KVCache.concat(parts)
         return self._stacked[key]
 
-    def velocity(self, model, x: torch.Tensor, t: torch.Tensor, configs: Sequence,
-                 grid: Tuple[int, int]) -> torch.Tensor:
+    def velocity(
+        self, model, x: torch.Tensor, t: torch.Tensor, configs: Sequence, grid: Tuple[int, int]
+    ) -> torch.Tensor:
         """Guided velocity [B, N, 64] float32 for latent tokens x [B, N, 64] at timesteps t [B], each
         row under its own SamplingConfig: one model call over the full context of every row and the
         no-text / no-image contexts of the rows guided at their t, then cfg_combine per row."""
@@ -220,10 +230,11 @@ class Branches:
         out = []
         for r in range(B):
             if r not in where_t:
-                out.append(v[r:r + 1])
+                out.append(v[r : r + 1])
                 continue
             kind, lo = _renorm(configs[r])
-            v_ni = v[where_i[r]:where_i[r] + 1] if r in where_i else None
-            out.append(cfg_combine(v[r:r + 1], v[where_t[r]:where_t[r] + 1], v_ni, scales[r][0], scales[r][1],
-                                   kind, lo))
+            v_ni = v[where_i[r] : where_i[r] + 1] if r in where_i else None
+            out.append(
+                cfg_combine(v[r : r + 1], v[where_t[r] : where_t[r] + 1], v_ni, scales[r][0], scales[r][1], kind, lo)
+            )
         return torch.cat(out)

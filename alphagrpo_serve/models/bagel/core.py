@@ -14,6 +14,7 @@ Text, ViT tokens and markers take the understanding expert, VAE latent tokens th
 Nothing here is wrapped in no_grad: under autograd every output is differentiable in the weights,
 so the trainer recomputes with the same functions the sampler ran.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -30,10 +31,12 @@ from .modeling import BagelModel, Routing
 # ----------------------------------------------------------------------------------------------
 # context segments
 
+
 @dataclass
 class Text:
     """Text token ids (understanding expert, causal). Wrapping (<|im_start|> ... <|im_end|>, as the
     official prepare_prompts does) is the caller's choice: see tokens.BagelTokens.wrap."""
+
     ids: Union[Sequence[int], torch.Tensor]
 
 
@@ -41,6 +44,7 @@ class Text:
 class VitImage:
     """An image for understanding: pixels [3, H, W] in [-1, 1], H and W multiples of the ViT patch
     (images.preprocess makes them). Becomes <|vision_start|>, (H/p)(W/p) ViT tokens, <|vision_end|>."""
+
     pixels: torch.Tensor
 
 
@@ -48,6 +52,7 @@ class VitImage:
 class VaeImage:
     """An image as VAE latent tokens (generation expert): tokens [h*w, 64] (packed 2x2 patches of the
     normalised latent) on grid (h, w). timestep 0 is a clean image (the official editing context)."""
+
     tokens: torch.Tensor
     grid: Tuple[int, int]
     timestep: float = 0.0
@@ -65,12 +70,14 @@ Segment = Union[Text, VitImage, VaeImage]
 @dataclass(frozen=True)
 class SpecialTokens:
     """The marker ids the core inserts around image segments."""
+
     start_of_image: int
     end_of_image: int
 
 
 # ----------------------------------------------------------------------------------------------
 # the transformer over a padded chunk
+
 
 def attention_mask(cache_valid: torch.Tensor, attend: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """[B, T, L + T] bool, True = may attend: every valid cached key (cache_valid [B, L]), then the
@@ -82,9 +89,15 @@ def attention_mask(cache_valid: torch.Tensor, attend: torch.Tensor, valid: torch
     return torch.cat([cache_valid[:, None, :].expand(B, T, cache_valid.shape[1]), inner], dim=2)
 
 
-def forward_embeds(model: BagelModel, embeds: torch.Tensor, positions: torch.Tensor, gen: torch.Tensor,
-                   attend: torch.Tensor, valid: torch.Tensor, cache: Optional[KVCache] = None,
-                   ) -> Tuple[torch.Tensor, KVCache]:
+def forward_embeds(
+    model: BagelModel,
+    embeds: torch.Tensor,
+    positions: torch.Tensor,
+    gen: torch.Tensor,
+    attend: torch.Tensor,
+    valid: torch.Tensor,
+    cache: Optional[KVCache] = None,
+) -> Tuple[torch.Tensor, KVCache]:
     """The MoT language model over a new chunk.
 
     embeds [B, T, D]; positions [B, T] RoPE ids; gen [B, T] True for generation-expert tokens;
@@ -119,10 +132,12 @@ def forward_embeds(model: BagelModel, embeds: torch.Tensor, positions: torch.Ten
 # ----------------------------------------------------------------------------------------------
 # prefill
 
+
 @dataclass
 class Span:
     """Where a segment's content landed in the prefill chunk: kind 'text' | 'vit' | 'vae', the first
     content column (after the start marker for images) and the number of content tokens."""
+
     kind: str
     start: int
     length: int
@@ -176,13 +191,17 @@ def latent_embeds(model: BagelModel, tokens: torch.Tensor, timesteps: torch.Tens
     (vae2llm + time_embedder(t) + latent_pos_embed of the (h, w) grid)."""
     pos = grid_position_ids(grid, model.config.max_latent_size, device=tokens.device)
     w = model.vae2llm.weight
-    return (model.vae2llm(tokens.to(w.dtype)) + model.time_embedder(timesteps.to(w.device))[..., None, :]
-            + model.latent_pos_embed(pos))
+    return (
+        model.vae2llm(tokens.to(w.dtype))
+        + model.time_embedder(timesteps.to(w.device))[..., None, :]
+        + model.latent_pos_embed(pos)
+    )
 
 
 @dataclass
 class Plan:
     """Where every token of a prefill chunk goes (padded [B, T] tensors) - no model needed."""
+
     positions: torch.Tensor  # RoPE ids
     gen: torch.Tensor  # generation-expert tokens (VAE latents)
     segment: torch.Tensor  # segment index within the row (-1 padding)
@@ -196,8 +215,9 @@ class Plan:
     vae: List[Tuple[VaeImage, int]]
 
 
-def plan_contexts(contexts: Sequence[Sequence[Segment]], start_pos: Sequence[int], special: SpecialTokens,
-                  vit_patch: int, device=None) -> Plan:
+def plan_contexts(
+    contexts: Sequence[Sequence[Segment]], start_pos: Sequence[int], special: SpecialTokens, vit_patch: int, device=None
+) -> Plan:
     """Lay out one list of segments per row: text tokens count positions up one by one; an image
     segment is start marker + content + end marker, all at one position, and advances it by one."""
     rows = []
@@ -252,11 +272,22 @@ def plan_contexts(contexts: Sequence[Sequence[Segment]], start_pos: Sequence[int
     def padded(key, fill, dt):
         return torch.tensor([r[key] + [fill] * (T - len(r[key])) for r, *_ in rows], dtype=dt, device=device)
 
-    valid = torch.tensor([[True] * len(r["pos"]) + [False] * (T - len(r["pos"])) for r, *_ in rows],
-                         dtype=torch.bool, device=device)
-    return Plan(padded("pos", 0, torch.long), padded("gen", False, torch.bool), padded("seg", -1, torch.long),
-                padded("full", False, torch.bool), valid, torch.tensor(next_pos, dtype=torch.long, device=device),
-                spans, text_ids, text_at, vit, vae)
+    valid = torch.tensor(
+        [[True] * len(r["pos"]) + [False] * (T - len(r["pos"])) for r, *_ in rows], dtype=torch.bool, device=device
+    )
+    return Plan(
+        padded("pos", 0, torch.long),
+        padded("gen", False, torch.bool),
+        padded("seg", -1, torch.long),
+        padded("full", False, torch.bool),
+        valid,
+        torch.tensor(next_pos, dtype=torch.long, device=device),
+        spans,
+        text_ids,
+        text_at,
+        vit,
+        vae,
+    )
 
 
 def chunk_attend(plan: Plan) -> torch.Tensor:
@@ -269,8 +300,12 @@ def chunk_attend(plan: Plan) -> torch.Tensor:
     return causal | same_image
 
 
-def prefill(model: BagelModel, contexts: Sequence[Sequence[Segment]], cache: Optional[KVCache] = None,
-            special: Optional[SpecialTokens] = None) -> Prefill:
+def prefill(
+    model: BagelModel,
+    contexts: Sequence[Sequence[Segment]],
+    cache: Optional[KVCache] = None,
+    special: Optional[SpecialTokens] = None,
+) -> Prefill:
     """Append one list of segments per row to `cache` (None: empty), in one forward.
     Returns the extended cache (next_pos advanced), the chunk's hidden states, validity and spans."""
     special = _special(model, special)
@@ -292,12 +327,15 @@ def prefill(model: BagelModel, contexts: Sequence[Sequence[Segment]], cache: Opt
         idx = torch.cat([torch.arange(at, at + o.shape[0], device=dev) for (_, at), o in zip(plan.vit, out)])
         emb = emb.index_copy(0, idx, torch.cat(out).to(dtype))
     if plan.vae:
-        out = [latent_embeds(model, it.tokens.to(dev), torch.tensor(float(it.timestep), device=dev), it.grid)
-               for it, _ in plan.vae]
+        out = [
+            latent_embeds(model, it.tokens.to(dev), torch.tensor(float(it.timestep), device=dev), it.grid)
+            for it, _ in plan.vae
+        ]
         idx = torch.cat([torch.arange(at, at + o.shape[0], device=dev) for (_, at), o in zip(plan.vae, out)])
         emb = emb.index_copy(0, idx, torch.cat(out).to(dtype))
-    hidden, new_cache = forward_embeds(model, emb.reshape(B, T, D), plan.positions, plan.gen, chunk_attend(plan),
-                                       plan.valid, cache)
+    hidden, new_cache = forward_embeds(
+        model, emb.reshape(B, T, D), plan.positions, plan.gen, chunk_attend(plan), plan.valid, cache
+    )
     new_cache.next_pos = plan.next_pos
     return Prefill(new_cache, hidden, plan.valid, plan.spans)
 
@@ -305,13 +343,15 @@ def prefill(model: BagelModel, contexts: Sequence[Sequence[Segment]], cache: Opt
 # ----------------------------------------------------------------------------------------------
 # text decoding
 
+
 def lm_head_weight(model: BagelModel) -> torch.Tensor:
     """[V, D]: logits = hidden @ W.T (for fused linear losses)."""
     return model.language_model.lm_head.weight
 
 
-def text_step_hidden(model: BagelModel, cache: KVCache, ids: torch.Tensor,
-                     active: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, KVCache]:
+def text_step_hidden(
+    model: BagelModel, cache: KVCache, ids: torch.Tensor, active: Optional[torch.Tensor] = None
+) -> Tuple[torch.Tensor, KVCache]:
     """Feed one token per row (ids [B]) at each row's next position with the understanding expert.
     active [B] bool (default all): inactive rows still compute, but their new key is marked
     invalid and their position does not advance (finished rows in a batch).
@@ -322,14 +362,16 @@ def text_step_hidden(model: BagelModel, cache: KVCache, ids: torch.Tensor,
     emb = model.language_model.model.embed_tokens(ids.to(dev))[:, None, :]
     pos = cache.next_pos[:, None]
     ones = torch.ones(B, 1, 1, dtype=torch.bool, device=dev)
-    hidden, new_cache = forward_embeds(model, emb, pos, torch.zeros(B, 1, dtype=torch.bool, device=dev), ones,
-                                       active[:, None], cache)
+    hidden, new_cache = forward_embeds(
+        model, emb, pos, torch.zeros(B, 1, dtype=torch.bool, device=dev), ones, active[:, None], cache
+    )
     new_cache.next_pos = cache.next_pos + active.long()
     return hidden[:, 0], new_cache
 
 
-def text_step(model: BagelModel, cache: KVCache, ids: torch.Tensor,
-              active: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, KVCache]:
+def text_step(
+    model: BagelModel, cache: KVCache, ids: torch.Tensor, active: Optional[torch.Tensor] = None
+) -> Tuple[torch.Tensor, KVCache]:
     """text_step_hidden, then the LM head: logits [B, V] for the token after `ids`, and the cache."""
     hidden, new_cache = text_step_hidden(model, cache, ids, active)
     return model.language_model.lm_head(hidden), new_cache
@@ -342,8 +384,15 @@ def text_logits(model: BagelModel, hidden: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------
 # flow velocity
 
-def velocity(model: BagelModel, cache: KVCache, x_t: torch.Tensor, t: Union[torch.Tensor, float],
-             grid: Tuple[int, int], special: Optional[SpecialTokens] = None) -> torch.Tensor:
+
+def velocity(
+    model: BagelModel,
+    cache: KVCache,
+    x_t: torch.Tensor,
+    t: Union[torch.Tensor, float],
+    grid: Tuple[int, int],
+    special: Optional[SpecialTokens] = None,
+) -> torch.Tensor:
     """The model's flow velocity (pointing from data to noise) for latent tokens.
 
     x_t [B, N, 64] noisy latent tokens (packed 2x2 patches) on grid (h, w) with N = h * w;
@@ -360,7 +409,8 @@ def velocity(model: BagelModel, cache: KVCache, x_t: torch.Tensor, t: Union[torc
     t = torch.as_tensor(t, dtype=torch.float32, device=dev)
     t = t.expand(B) if t.ndim == 0 else t
     markers = model.language_model.model.embed_tokens(
-        torch.tensor([special.start_of_image, special.end_of_image], device=dev))
+        torch.tensor([special.start_of_image, special.end_of_image], device=dev)
+    )
     lat = latent_embeds(model, x_t.to(dev), t, grid)
     emb = torch.cat([markers[0].expand(B, 1, -1), lat.to(dtype), markers[1].expand(B, 1, -1)], dim=1)
     T = N + 2

@@ -14,6 +14,7 @@ _forward_flow; inferencer.py for the defaults).
                   with the norm over each sample's whole [N, C] velocity (global; the official
                   code works on one image at a time) or per token over channels (channel).
 """
+
 from __future__ import annotations
 
 from typing import Optional, Sequence
@@ -42,9 +43,15 @@ def _norm(v: torch.Tensor, renorm_type: str) -> torch.Tensor:
     return torch.linalg.vector_norm(v, dim=-1, keepdim=True)
 
 
-def cfg_combine(v: torch.Tensor, v_no_text: Optional[torch.Tensor], v_no_image: Optional[torch.Tensor],
-                text_scale: float, image_scale: float, renorm_type: str = "global",
-                renorm_min: float = 0.0) -> torch.Tensor:
+def cfg_combine(
+    v: torch.Tensor,
+    v_no_text: Optional[torch.Tensor],
+    v_no_image: Optional[torch.Tensor],
+    text_scale: float,
+    image_scale: float,
+    renorm_type: str = "global",
+    renorm_min: float = 0.0,
+) -> torch.Tensor:
     """BAGEL's guided velocity. v, v_no_text, v_no_image: [B, N, C] from the full context, the
     context without the text being guided, and the context without images. Scales <= 1 switch a
     branch off (its velocity may then be None). Returns [B, N, C]."""

@@ -1,6 +1,7 @@
 """Pixels, patches and position ids the way BAGEL lays them out (official data/data_utils.py and
 data/transforms.py): patches flatten as (row, col) with (p, q, c)-ordered pixels inside; a patch's
 position id is row * max_per_side + col (the 'extrapolate' rule)."""
+
 from __future__ import annotations
 
 from typing import Tuple
@@ -41,10 +42,12 @@ def grid_position_ids(grid: Tuple[int, int], max_per_side: int, device=None) -> 
     return (rows + torch.arange(w, device=device)).reshape(-1)
 
 
-def resize_dims(width: int, height: int, max_size: int, min_size: int, stride: int,
-                max_pixels: int = 14 * 14 * 9 * 1024) -> Tuple[int, int]:
+def resize_dims(
+    width: int, height: int, max_size: int, min_size: int, stride: int, max_pixels: int = 14 * 14 * 9 * 1024
+) -> Tuple[int, int]:
     """BAGEL's MaxLongEdgeMinShortEdgeResize: (new_width, new_height), both multiples of `stride`,
     long edge <= max_size, short edge >= min_size where possible, at most max_pixels pixels."""
+
     def divisible(v):
         return max(stride, int(round(v / stride) * stride))
 

@@ -5,6 +5,7 @@ state_dict first (every missing, extra and mis-shaped key is named in one Checkp
 any data is read); then tensors are read one at a time from the memory-mapped file, cast, moved
 and assigned in place of the meta tensors. Peak memory: the model plus one tensor.
 """
+
 from __future__ import annotations
 
 import math
@@ -32,8 +33,15 @@ def _same_up_to_unit_dims(a, b) -> bool:
     return [d for d in a if d != 1] == [d for d in b if d != 1]
 
 
-def assign_tensors(module: nn.Module, path: str, name_map: Optional[Dict[str, str]] = None, *,
-                   device="cpu", dtype: torch.dtype = torch.float32, label: Optional[str] = None) -> None:
+def assign_tensors(
+    module: nn.Module,
+    path: str,
+    name_map: Optional[Dict[str, str]] = None,
+    *,
+    device="cpu",
+    dtype: torch.dtype = torch.float32,
+    label: Optional[str] = None,
+) -> None:
     """Fill `module`'s state_dict entries from the safetensors file `path`.
 
     name_map: module name -> file key (None: the same names). A file key may differ from its
@@ -79,6 +87,7 @@ def default_dtype(device) -> torch.dtype:
 @dataclass
 class Bagel:
     """A loaded checkpoint: the ema modules, the autoencoder, the config and the tokenizer."""
+
     model: "BagelModel"
     vae: "FluxVAE"
     config: "BagelConfig"
@@ -100,8 +109,10 @@ def _grids_from_tables(config, ema_path: str) -> None:
     64 and 70 to match them, whatever config.json says): take their sizes, warn on disagreement."""
     with safe_open(ema_path, framework="pt") as f:
         keys = set(f.keys())
-        for key, attr in (("latent_pos_embed.pos_embed", "max_latent_size"),
-                          ("vit_pos_embed.pos_embed", "vit_max_num_patch_per_side")):
+        for key, attr in (
+            ("latent_pos_embed.pos_embed", "max_latent_size"),
+            ("vit_pos_embed.pos_embed", "vit_max_num_patch_per_side"),
+        ):
             if key not in keys:
                 continue  # reported as missing by assign_tensors
             rows = f.get_slice(key).get_shape()[0]
@@ -109,8 +120,10 @@ def _grids_from_tables(config, ema_path: str) -> None:
             if side * side != rows:
                 raise CheckpointError(f"key {key!r} has {rows} rows, not a square grid")
             if side != getattr(config, attr):
-                warnings.warn(f"config.json says {attr}={getattr(config, attr)} but {key} covers a {side}x{side} "
-                              f"grid; using {side}")
+                warnings.warn(
+                    f"config.json says {attr}={getattr(config, attr)} but {key} covers a {side}x{side} "
+                    f"grid; using {side}"
+                )
                 setattr(config, attr, side)
 
 
@@ -130,8 +143,9 @@ def load_model(path: str, config=None, device="cpu", dtype: Optional[torch.dtype
     return model.eval()
 
 
-def load_bagel(path: str, device="cpu", dtype: Optional[torch.dtype] = None,
-               vae_dtype: Optional[torch.dtype] = None) -> Bagel:
+def load_bagel(
+    path: str, device="cpu", dtype: Optional[torch.dtype] = None, vae_dtype: Optional[torch.dtype] = None
+) -> Bagel:
     """The official BAGEL folder -> Bagel(model, vae, config, tokenizer, tokens)."""
     from .config import BagelConfig
     from .core import SpecialTokens

@@ -16,6 +16,7 @@ On disk: PEFT's format, `adapter_config.json` + `adapter_model.safetensors` with
 `base_model.model.<module>.lora_{A,B}.weight` (scale folded: lora_alpha = r), which
 `peft.PeftModel.from_pretrained(model, dir)` loads onto any module with BAGEL's official names.
 """
+
 from __future__ import annotations
 
 import json
@@ -40,8 +41,10 @@ def target_regex(groups: Sequence[str]) -> str:
     """PEFT target_modules (a full-match regex over module names) for target groups."""
     bad = sorted(set(groups) - set(TARGETS))
     if bad or not groups:
-        raise ValueError(f"LoRA targets {bad or list(groups)} are not among BAGEL's {sorted(TARGETS)} "
-                         f"(gen: the generation expert, und: the understanding expert)")
+        raise ValueError(
+            f"LoRA targets {bad or list(groups)} are not among BAGEL's {sorted(TARGETS)} "
+            f"(gen: the generation expert, und: the understanding expert)"
+        )
     return LAYER + "(" + "|".join(TARGETS[g] for g in groups) + ")"
 
 
@@ -109,8 +112,10 @@ def named_layers(model: nn.Module, names: Iterable[str]) -> Tuple[Dict[str, nn.L
     for n in names:
         mod, _, which = n.rpartition(".")
         if which not in ("lora_A", "lora_B") or mod not in lin:
-            problems.append(f"{n!r} is not a LoRA adapter of this policy (targets: {sorted(TARGETS)} "
-                            f"projections of the language model layers, named <module>.lora_A / .lora_B)")
+            problems.append(
+                f"{n!r} is not a LoRA adapter of this policy (targets: {sorted(TARGETS)} "
+                f"projections of the language model layers, named <module>.lora_A / .lora_B)"
+            )
             continue
         modules.setdefault(mod, set()).add(which)
     for mod, got in modules.items():
@@ -171,7 +176,7 @@ def read_peft(path: str) -> Tuple[dict, Dict[str, torch.Tensor]]:
     raw = load_file(os.path.join(path, "adapter_model.safetensors"))
     out = {}
     for key, t in raw.items():
-        name = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
+        name = key[len(PEFT_PREFIX) :] if key.startswith(PEFT_PREFIX) else key
         m = re.fullmatch(r"(.+)\.(lora_A|lora_B)(?:\.[^.]+)?\.weight", name)
         if not m:
             raise ValueError(f"{path}: {key!r} is not a LoRA A/B weight")

@@ -15,6 +15,7 @@ language_model.lm_head, vit_model.vision_model.{embeddings, encoder.layers.N, po
 connector.{fc1, fc2}, vit_pos_embed.pos_embed, time_embedder.mlp.{0, 2}, vae2llm, llm2vae,
 latent_pos_embed.pos_embed.
 """
+
 from __future__ import annotations
 
 import math
@@ -87,8 +88,14 @@ class MoTAttention(nn.Module):
             return self._qkv_one(h, self.q_proj, self.k_proj, self.v_proj, self.q_norm, self.k_norm)
 
         def gen(h):
-            return self._qkv_one(h, self.q_proj_moe_gen, self.k_proj_moe_gen, self.v_proj_moe_gen,
-                                 self.q_norm_moe_gen, self.k_norm_moe_gen)
+            return self._qkv_one(
+                h,
+                self.q_proj_moe_gen,
+                self.k_proj_moe_gen,
+                self.v_proj_moe_gen,
+                self.q_norm_moe_gen,
+                self.k_norm_moe_gen,
+            )
 
         packed = routing.apply(x, und, gen)  # [B, T, (H + 2 Hkv) * Dh]
         q_w, kv_w = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
@@ -127,11 +134,22 @@ class MoTDecoderLayer(nn.Module):
 
     def ffn(self, x, routing: Routing):
         """The MLP branch (post-attention norm + MLP, per expert), without the residual."""
-        return routing.apply(x, lambda h: self.mlp(self.post_attention_layernorm(h)),
-                             lambda h: self.mlp_moe_gen(self.post_attention_layernorm_moe_gen(h)))
+        return routing.apply(
+            x,
+            lambda h: self.mlp(self.post_attention_layernorm(h)),
+            lambda h: self.mlp_moe_gen(self.post_attention_layernorm_moe_gen(h)),
+        )
 
-    def forward(self, x: torch.Tensor, routing: Routing, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
-                past_key: torch.Tensor, past_value: torch.Tensor):
+    def forward(
+        self,
+        x: torch.Tensor,
+        routing: Routing,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor,
+        past_key: torch.Tensor,
+        past_value: torch.Tensor,
+    ):
         """One layer over a chunk against cached keys/values: x [B, T, D]; cos/sin the chunk's RoPE;
         mask [B, 1, T, L + T] (True = may attend); past_key/value [B, Hkv, L, Dh].
         Returns (x [B, T, D], keys [B, Hkv, L + T, Dh], values) with the chunk appended. A module call
@@ -142,8 +160,9 @@ class MoTDecoderLayer(nn.Module):
         q, k = apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1)
         k_all = torch.cat([past_key, k], dim=2)
         v_all = torch.cat([past_value, v], dim=2)
-        a = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask,
-                                           enable_gqa=attn.num_heads != attn.num_kv_heads)
+        a = F.scaled_dot_product_attention(
+            q, k_all, v_all, attn_mask=mask, enable_gqa=attn.num_heads != attn.num_kv_heads
+        )
         x = x + attn.out(a.transpose(1, 2).reshape(B, T, -1), routing)
         x = x + self.ffn(x, routing)
         return x, k_all, v_all
@@ -182,7 +201,7 @@ class SiglipNaViTEmbeddings(nn.Module):
     def __init__(self, cfg: BagelConfig):
         super().__init__()
         v = cfg.vit
-        self.patch_embedding = nn.Linear(v.num_channels * v.patch_size ** 2, v.hidden_size, bias=True)
+        self.patch_embedding = nn.Linear(v.num_channels * v.patch_size**2, v.hidden_size, bias=True)
         self.position_embedding = nn.Embedding((v.image_size // v.patch_size) ** 2, v.hidden_size)
 
     def forward(self, patches: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
@@ -228,6 +247,7 @@ def sincos_2d(dim: int, grid: int) -> np.ndarray:
     """BAGEL's (DiT/MAE) 2D sin-cos table [grid * grid, dim]: row r * grid + c; the first half of
     the channels encodes the column (the meshgrid puts w first), the second half the row; each half
     is [sin, cos] over geometric frequencies 1 / 10000^(2i / (dim / 2))."""
+
     def one_d(d, pos):
         omega = 1.0 / 10000 ** (np.arange(d // 2, dtype=np.float64) / (d / 2.0))
         out = np.einsum("m,d->md", pos.reshape(-1).astype(np.float64), omega)

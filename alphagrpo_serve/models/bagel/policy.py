@@ -17,6 +17,7 @@ shifted by `shift`; guidance with three contexts (full, no text, no image), text
 applied only where cfg_interval[0] < t <= cfg_interval[1], then renormalisation (guidance.py).
 Latents travel as packed tokens [h * w, 64] (2x2 patches of the 16-channel VAE latent), float32.
 """
+
 from __future__ import annotations
 
 import os
@@ -75,14 +76,17 @@ class BagelPolicy(ModulePolicy):
 
     # ---- construction ------------------------------------------------------------------------
     @classmethod
-    def load(cls, path: Optional[str] = None, device: str = "cpu",
-             dtype: Optional[torch.dtype] = None) -> "BagelPolicy":
+    def load(
+        cls, path: Optional[str] = None, device: str = "cpu", dtype: Optional[torch.dtype] = None
+    ) -> "BagelPolicy":
         """An official BAGEL folder (config.json, llm_config.json, vit_config.json, ema.safetensors,
         ae.safetensors, tokenizer files) onto device in dtype (default: float32 on CPU, bfloat16 on
         CUDA). There are no default weights: download BAGEL-7B-MoT and pass its folder."""
         if not path:
-            raise ValueError("policy 'bagel' needs a checkpoint folder (--model DIR): the official "
-                             "BAGEL-7B-MoT download, or one written by tools/make_tiny_bagel.py")
+            raise ValueError(
+                "policy 'bagel' needs a checkpoint folder (--model DIR): the official "
+                "BAGEL-7B-MoT download, or one written by tools/make_tiny_bagel.py"
+            )
         if not os.path.isdir(path):
             raise FileNotFoundError(f"{path} is not a BAGEL checkpoint folder")
         return cls(load_bagel(path, device=device, dtype=dtype), path)
@@ -104,21 +108,45 @@ class BagelPolicy(ModulePolicy):
             # the paper's settings: text-to-image text 4.0 in (0.4, 1] with global renorm; refinement
             # text 4.0, image 2.0 in (0, 1] with text_channel renorm; shift 3; SDE noise level 0.7.
             # steps: 40 (the paper evaluates with 40-50 and refines with 40; rollouts ask for 16)
-            common = dict(steps=40, mode="ode", noise_level=0.7, sde_window=(0, 10), shift=3.0, width=w, height=h,
-                          cfg_renorm_min=0.0)
+            common = dict(
+                steps=40,
+                mode="ode",
+                noise_level=0.7,
+                sde_window=(0, 10),
+                shift=3.0,
+                width=w,
+                height=h,
+                cfg_renorm_min=0.0,
+            )
             self._info = PolicyInfo(
-                name=self.name, parameters=sum(v.numel() for v in self.state_dict().values() if v.is_floating_point()),
-                dtype=self.dtype, device=self.device, vocab_size=self.config.llm.vocab_size,
-                special_tokens={"bos": t.bos, "eos": t.eos, "start_of_image": t.start_of_image,
-                                "end_of_image": t.end_of_image},
-                capabilities=Capabilities(think=True, reflect=True, understanding=True,
-                                          guidance_branches=("text", "image"), lora=True, canvas=canvas),
-                generate_defaults=SamplingConfig(cfg_scale=4.0, cfg_img_scale=1.0, cfg_interval=(0.4, 1.0),
-                                                 cfg_renorm_type="global", **common),
-                reflect_defaults=SamplingConfig(cfg_scale=4.0, cfg_img_scale=2.0, cfg_interval=(0.0, 1.0),
-                                                cfg_renorm_type="text_channel", **common),
+                name=self.name,
+                parameters=sum(v.numel() for v in self.state_dict().values() if v.is_floating_point()),
+                dtype=self.dtype,
+                device=self.device,
+                vocab_size=self.config.llm.vocab_size,
+                special_tokens={
+                    "bos": t.bos,
+                    "eos": t.eos,
+                    "start_of_image": t.start_of_image,
+                    "end_of_image": t.end_of_image,
+                },
+                capabilities=Capabilities(
+                    think=True,
+                    reflect=True,
+                    understanding=True,
+                    guidance_branches=("text", "image"),
+                    lora=True,
+                    canvas=canvas,
+                ),
+                generate_defaults=SamplingConfig(
+                    cfg_scale=4.0, cfg_img_scale=1.0, cfg_interval=(0.4, 1.0), cfg_renorm_type="global", **common
+                ),
+                reflect_defaults=SamplingConfig(
+                    cfg_scale=4.0, cfg_img_scale=2.0, cfg_interval=(0.0, 1.0), cfg_renorm_type="text_channel", **common
+                ),
                 text_defaults=TextConfig(temperature=1.0, top_p=1.0, max_tokens=128),  # the server's default cap
-                prompt_domain=None)
+                prompt_domain=None,
+            )
         return self._info
 
     def tokenize(self, text: str) -> List[int]:
@@ -167,8 +195,15 @@ class BagelPolicy(ModulePolicy):
     def _prefill(self, rows, images) -> KVCache:
         return shared_prefill(self.model, rows, images, share=self.share_prefill)
 
-    def _branches(self, jobs: Sequence[Job], images, written: Sequence[Optional[List[int]]],
-                  need_text: bool, need_image: bool, prefix=None) -> Branches:
+    def _branches(
+        self,
+        jobs: Sequence[Job],
+        images,
+        written: Sequence[Optional[List[int]]],
+        need_text: bool,
+        need_image: bool,
+        prefix=None,
+    ) -> Branches:
         """The three guidance contexts of the rows: full = prefix + written text; no text; no image."""
         c = self.contexts
         prefix = prefix if prefix is not None else self._prefill([c.prefix(j) for j in jobs], images)
@@ -189,8 +224,10 @@ class BagelPolicy(ModulePolicy):
             used = sum(len(x) - 1 if x[0] == "text" else 1 for x in self.contexts.prefix(job))
             used += (text.max_tokens + 2 if (think or reflect) else 0) + 1  # written text, the image drawn
             if used > limit:
-                raise ValueError(f"prompts[{i}] needs {used} positions with a text budget of {text.max_tokens} "
-                                 f"tokens; the model has {limit}")
+                raise ValueError(
+                    f"prompts[{i}] needs {used} positions with a text budget of {text.max_tokens} "
+                    f"tokens; the model has {limit}"
+                )
 
     # ---- text --------------------------------------------------------------------------------------
     def _sample_text(self, cache, generators: Sequence[torch.Generator], text: TextConfig) -> List[TextSample]:
@@ -263,16 +300,32 @@ class BagelPolicy(ModulePolicy):
 
         # starting noise from a CPU generator (the same image for a seed on any device), SDE noise
         # from one generator per sample on the device: the G samples of a group never share noise
-        noise0 = torch.stack([torch.randn(h * w, self.config.patch_latent_dim,
-                                          generator=torch.Generator().manual_seed(s[0])) for s in seeds3]).to(dev)
+        noise0 = torch.stack(
+            [
+                torch.randn(h * w, self.config.patch_latent_dim, generator=torch.Generator().manual_seed(s[0]))
+                for s in seeds3
+            ]
+        ).to(dev)
         gens = [torch.Generator(device=dev).manual_seed(s[1]) for s in seeds3]
         x0, trajs = sample_images(vel, noise0, sc, gens, sigmas=ts)
         pics = self.vae.decode(unpatchify(x0, (h, w), self.config.latent_patch_size, self.config.latent_channels))
         pics = pics.cpu().numpy()
-        return [Sample(p, pics[i], texts[i].text, texts[i], trajs[i].to("cpu"), int(seeds[i]), sc, text,
-                       think=bool(think[i]) and images is None, reflect=images is not None,
-                       policy_version=self.version)
-                for i, p in enumerate(prompts)]
+        return [
+            Sample(
+                p,
+                pics[i],
+                texts[i].text,
+                texts[i],
+                trajs[i].to("cpu"),
+                int(seeds[i]),
+                sc,
+                text,
+                think=bool(think[i]) and images is None,
+                reflect=images is not None,
+                policy_version=self.version,
+            )
+            for i, p in enumerate(prompts)
+        ]
 
     # ---- training-time recompute ------------------------------------------------------------------
     def _recompute_jobs(self, samples, reflect_images):
@@ -296,12 +349,13 @@ class BagelPolicy(ModulePolicy):
         if T == 0:
             return torch.zeros(B, 0, H, device=dev, dtype=self.dtype), tokens, mask
         prefix = self._prefill([c.prefix(j) for j in jobs], imset)
-        chunk = prefill(m, [[Text([self.tokens.bos] + list(s.text.ids))] if s.text.ids else [] for s in samples],
-                        cache=prefix)
+        chunk = prefill(
+            m, [[Text([self.tokens.bos] + list(s.text.ids))] if s.text.ids else [] for s in samples], cache=prefix
+        )
         hidden = chunk.hidden[:, :T]
         for i, s in enumerate(samples):
-            tokens[i, :lengths[i]] = torch.tensor(s.text.ids, dtype=torch.long)
-            mask[i, :lengths[i]] = True
+            tokens[i, : lengths[i]] = torch.tensor(s.text.ids, dtype=torch.long)
+            mask[i, : lengths[i]] = True
         return hidden * mask[..., None].to(hidden.dtype), tokens, mask
 
     def lm_head(self):
@@ -330,8 +384,9 @@ class BagelPolicy(ModulePolicy):
         default both (the paper: r 32, alpha 64 on all attention and MLP weights)."""
         if self.lora_enabled:
             raise ValueError("LoRA is already enabled")
-        peft_lora.inject(self.model, rank, alpha, peft_lora.target_regex(tuple(targets or peft_lora.DEFAULT_TARGETS)),
-                         self.dtype)
+        peft_lora.inject(
+            self.model, rank, alpha, peft_lora.target_regex(tuple(targets or peft_lora.DEFAULT_TARGETS)), self.dtype
+        )
         self._changed()
 
     @property
@@ -344,8 +399,10 @@ class BagelPolicy(ModulePolicy):
 
     def weight_specs(self, lora: bool = False) -> Dict[str, tuple]:
         if lora:
-            return {n: (tuple(peft_lora.adapter_weight(layer, w).shape), self.dtype)
-                    for n, (layer, w) in peft_lora.wire_names(self.model).items()}
+            return {
+                n: (tuple(peft_lora.adapter_weight(layer, w).shape), self.dtype)
+                for n, (layer, w) in peft_lora.wire_names(self.model).items()
+            }
         return {k: (tuple(v.shape), v.dtype) for k, v in self._full().items()}
 
     def export_weights(self, lora: bool = False) -> Dict[str, torch.Tensor]:

@@ -1,4 +1,5 @@
 """BAGEL's tokenizer (Qwen2 with its special tokens) and the ids the core needs."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -12,6 +13,7 @@ SPECIAL_TOKENS = (BOS, EOS, START_OF_IMAGE, END_OF_IMAGE)
 @dataclass(frozen=True)
 class BagelTokens:
     """Official new_token_ids: bos <|im_start|>, eos <|im_end|>, start/end of image."""
+
     bos: int
     eos: int
     start_of_image: int

@@ -12,6 +12,7 @@ channels, /8) loads through the same path.
 Latents are normalised as BAGEL does: z = scale * (mean - shift) with scale 0.3611, shift 0.1159.
 The official encoder samples the posterior; encode() takes its mean unless sample=True.
 """
+
 from __future__ import annotations
 
 import re
@@ -28,11 +29,22 @@ from .loading import CheckpointError, assign_tensors
 
 # black-forest-labs/FLUX.1 ae.safetensors as an AutoencoderKL (diffusers' vae/config.json of FLUX.1)
 FLUX_VAE_CONFIG = dict(
-    in_channels=3, out_channels=3, latent_channels=VAE_LATENT_CHANNELS,
-    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-    block_out_channels=(128, 256, 512, 512), layers_per_block=2, act_fn="silu", norm_num_groups=32,
-    sample_size=1024, scaling_factor=VAE_SCALING_FACTOR, shift_factor=VAE_SHIFT_FACTOR,
-    force_upcast=True, use_quant_conv=False, use_post_quant_conv=False, mid_block_add_attention=True,
+    in_channels=3,
+    out_channels=3,
+    latent_channels=VAE_LATENT_CHANNELS,
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(128, 256, 512, 512),
+    layers_per_block=2,
+    act_fn="silu",
+    norm_num_groups=32,
+    sample_size=1024,
+    scaling_factor=VAE_SCALING_FACTOR,
+    shift_factor=VAE_SHIFT_FACTOR,
+    force_upcast=True,
+    use_quant_conv=False,
+    use_post_quant_conv=False,
+    mid_block_add_attention=True,
 )
 
 
@@ -46,8 +58,10 @@ def vae_config_from_shapes(shapes: Dict[str, Tuple[int, ...]]) -> dict:
     except KeyError as e:
         raise CheckpointError(f"ae.safetensors: missing {e.args[0]} (not a FLUX VAE in BFL layout)") from None
     if z2 != 2 * VAE_LATENT_CHANNELS or len(levels) != 4:
-        raise CheckpointError(f"ae.safetensors: {len(levels)} levels and {z2 // 2} latent channels; "
-                              f"BAGEL's FLUX VAE has 4 levels (/8) and {VAE_LATENT_CHANNELS} channels")
+        raise CheckpointError(
+            f"ae.safetensors: {len(levels)} levels and {z2 // 2} latent channels; "
+            f"BAGEL's FLUX VAE has 4 levels (/8) and {VAE_LATENT_CHANNELS} channels"
+        )
     return dict(FLUX_VAE_CONFIG, block_out_channels=widths, layers_per_block=blocks)
 
 
