@@ -26,7 +26,10 @@ echo "== ptxas: kernels with spills (float64 instantiations excepted)"
 grep -E "spill stores" "$OUT_DIR/build.log" | grep -v " 0 bytes spill stores" | sort | uniq -c || true
 
 echo "== GPU tests"
-$PY -m pytest -q -m gpu tests/test_gpu.py 2>&1 | tee "$OUT_DIR/gpu_tests.log" | tail -15
+# the kernels' GPU tests, then the product on cuda (tiny UMM served, updated and trained; the trainer
+# package is imported from trainer/ when the project is not pip-installed there)
+PYTHONPATH="$PWD:$PWD/trainer${PYTHONPATH:+:$PYTHONPATH}" \
+  $PY -m pytest -q -m gpu tests/test_gpu.py tests/test_gpu_product.py 2>&1 | tee "$OUT_DIR/gpu_tests.log" | tail -15
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 echo "== compute-sanitizer memcheck"

@@ -30,7 +30,8 @@ def test_tiny_umm_serves_updates_and_trains_on_cuda(tmp_path):
     assert policy.info.device.type == "cuda" and policy.info.dtype == torch.bfloat16
 
     async def serve_and_call():
-        server = Server(ServeConfig(host="127.0.0.1", port=0), policy=policy)
+        # KServe off: the GPU machine may lack tritonclient; the native path is what this checks
+        server = Server(ServeConfig(host="127.0.0.1", port=0, kserve=False), policy=policy)
         port = await server.start()
         try:
             async with AsyncClient(f"127.0.0.1:{port}") as c:
@@ -63,7 +64,9 @@ def test_tiny_umm_serves_updates_and_trains_on_cuda(tmp_path):
     # one trainer step with the trainer's policy on cuda against a server subprocess on cuda
     from alphagrpo_trainer.servers import LocalServer
 
-    server = LocalServer({"name": "tiny", "path": None}, device="cuda", log_path=str(tmp_path / "server.log"))
+    server = LocalServer(
+        {"name": "tiny", "path": None}, extra_args=["--no-kserve"], device="cuda", log_path=str(tmp_path / "server.log")
+    )
     try:
         cfg = load_config(
             None,
