@@ -10,12 +10,14 @@ PYTEST_ARGS   ?=
 VLLM_VENV     ?= .venv-vllm
 VLLM_VERSION  ?= 0.32.0
 
-.PHONY: help venv vllm-env build test test-fast test-gpu test-install fuzz bench demo clean
+.PHONY: help venv vllm-env build lint format test test-fast test-gpu test-install fuzz bench demo clean
 
 help:
 	@echo "make demo        the main job: GRPO (RT2I then SRR) on ShapesWorld + the tiny UMM, then the before/after table"
 	@echo "make test        set up .venv and .venv-vllm if needed, build the extension, run unit + integration + vllm tests"
 	@echo "make test-fast   the same without the vllm tier (ALPHAGRPO_SKIP_VLLM=1)"
+	@echo "make lint        ruff: lint (errors, pycodestyle, import order) and formatting check (run by make test)"
+	@echo "make format      ruff: format the code and fix what the linter can fix"
 	@echo "make vllm-env    the vLLM CPU build in its own venv (.venv-vllm) for the vllm test tier"
 	@echo "make build       (re)build the native extension in place (incremental)"
 	@echo "make bench       kernel microbenchmarks on this machine -> benchmarks/out/, benchmarks/RESULTS.md"
@@ -49,10 +51,18 @@ build: venv
 	$(PY) tools/gen_protos.py > /dev/null
 	$(PY) setup.py --quiet build_ext --inplace
 
-test: build vllm-env
+lint: venv
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format: venv
+	$(PY) -m ruff format .
+	$(PY) -m ruff check --fix .
+
+test: lint build vllm-env
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-test-fast: build
+test-fast: lint build
 	ALPHAGRPO_SKIP_VLLM=1 $(PY) -m pytest -q $(PYTEST_ARGS)
 
 demo: build

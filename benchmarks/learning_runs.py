@@ -5,6 +5,7 @@ inference, Q/S/extra-object/critique-format changes, rollout Q drop and wall tim
 
     python benchmarks/learning_runs.py runs/learn [--only p-kl0,p-kl01] [--markdown] [--categories]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -54,10 +55,16 @@ def run_stats(before, after, rows):
         s[f"{m} improved"] = sum(v > 0 for v in d.values())
     rt = [r for r in rows if r.get("task") == "rt2i"]
     if len(rt) >= 20:
-        s["rollout Q change"] = np.mean([r["reward_quality"] for r in rt[-10:]]) - np.mean([r["reward_quality"] for r in rt[:10]])
-        s["rollout reward change"] = np.mean([r["reward_mean"] for r in rt[-10:]]) - np.mean([r["reward_mean"] for r in rt[:10]])
+        s["rollout Q change"] = np.mean([r["reward_quality"] for r in rt[-10:]]) - np.mean(
+            [r["reward_quality"] for r in rt[:10]]
+        )
+        s["rollout reward change"] = np.mean([r["reward_mean"] for r in rt[-10:]]) - np.mean(
+            [r["reward_mean"] for r in rt[:10]]
+        )
         if "extra_objects_frac" in rt[0]:
-            s["rollout extra change"] = np.mean([r["extra_objects_frac"] for r in rt[-10:]]) - np.mean([r["extra_objects_frac"] for r in rt[:10]])
+            s["rollout extra change"] = np.mean([r["extra_objects_frac"] for r in rt[-10:]]) - np.mean(
+                [r["extra_objects_frac"] for r in rt[:10]]
+            )
     srr = [r for r in rows if r.get("task") == "srr" and "critique_format_rate" in r]
     if srr:
         s["rollout critique format (last 5 srr)"] = np.mean([r["critique_format_rate"] for r in srr[-5:]])
@@ -72,7 +79,7 @@ def fmt(vals, signed=True):
         return "-"
     sp = v.std(ddof=1) if len(v) > 1 else float("nan")
     f = "{:+.3f}" if signed else "{:.3f}"
-    return (f.format(v.mean()) + (f" ± {sp:.3f}" if len(v) > 1 else "") + (f" (n={len(v)})" if len(v) != 3 else ""))
+    return f.format(v.mean()) + (f" ± {sp:.3f}" if len(v) > 1 else "") + (f" (n={len(v)})" if len(v) != 3 else "")
 
 
 def main(argv=None):
@@ -91,8 +98,21 @@ def main(argv=None):
         if got:
             groups[m.group(1)][int(m.group(2))] = run_stats(*got)
     only = [x for x in args.only.split(",") if x]
-    keys = ["plain", "think", "think+reflect", "srr gain after", "think:implicit", "think:quality", "think+reflect:critique_format_rate",
-            "think:extra_objects_frac", "think:background_noise", "rollout Q change", "think improved", "think top share", "wall min"]
+    keys = [
+        "plain",
+        "think",
+        "think+reflect",
+        "srr gain after",
+        "think:implicit",
+        "think:quality",
+        "think+reflect:critique_format_rate",
+        "think:extra_objects_frac",
+        "think:background_noise",
+        "rollout Q change",
+        "think improved",
+        "think top share",
+        "wall min",
+    ]
     keys += [k for k in args.keys.split(",") if k]
     if args.categories:
         keys = [f"{m}:{c}" for m in ("plain", "think") for c in CATS]
@@ -101,8 +121,13 @@ def main(argv=None):
     for g, seeds in groups.items():
         if only and g not in only:
             continue
-        cells = [fmt([seeds[s].get(k) for s in sorted(seeds)], signed=k not in ("think improved", "think top share", "wall min"))
-                 for k in keys]
+        cells = [
+            fmt(
+                [seeds[s].get(k) for s in sorted(seeds)],
+                signed=k not in ("think improved", "think top share", "wall min"),
+            )
+            for k in keys
+        ]
         print(f"| {g} | {','.join(map(str, sorted(seeds)))} | " + " | ".join(cells) + " |")
 
 

@@ -2,6 +2,7 @@
 thoughts and critiques, the extra-object count, the format reward, dynamic sampling's group
 selection, Rollouts slicing, the cached before-evaluation, the reward-hacking flags and the
 matplotlib report (headless)."""
+
 from __future__ import annotations
 
 import os
@@ -30,7 +31,10 @@ def test_text_format_of_thoughts_and_critiques():
     crit = "i see a blue circle . the circle should be red . draw a red circle"
     assert text_format("a red circle", crit, True) == (True, True)
     assert text_format("a red circle", "i see a red circle . it is correct", True) == (True, True)
-    assert text_format("a red circle", "i see a blue circle . the circle should be red . draw a", True) == (False, False)
+    assert text_format("a red circle", "i see a blue circle . the circle should be red . draw a", True) == (
+        False,
+        False,
+    )
     assert text_format("a red circle", "i see a blue circle . the circle should be red", True) == (False, False)
     assert text_format("two red circles", crit, True) == (True, False)
 
@@ -38,8 +42,11 @@ def test_text_format_of_thoughts_and_critiques():
 def test_objects_exceed_counts_extra_copies():
     one = ground_truth_images(["a red circle"], seeds=[0])[0]
     two = ground_truth_images(["two red circles"], seeds=[0])[0]
-    assert objects_exceed(["a red circle", "a red circle", "two red circles"], np.stack([one, two, two])) == \
-        [False, True, False]
+    assert objects_exceed(["a red circle", "a red circle", "two red circles"], np.stack([one, two, two])) == [
+        False,
+        True,
+        False,
+    ]
 
 
 def test_background_noise_sees_tints_the_detector_ignores():
@@ -57,21 +64,30 @@ def test_background_noise_sees_tints_the_detector_ignores():
 def _sample(prompt, text="", reflect=False):
     ids = [1] * len(text.split())
     tr = ImageTrajectory(torch.zeros(2, 3, 4, 4), torch.ones(1), torch.zeros(1), torch.zeros(1))
-    return Sample(prompt, np.zeros((32, 32, 3), np.uint8), text, TextSample(ids, [0.0] * len(ids), text), tr, 0,
-                  think=bool(text), reflect=reflect)
+    return Sample(
+        prompt,
+        np.zeros((32, 32, 3), np.uint8),
+        text,
+        TextSample(ids, [0.0] * len(ids), text),
+        tr,
+        0,
+        think=bool(text),
+        reflect=reflect,
+    )
 
 
 def _rollouts(prompts, texts, rewards, kind="rt2i"):
-    G = len(rewards[0])
     r = torch.tensor(rewards, dtype=torch.float32)
     samples = [_sample(p, t, kind == "srr") for p, row in zip(prompts, texts) for t in row]
-    return Rollouts(kind, list(prompts), samples, r, r.clone(), r.clone(), r.clone(), ["a"] * len(samples),
-                    None, None, [0])
+    return Rollouts(
+        kind, list(prompts), samples, r, r.clone(), r.clone(), r.clone(), ["a"] * len(samples), None, None, [0]
+    )
 
 
 def test_format_reward_lowers_only_malformed_samples():
-    roll = _rollouts(["a shape with no corners, coloured like the sky"], [["a blue circle", "a blue", ""]],
-                     [[0.5, 0.5, 0.5]])
+    roll = _rollouts(
+        ["a shape with no corners, coloured like the sky"], [["a blue circle", "a blue", ""]], [[0.5, 0.5, 0.5]]
+    )
     ok, has = format_flags(ShapesTask(), roll)
     assert ok.tolist() == [[1.0, 0.0, 1.0]] and has.tolist() == [[True, True, False]]
     cfg = TrainConfig(format_weight=0.2)
@@ -82,9 +98,13 @@ def test_format_reward_lowers_only_malformed_samples():
 
 
 def test_rollouts_groups_and_cat_keep_samples_with_their_rewards():
-    roll = _rollouts(["a red circle", "a blue square", "a circle"], [["", ""]] * 3, [[0.1, 0.2], [0.3, 0.4], [0.5, 0.6]])
+    roll = _rollouts(
+        ["a red circle", "a blue square", "a circle"], [["", ""]] * 3, [[0.1, 0.2], [0.3, 0.4], [0.5, 0.6]]
+    )
     sub = roll.groups([2, 0])
-    assert sub.prompts == ["a circle", "a red circle"] and torch.allclose(sub.rewards, torch.tensor([[0.5, 0.6], [0.1, 0.2]]))
+    assert sub.prompts == ["a circle", "a red circle"] and torch.allclose(
+        sub.rewards, torch.tensor([[0.5, 0.6], [0.1, 0.2]])
+    )
     assert [s.prompt for s in sub.samples] == ["a circle", "a circle", "a red circle", "a red circle"]
     both = Rollouts.cat([sub, roll.groups([1])])
     assert both.prompts[-1] == "a blue square" and both.rewards.shape == (3, 2) and len(both.samples) == 6
@@ -92,12 +112,14 @@ def test_rollouts_groups_and_cat_keep_samples_with_their_rewards():
 
 def test_dynamic_sampling_replaces_flat_groups_and_keeps_the_batch_size():
     cfg = TrainConfig(group_size=2, prompts_per_step=3, dynamic_sampling=True, dynamic_min_std=0.05)
-    first = _rollouts(["a red circle", "a blue square", "a circle"], [["", ""]] * 3, [[0.1, 0.9], [0.5, 0.5], [0.2, 0.2]])
+    first = _rollouts(
+        ["a red circle", "a blue square", "a circle"], [["", ""]] * 3, [[0.1, 0.9], [0.5, 0.5], [0.2, 0.2]]
+    )
     fresh = {"n": None}
 
     def rt2i(prompts, think, seed, window):  # the refill round: one fresh group with spread, one without
         fresh["n"] = len(prompts)
-        return _rollouts(prompts, [["", ""]] * len(prompts), [[0.0, 1.0], [0.3, 0.31]][:len(prompts)])
+        return _rollouts(prompts, [["", ""]] * len(prompts), [[0.0, 1.0], [0.3, 0.31]][: len(prompts)])
 
     trainer = SimpleNamespace(rank=0, task=ShapesTask(), runner=SimpleNamespace(rt2i=rt2i))
     ref = Refiller(cfg, world=1)
@@ -111,14 +133,15 @@ def test_dynamic_sampling_replaces_flat_groups_and_keeps_the_batch_size():
     assert roll.prompts[0] == "a red circle" and [s.prompt for s in roll.samples[:2]] == ["a red circle"] * 2
     # a batch without flat groups is left alone and draws nothing
     fresh["n"] = None
-    assert ref.refill(trainer, inp, first.groups([0]), first.rewards[:1], ok[:1], has[:1])[4] == 0 and fresh["n"] is None
+    assert (
+        ref.refill(trainer, inp, first.groups([0]), first.rewards[:1], ok[:1], has[:1])[4] == 0 and fresh["n"] is None
+    )
     # the refill prompts depend only on (seed, step, rank) and are training prompts
     assert Refiller(cfg, 1).fresh(4, 0, 2) == ref.fresh(4, 0, 2)
 
 
 def test_cached_evaluation_runs_once_per_weights_and_settings(tmp_path):
     from alphagrpo_trainer.evaluation import weights_digest
-
     from test_trainer import small_policy
 
     pol = small_policy()
@@ -140,8 +163,15 @@ def test_cached_evaluation_runs_once_per_weights_and_settings(tmp_path):
 
 def _evals(q, crit, extra, acc):
     cats = ["single_object", "two_object", "counting", "colors", "position", "color_attr", "implicit"]
-    res = {"accuracy": dict(zip(cats, acc)), "overall": float(np.mean(acc[:6])), "mean_reward": 0.5, "semantic": 0.5,
-           "quality": q, "extra_objects_frac": extra, "background_noise": 3.0 + 10 * extra}
+    res = {
+        "accuracy": dict(zip(cats, acc)),
+        "overall": float(np.mean(acc[:6])),
+        "mean_reward": 0.5,
+        "semantic": 0.5,
+        "quality": q,
+        "extra_objects_frac": extra,
+        "background_noise": 3.0 + 10 * extra,
+    }
     return {"think": dict(res), "think+reflect": dict(res, critique_format_rate=crit)}
 
 
@@ -151,7 +181,11 @@ def test_hacking_flags_and_learning_summary():
     assert hacking_flags(before, fine) == []
     hacked = _evals(0.70, 0.5, 0.5, [0.9, 0.3, 0.3, 0.7, 0.1, 0.3, 0.5])
     flags = hacking_flags(before, hacked)
-    assert any("Q fell" in f for f in flags) and any("critiques" in f for f in flags) and any("more objects" in f for f in flags)
+    assert (
+        any("Q fell" in f for f in flags)
+        and any("critiques" in f for f in flags)
+        and any("more objects" in f for f in flags)
+    )
     assert any("noisier background" in f for f in flags)
     s = learning_summary(before, hacked)["think"]
     assert s["top_category"] == "single_object" and s["top_share"] == pytest.approx(1.0) and s["improved"] == 1
@@ -160,14 +194,31 @@ def test_hacking_flags_and_learning_summary():
 
 
 def test_report_figures_render_headless(tmp_path):
-    rows = [{"step": i + 1, "task": "rt2i" if i < 6 else "srr", "reward_mean": 0.5 + 0.01 * i, "reward_semantic": 0.5,
-             "reward_quality": 0.8, "text_kl": 0.0, "image_kl": 0.001 * i, "spread_colors": 0.1,
-             "critique_format_rate": 0.9, "grad_norm": 0.1} for i in range(10)]
+    rows = [
+        {
+            "step": i + 1,
+            "task": "rt2i" if i < 6 else "srr",
+            "reward_mean": 0.5 + 0.01 * i,
+            "reward_semantic": 0.5,
+            "reward_quality": 0.8,
+            "text_kl": 0.0,
+            "image_kl": 0.001 * i,
+            "spread_colors": 0.1,
+            "critique_format_rate": 0.9,
+            "grad_norm": 0.1,
+        }
+        for i in range(10)
+    ]
     ev = _evals(0.85, 0.9, 0.2, [0.3] * 7)
     files = plot_panels(str(tmp_path), rows, [{"step": 5, "results": ev}], ev, ev)
     assert os.path.getsize(files["training curves"]) > 10_000
     img = np.zeros((32, 32, 3), np.uint8)
-    path = image_grid(str(tmp_path / "g.png"), [[img, img]] * 2, ["a red circle", "a shape with no corners, coloured like the sky"],
-                      ["seed 0", "seed 1"], "before")
+    path = image_grid(
+        str(tmp_path / "g.png"),
+        [[img, img]] * 2,
+        ["a red circle", "a shape with no corners, coloured like the sky"],
+        ["seed 0", "seed 1"],
+        "before",
+    )
     assert os.path.getsize(path) > 1000
     assert smooth([0.0, 1.0, 0.0, 1.0, 0.0], 3).tolist() == pytest.approx([0.5, 1 / 3, 2 / 3, 1 / 3, 0.5])

@@ -2,6 +2,7 @@
 a plain float64 computation, and runs against a real `alphagrpo serve` subprocess on 127.0.0.1 (a
 small random tiny UMM in a real safetensors file keeps them fast): two steps change the served
 weights, kill -9 and --resume repeat the next step exactly, two torchrun ranks equal one rank."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -99,14 +100,26 @@ def small_policy(seed=0):
 
 
 def _plain_gaussian_logp(x_next, mean, scale):
-    return (-(x_next - mean) ** 2 / (2 * scale**2) - torch.log(scale) - 0.5 * math.log(2 * math.pi)).mean(dim=(1, 2, 3))
+    return (-((x_next - mean) ** 2) / (2 * scale**2) - torch.log(scale) - 0.5 * math.log(2 * math.pi)).mean(
+        dim=(1, 2, 3)
+    )
 
 
 def test_loss_and_advantages_match_plain_pytorch():
     torch.manual_seed(0)
     pol = small_policy()
-    cfg = TrainConfig(group_size=3, prompts_per_step=2, steps=4, sde_window_size=2, sde_window_range=[1, 4],
-                      cfg_scale=2.5, noise_level=0.7, clip_image=2e-3, clip_text=[0.2, 0.28], text_weight=0.7)
+    cfg = TrainConfig(
+        group_size=3,
+        prompts_per_step=2,
+        steps=4,
+        sde_window_size=2,
+        sde_window_range=[1, 4],
+        cfg_scale=2.5,
+        noise_level=0.7,
+        clip_image=2e-3,
+        clip_text=[0.2, 0.28],
+        text_weight=0.7,
+    )
     sc = SamplingConfig(steps=4, mode="sde", sde_window=(1, 2), noise_level=cfg.noise_level, cfg_scale=cfg.cfg_scale)
     prompts = ["a red circle"] * 3 + ["two blue squares"] * 3
     with torch.no_grad():
@@ -114,7 +127,9 @@ def test_loss_and_advantages_match_plain_pytorch():
     rewards = torch.tensor([[0.1, 0.5, 0.9], [0.3, 0.3, 0.8]])
     adv = kernels.grpo_advantages(rewards, std_scope="batch").reshape(-1)
     r = rewards.double()
-    expect_adv = (r - r.mean(1, keepdim=True)) / ((r - r.mean()).pow(2).mean().sqrt() + 1e-4)  # the batch's std (ddof 0)
+    expect_adv = (r - r.mean(1, keepdim=True)) / (
+        (r - r.mean()).pow(2).mean().sqrt() + 1e-4
+    )  # the batch's std (ddof 0)
     assert torch.allclose(adv.double(), expect_adv.reshape(-1), atol=1e-6)
     # move the weights so that ratios differ from 1 and some clip
     with torch.no_grad():
@@ -133,7 +148,7 @@ def test_loss_and_advantages_match_plain_pytorch():
     logp = torch.log_softmax(logits.double(), -1).gather(-1, tokens[..., None])[..., 0]
     old = torch.zeros_like(logp)
     for i, s in enumerate(samples):
-        old[i, :len(s.text.logps)] = torch.tensor(s.text.logps, dtype=torch.float64)
+        old[i, : len(s.text.logps)] = torch.tensor(s.text.logps, dtype=torch.float64)
     ratio = torch.exp(logp - old)
     A = adv.double()[:, None]
     per_tok = -torch.minimum(ratio * A, ratio.clamp(0.8, 1.28) * A)
@@ -147,8 +162,7 @@ def test_loss_and_advantages_match_plain_pytorch():
         # the two branches, combined here by hand (guidance is on at every step of this config)
         unguided = [dataclasses.replace(s, sampling=s.sampling.replace(cfg_scale=1.0)) for s in samples]
         vc = pol.guided_velocity(unguided, k)
-        vu = pol._branch_velocity([pol.uncond_prefix()] * len(samples), x.float(),
-                                  torch.full((len(samples),), sig))
+        vu = pol._branch_velocity([pol.uncond_prefix()] * len(samples), x.float(), torch.full((len(samples),), sig))
         v = vu.double() + cfg.cfg_scale * (vc.double() - vu.double())
         dt = sign - sig
         s_ = smax if sig == 1.0 else sig
@@ -187,16 +201,42 @@ def served(tmp_path_factory):
 
 
 def write_cfg(path, weights, out, **kw):
-    cfg = dict(task="mixed", mixed_rt2i_steps=1, group_size=3, prompts_per_step=2, steps=4, sde_window_size=2,
-               sde_window_range=[0, 4], max_thought_tokens=6, max_steps=2, checkpoint_every=1, eval_final_limit=6,
-               eval_steps=3, eval_srr=False, lr=1e-3, policy={"name": "tiny", "path": weights}, out_dir=str(out))
+    cfg = dict(
+        task="mixed",
+        mixed_rt2i_steps=1,
+        group_size=3,
+        prompts_per_step=2,
+        steps=4,
+        sde_window_size=2,
+        sde_window_range=[0, 4],
+        max_thought_tokens=6,
+        max_steps=2,
+        checkpoint_every=1,
+        eval_final_limit=6,
+        eval_steps=3,
+        eval_srr=False,
+        lr=1e-3,
+        policy={"name": "tiny", "path": weights},
+        out_dir=str(out),
+    )
     cfg.update(kw)
     path.write_text(yaml.safe_dump(cfg))
     return str(path)
 
 
 def train_cmd(cfg, server, *extra):
-    return [sys.executable, "-m", "alphagrpo_serve.cli", "train", "--config", cfg, "--server", server, "--no-progress", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "alphagrpo_serve.cli",
+        "train",
+        "--config",
+        cfg,
+        "--server",
+        server,
+        "--no-progress",
+        *extra,
+    ]
 
 
 def metrics(out):
@@ -270,8 +310,22 @@ def test_two_torchrun_ranks_equal_one_rank(served, tmp_path):
     two = write_cfg(tmp_path / "two.yaml", weights, tmp_path / "two", **kw)
     res = subprocess.run(train_cmd(one, addr), env=ENV, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "alphagrpo_serve.cli", "train", "--config", two, "--server", addr, "--no-progress"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "alphagrpo_serve.cli",
+        "train",
+        "--config",
+        two,
+        "--server",
+        addr,
+        "--no-progress",
+    ]
     res = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     a, b = metrics(tmp_path / "one"), metrics(tmp_path / "two")
@@ -298,8 +352,9 @@ def test_unreachable_server_names_the_address(tmp_path, served):
             pool.info()
     finally:
         pool.close()
-    cfg = write_cfg(tmp_path / "c.yaml", weights, tmp_path / "run", server_retries=1, server_backoff_s=0.05,
-                    eval_final_limit=2)
+    cfg = write_cfg(
+        tmp_path / "c.yaml", weights, tmp_path / "run", server_retries=1, server_backoff_s=0.05, eval_final_limit=2
+    )
     res = subprocess.run(train_cmd(cfg, f"127.0.0.1:{port}"), env=ENV, capture_output=True, text=True, timeout=600)
     assert res.returncode == 1 and f"127.0.0.1:{port}" in res.stderr, res.stderr[-2000:]
 
@@ -310,16 +365,31 @@ def test_a_restarted_server_gets_the_current_weights_before_rollouts(tmp_path, s
     _, weights, _ = served
     server = LocalServer({"name": "tiny", "path": weights}, log_path=str(tmp_path / "s1.log"))
     port = int(server.address.rsplit(":", 1)[1])
-    cfg = load_config(None, dict(task="rt2i", group_size=3, prompts_per_step=2, steps=4, sde_window_size=2,
-                                 sde_window_range=[0, 4], max_thought_tokens=6, max_steps=3, lr=1e-3,
-                                 policy={"name": "tiny", "path": weights}, out_dir=str(tmp_path / "run")))
+    cfg = load_config(
+        None,
+        dict(
+            task="rt2i",
+            group_size=3,
+            prompts_per_step=2,
+            steps=4,
+            sde_window_size=2,
+            sde_window_range=[0, 4],
+            max_thought_tokens=6,
+            max_steps=3,
+            lr=1e-3,
+            policy={"name": "tiny", "path": weights},
+            out_dir=str(tmp_path / "run"),
+        ),
+    )
     tr = Trainer(cfg, [server.address], progress=False, log=lambda *a: None)
     try:
         tr.sync_servers(force=True)
         m1 = tr.train_step()
         boot1 = tr.pool.known[server.address][0]
         server.stop()
-        server = LocalServer({"name": "tiny", "path": weights}, log_path=str(tmp_path / "s2.log"), port=port)  # back with the base weights
+        server = LocalServer(
+            {"name": "tiny", "path": weights}, log_path=str(tmp_path / "s2.log"), port=port
+        )  # back with the base weights
         m2 = tr.train_step()
         assert tr.restarts == 1 and tr.pool.known[server.address][0] != boot1
         assert m1["off_policy_count"] == 0 and m2["off_policy_count"] == 0
@@ -368,11 +438,24 @@ def test_prompts_file_and_heldout_file_are_rewarded_by_the_server(served, tmp_pa
     addr, weights, _ = served
     train_file, heldout = tmp_path / "train.jsonl", tmp_path / "heldout.jsonl"
     train_file.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ("a red circle", "two blue squares")))
-    heldout.write_text("".join(json.dumps({"prompt": p, "seed": i}) + "\n" for i, p in
-                               enumerate(("a green triangle", "a yellow circle", "three red squares"))))
+    heldout.write_text(
+        "".join(
+            json.dumps({"prompt": p, "seed": i}) + "\n"
+            for i, p in enumerate(("a green triangle", "a yellow circle", "three red squares"))
+        )
+    )
     out = tmp_path / "run"
-    cfg = write_cfg(tmp_path / "c.yaml", weights, out, task="rt2i", max_steps=1, prompt_task="open",
-                    prompts_file=str(train_file), heldout_file=str(heldout), eval_final_limit=0)
+    cfg = write_cfg(
+        tmp_path / "c.yaml",
+        weights,
+        out,
+        task="rt2i",
+        max_steps=1,
+        prompt_task="open",
+        prompts_file=str(train_file),
+        heldout_file=str(heldout),
+        eval_final_limit=0,
+    )
     res = subprocess.run(train_cmd(cfg, addr), env=ENV, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     before = json.loads((out / "eval_before.json").read_text())
@@ -397,8 +480,13 @@ def test_fused_linear_text_loss_equals_the_logits_path(lora):
     cfg = TrainConfig(group_size=2, prompts_per_step=2, text_aggregation="seq-mean-token-mean", kl_text=0.0)
     sc = SamplingConfig(steps=2, mode="sde", sde_window=(0, 1), cfg_scale=2.0)
     with torch.no_grad():
-        samples = pol.generate(["a red circle"] * 2 + ["two blue squares"] * 2, [0, 1, 2, 3], sc,
-                               TextConfig(temperature=0.8, max_tokens=7), think=True)
+        samples = pol.generate(
+            ["a red circle"] * 2 + ["two blue squares"] * 2,
+            [0, 1, 2, 3],
+            sc,
+            TextConfig(temperature=0.8, max_tokens=7),
+            think=True,
+        )
         for p in pol.trainable_parameters():
             p.add_(torch.randn_like(p) * 0.05)  # ratios away from 1 so that clipping matters
     adv = torch.tensor([1.0, -0.5, 0.3, -0.8])
@@ -410,8 +498,17 @@ def test_fused_linear_text_loss_equals_the_logits_path(lora):
     for p in params:
         p.grad = None
     logits, tokens, mask2 = pol.token_logits(samples)
-    ref = kernels.grpo_token_loss(logits, tokens, adv, mask2, old_logp=old, temperature=0.8, eps_low=0.2,
-                                  eps_high=0.28, aggregation="seq-mean-token-mean")
+    ref = kernels.grpo_token_loss(
+        logits,
+        tokens,
+        adv,
+        mask2,
+        old_logp=old,
+        temperature=0.8,
+        eps_low=0.2,
+        eps_high=0.28,
+        aggregation="seq-mean-token-mean",
+    )
     ref.loss.backward()
     assert abs(float(out.loss.detach()) - float(ref.loss.detach())) < 1e-5
     assert torch.allclose(out.logp, ref.logp, atol=1e-5)

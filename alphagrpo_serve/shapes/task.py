@@ -2,6 +2,7 @@
 split, embedded DVReward, held-out GenEval-rule suite, per-category rollout metrics, and the
 format check of thoughts and critiques (what the trainer's format reward and the reward-hacking
 watch read)."""
+
 from __future__ import annotations
 
 from typing import Dict, List, Optional, Sequence
@@ -105,8 +106,9 @@ class ShapesTask(Task):
 
         return embedded_reward()
 
-    def evaluate(self, policy, sampling, modes: Sequence[tuple], limit: int = 0,
-                 rows: Optional[Sequence[Dict]] = None) -> Dict[str, Dict]:
+    def evaluate(
+        self, policy, sampling, modes: Sequence[tuple], limit: int = 0, rows: Optional[Sequence[Dict]] = None
+    ) -> Dict[str, Dict]:
         """{mode: GenEval-rule accuracy per category, overall, mean DVReward and its S and Q, the
         share of images with more objects than asked, thought parse rates, and in reflect modes
         the critiques' format rates}."""
@@ -124,18 +126,23 @@ class ShapesTask(Task):
             rec = _CritiqueRecorder(policy)
             res = evaluate_policy(rec, rows=rows, think=think, reflect=reflect, sampling=sampling)
             scored = reward(prompts, res.images)
-            out = dict(res.report.to_dict(), thought_parse_rate=res.thought_parse_rate,
-                       thought_correct_rate=res.thought_correct_rate,
-                       semantic=float(np.mean([x.semantic for x in scored])),
-                       quality=float(np.mean([x.quality for x in scored])),
-                       extra_objects_frac=float(np.mean(objects_exceed(prompts, res.images))),
-                       background_noise=float(np.mean(background_noise(res.images))))
+            out = dict(
+                res.report.to_dict(),
+                thought_parse_rate=res.thought_parse_rate,
+                thought_correct_rate=res.thought_correct_rate,
+                semantic=float(np.mean([x.semantic for x in scored])),
+                quality=float(np.mean([x.quality for x in scored])),
+                extra_objects_frac=float(np.mean(objects_exceed(prompts, res.images))),
+                background_noise=float(np.mean(background_noise(res.images))),
+            )
             if reflect and rec.critiques:
                 fmt = [text_format(p, c, True) for p, c in zip(prompts, rec.critiques)]
                 drawing = [f[1] for f, c in zip(fmt, rec.critiques) if "it is correct" not in c]
-                out.update(critique_format_rate=float(np.mean([f[0] for f in fmt])),
-                           critique_intended_rate=float(np.mean(drawing)) if drawing else None,
-                           critique_correct_verdict_rate=float(np.mean(["it is correct" in c for c in rec.critiques])))
+                out.update(
+                    critique_format_rate=float(np.mean([f[0] for f in fmt])),
+                    critique_intended_rate=float(np.mean(drawing)) if drawing else None,
+                    critique_correct_verdict_rate=float(np.mean(["it is correct" in c for c in rec.critiques])),
+                )
             results[name] = out
         return results
 
@@ -144,12 +151,18 @@ class ShapesTask(Task):
             return super().results_table(results)
         from .policy_eval import modes_table
 
-        lines = [modes_table(results), "", "| mode | S | Q | more objects than asked | critiques well formed | critiques intended |",
-                 "|---|---:|---:|---:|---:|---:|"]
+        lines = [
+            modes_table(results),
+            "",
+            "| mode | S | Q | more objects than asked | critiques well formed | critiques intended |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
         f = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
         for name, r in results.items():
-            lines.append(f"| {name} | {f(r.get('semantic'))} | {f(r.get('quality'))} | {f(r.get('extra_objects_frac'))} | "
-                         f"{f(r.get('critique_format_rate'))} | {f(r.get('critique_intended_rate'))} |")
+            lines.append(
+                f"| {name} | {f(r.get('semantic'))} | {f(r.get('quality'))} | {f(r.get('extra_objects_frac'))} | "
+                f"{f(r.get('critique_format_rate'))} | {f(r.get('critique_intended_rate'))} |"
+            )
         return "\n".join(lines)
 
     def rollout_metrics(self, prompts: Sequence[str], images: np.ndarray) -> Dict[str, float]:

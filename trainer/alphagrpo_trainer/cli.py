@@ -1,4 +1,5 @@
 """`alphagrpo train`: argument parsing and the run's setup (distributed ranks, local server)."""
+
 from __future__ import annotations
 
 import os
@@ -6,20 +7,36 @@ import sys
 
 
 def add_parser(sub) -> None:
-    tr = sub.add_parser("train", help="GRPO training (RT2I / SRR) against alphagrpo servers",
-                        description="GRPO training of the policy against one or more alphagrpo servers. Under torchrun "
-                                    "every rank runs this command; prompts are sharded over ranks and rank 0 pushes "
-                                    "weights and writes checkpoints.")
+    tr = sub.add_parser(
+        "train",
+        help="GRPO training (RT2I / SRR) against alphagrpo servers",
+        description="GRPO training of the policy against one or more alphagrpo servers. Under torchrun "
+        "every rank runs this command; prompts are sharded over ranks and rank 0 pushes "
+        "weights and writes checkpoints.",
+    )
     tr.add_argument("--config", default=None, help="TrainConfig YAML (configs/*.yaml; default: the built-in defaults)")
-    tr.add_argument("--server", default="local", metavar="HOST:PORT[,HOST:PORT...]|local",
-                    help="server address(es), or 'local' to start one with the embedded defaults and stop it at the end "
-                         "(default: local)")
+    tr.add_argument(
+        "--server",
+        default="local",
+        metavar="HOST:PORT[,HOST:PORT...]|local",
+        help="server address(es), or 'local' to start one with the embedded defaults and stop it at the end "
+        "(default: local)",
+    )
     tr.add_argument("--out", default=None, help="output folder (overrides the config's out_dir)")
     tr.add_argument("--max-steps", type=int, default=None, help="override the config's max_steps")
-    tr.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                    help="override one config field (YAML value), repeatable: --set lr=1e-4 --set task=srr")
+    tr.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="override one config field (YAML value), repeatable: --set lr=1e-4 --set task=srr",
+    )
     tr.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt exactly")
-    tr.add_argument("--print-config", action="store_true", help="print the resolved config as YAML, each field with its documentation, and exit")
+    tr.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the resolved config as YAML, each field with its documentation, and exit",
+    )
     tr.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
     tr.set_defaults(fn=run)
 
@@ -51,7 +68,9 @@ def run(args) -> int:
         k = k.strip()
         if "." in k:  # policy.name=bagel: one key of a mapping field
             outer, inner = k.split(".", 1)
-            overrides.setdefault(outer, dict(load_config(args.config).to_dict().get(outer) or {}))[inner] = yaml.safe_load(v)
+            overrides.setdefault(outer, dict(load_config(args.config).to_dict().get(outer) or {}))[inner] = (
+                yaml.safe_load(v)
+            )
         else:
             overrides[k] = yaml.safe_load(v)
     if args.out:
@@ -81,8 +100,9 @@ def run(args) -> int:
             if rank == 0:
                 os.makedirs(cfg.out_dir, exist_ok=True)
                 print(f"starting a local server (policy {cfg.policy['name']} on {cfg.device}) ...", flush=True)
-                local = LocalServer(cfg.policy, log_path=os.path.join(cfg.out_dir, "server.log"), device=cfg.device,
-                                    dtype=cfg.dtype)
+                local = LocalServer(
+                    cfg.policy, log_path=os.path.join(cfg.out_dir, "server.log"), device=cfg.device, dtype=cfg.dtype
+                )
                 addr = local.address
                 print(f"local server on {addr}", flush=True)
             if distributed:

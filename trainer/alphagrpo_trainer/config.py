@@ -4,6 +4,7 @@ Each field's comment is its documentation; `alphagrpo train --print-config` prin
 as YAML. Shipped examples: configs/demo.yaml (the README's main job), configs/rt2i.yaml,
 configs/srr.yaml, configs/lora.yaml.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -17,6 +18,8 @@ SCHEDULES = ("constant", "cosine")
 OFF_POLICY = ("importance", "drop")
 
 
+# fmt: off
+# (one line per field: field_docs() reads each field's trailing comment as its documentation)
 @dataclass
 class TrainConfig:
     # ---- the policy ------------------------------------------------------------------------------
@@ -79,6 +82,7 @@ class TrainConfig:
     server_timeout_s: float = 300.0  # deadline of one server call
     server_retries: int = 5  # retries of an unreachable server, with exponential backoff
     server_backoff_s: float = 0.5  # first retry delay, doubled each retry
+    # fmt: on
 
     def validate(self) -> "TrainConfig":
         def need(ok, msg):

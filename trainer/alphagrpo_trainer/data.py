@@ -6,6 +6,7 @@ step s takes the next prompts_per_step of that order, so a resumed run draws exa
 the uninterrupted run would have drawn. Category weights resample the pool (with replacement
 inside an epoch) when given.
 """
+
 from __future__ import annotations
 
 from typing import Dict, List, Optional, Sequence
@@ -33,8 +34,14 @@ class PromptSource:
 
     EPOCH_LEN = 4096  # prompts per (weighted) epoch
 
-    def __init__(self, seed: int, prompts_per_step: int, prompts_file: Optional[str] = None,
-                 category_weights: Optional[Dict[str, float]] = None, task: str = "shapes"):
+    def __init__(
+        self,
+        seed: int,
+        prompts_per_step: int,
+        prompts_file: Optional[str] = None,
+        category_weights: Optional[Dict[str, float]] = None,
+        task: str = "shapes",
+    ):
         self.seed, self.per_step = int(seed), int(prompts_per_step)
         if prompts_file:
             self.pools = {"file": read_prompts_file(prompts_file)}
@@ -79,4 +86,4 @@ def shard(items: Sequence, rank: int, world: int) -> List:
     if len(items) % world:
         raise ValueError(f"{len(items)} items do not split evenly over {world} ranks")
     n = len(items) // world
-    return list(items[rank * n:(rank + 1) * n])
+    return list(items[rank * n : (rank + 1) * n])

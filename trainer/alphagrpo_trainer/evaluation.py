@@ -1,6 +1,7 @@
 """Evaluations of the trainer's policy: the task's built-in held-out suite (ShapesWorld: GenEval
 rule per category), or a held-out JSONL of prompts scored by the server's reward (mean reward, S and
 Q), plus the before/after image grids. Every mode draws with ODE and fixed seeds."""
+
 from __future__ import annotations
 
 import hashlib
@@ -45,10 +46,20 @@ def cached_evaluation(cfg, policy, evaluate: Callable[[], Optional[Dict]]) -> Op
     settings (an evaluation is deterministic: ODE, fixed seeds, greedy text)."""
     if not cfg.eval_cache:
         return evaluate()
-    key = dict(version=EVAL_VERSION, weights=weights_digest(policy), policy=cfg.policy["name"], task=cfg.prompt_task,
-               heldout_file=cfg.heldout_file, limit=cfg.eval_final_limit, steps=cfg.eval_steps, cfg_scale=cfg.cfg_scale,
-               srr=cfg.eval_srr)
-    path = os.path.join(cfg.eval_cache, hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20] + ".json")
+    key = dict(
+        version=EVAL_VERSION,
+        weights=weights_digest(policy),
+        policy=cfg.policy["name"],
+        task=cfg.prompt_task,
+        heldout_file=cfg.heldout_file,
+        limit=cfg.eval_final_limit,
+        steps=cfg.eval_steps,
+        cfg_scale=cfg.cfg_scale,
+        srr=cfg.eval_srr,
+    )
+    path = os.path.join(
+        cfg.eval_cache, hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20] + ".json"
+    )
     if os.path.exists(path):
         with open(path) as f:
             return json.load(f)["result"]
@@ -74,8 +85,9 @@ def _spaced(rows: List[Dict], limit: int) -> List[Dict]:
     return rows
 
 
-def evaluate_file(policy, rows: List[Dict], sampling: SamplingConfig, verify, modes: Sequence[tuple],
-                  limit: int = 0, batch: int = 32) -> Dict[str, Dict]:
+def evaluate_file(
+    policy, rows: List[Dict], sampling: SamplingConfig, verify, modes: Sequence[tuple], limit: int = 0, batch: int = 32
+) -> Dict[str, Dict]:
     """{mode: {"overall": mean reward, "mean_reward", "semantic", "quality", "accuracy": {}}}: the
     policy draws each held-out prompt (ODE, the row's seed, greedy text) and verify(prompts, images)
     (the server's reward) scores the images."""
@@ -87,30 +99,44 @@ def evaluate_file(policy, rows: List[Dict], sampling: SamplingConfig, verify, mo
     for name, think, reflect in modes_for(policy, modes):
         images = []
         for i in range(0, len(rows), batch):
-            got = policy.generate(prompts[i:i + batch], seeds[i:i + batch], sampling, greedy, think=think)
+            got = policy.generate(prompts[i : i + batch], seeds[i : i + batch], sampling, greedy, think=think)
             if reflect:
-                rsc = policy.resolve_sampling(dict(steps=sampling.steps, mode="ode", cfg_scale=sampling.cfg_scale),
-                                              reflect=True)
-                got = policy.reflect(prompts[i:i + batch], [s.image for s in got], seeds[i:i + batch], rsc, greedy)
+                rsc = policy.resolve_sampling(
+                    dict(steps=sampling.steps, mode="ode", cfg_scale=sampling.cfg_scale), reflect=True
+                )
+                got = policy.reflect(prompts[i : i + batch], [s.image for s in got], seeds[i : i + batch], rsc, greedy)
             images += [s.image for s in got]
         results = verify(prompts, images)
         r = [x.reward for x in results]
-        out[name] = {"overall": float(np.mean(r)), "mean_reward": float(np.mean(r)), "accuracy": {},
-                     "semantic": float(np.mean([x.semantic for x in results])),
-                     "quality": float(np.mean([x.quality for x in results]))}
+        out[name] = {
+            "overall": float(np.mean(r)),
+            "mean_reward": float(np.mean(r)),
+            "accuracy": {},
+            "semantic": float(np.mean([x.semantic for x in results])),
+            "quality": float(np.mean([x.quality for x in results])),
+        }
     return out
 
 
-def draw_grid(policy, path: str, prompts: Sequence[str], seeds: Sequence[int], sampling: SamplingConfig,
-              think: bool = True, title: Optional[str] = None) -> Optional[str]:
+def draw_grid(
+    policy,
+    path: str,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    sampling: SamplingConfig,
+    think: bool = True,
+    title: Optional[str] = None,
+) -> Optional[str]:
     """PNG grid (matplotlib): one column per prompt, one row per seed (greedy thoughts, ODE), the
     prompt under each image; None without prompts."""
     if not prompts:
         return None
     think = think and policy.info.capabilities.think
     greedy = TextConfig(temperature=0.0, max_tokens=policy.info.text_defaults.max_tokens)
-    rows = [[s.image for s in policy.generate(list(prompts), [seed] * len(prompts), sampling, greedy, think=think)]
-            for seed in seeds]
+    rows = [
+        [s.image for s in policy.generate(list(prompts), [seed] * len(prompts), sampling, greedy, think=think)]
+        for seed in seeds
+    ]
     from .report import image_grid
 
     return image_grid(path, rows, list(prompts), [f"seed {s}" for s in seeds], title)

@@ -12,6 +12,7 @@ trainer skips its own held-out evaluations and grids: evaluate the saved policy 
 (`alphagrpo eval policy` or a server). LoRA runs do not need it (adapters are small): fsdp needs
 lora_rank 0.
 """
+
 from __future__ import annotations
 
 import math

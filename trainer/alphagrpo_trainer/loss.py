@@ -8,6 +8,7 @@ policy's own guidance rule, as at sampling) -> kernels.flow_sde_logprob of the r
 accumulated step by step (the loss is a mean over steps, so backward per step gives the same
 gradient as one graph, with the memory of one step).
 """
+
 from __future__ import annotations
 
 from typing import Dict, List, Optional, Sequence
@@ -22,12 +23,18 @@ from alphagrpo_serve.models.base import Policy, Sample
 def _pad(rows: Sequence[Sequence[float]], T: int, device) -> torch.Tensor:
     out = torch.zeros(len(rows), T)
     for i, r in enumerate(rows):
-        out[i, :len(r)] = torch.tensor(r[:T], dtype=torch.float32)
+        out[i, : len(r)] = torch.tensor(r[:T], dtype=torch.float32)
     return out.to(device)
 
 
-def text_loss(policy: Policy, samples: List[Sample], advantages: torch.Tensor, cfg, reflect_images=None,
-              ref_policy: Optional[Policy] = None):
+def text_loss(
+    policy: Policy,
+    samples: List[Sample],
+    advantages: torch.Tensor,
+    cfg,
+    reflect_images=None,
+    ref_policy: Optional[Policy] = None,
+):
     """The GRPO token loss of the recorded thoughts/critiques: teacher-forced hidden states and the
     policy's LM head into the fused linear loss (the [B, T, V] logits never exist). Returns
     (LossOutput, old log-probs [B, T], mask [B, T])."""
@@ -39,16 +46,29 @@ def text_loss(policy: Policy, samples: List[Sample], advantages: torch.Tensor, c
     if cfg.kl_text > 0:
         with torch.no_grad():
             ref = ref_policy.token_logps(samples, reflect_images, temperature=temperature)
-    kw = dict(old_logp=old, ref_logp=ref, temperature=temperature, eps_low=cfg.clip_text[0], eps_high=cfg.clip_text[1],
-              beta=cfg.kl_text, aggregation=cfg.text_aggregation)
+    kw = dict(
+        old_logp=old,
+        ref_logp=ref,
+        temperature=temperature,
+        eps_low=cfg.clip_text[0],
+        eps_high=cfg.clip_text[1],
+        beta=cfg.kl_text,
+        aggregation=cfg.text_aggregation,
+    )
     weight, bias = policy.lm_head()
     out = kernels.grpo_linear_token_loss(hidden, weight, tokens, advantages.to(dev), mask, bias=bias, **kw)
     return out, old, mask
 
 
-def grpo_backward(policy: Policy, samples: List[Sample], advantages: torch.Tensor, cfg,
-                  reflect_images: Optional[List] = None, ref_policy: Optional[Policy] = None,
-                  scale: float = 1.0) -> Dict[str, float]:
+def grpo_backward(
+    policy: Policy,
+    samples: List[Sample],
+    advantages: torch.Tensor,
+    cfg,
+    reflect_images: Optional[List] = None,
+    ref_policy: Optional[Policy] = None,
+    scale: float = 1.0,
+) -> Dict[str, float]:
     """Computes the loss of the batch, accumulates scale * d loss / d params, returns metrics.
 
     advantages [B] (one per sample). The loss is text_weight * text loss + image loss. Every
@@ -66,9 +86,14 @@ def grpo_backward(policy: Policy, samples: List[Sample], advantages: torch.Tenso
         total += cfg.text_weight * float(out.loss.detach())
         ratio, clip, kl = (float(x) for x in out.metrics[:3])
         log_ratio = (out.logp.detach() - old)[mask]
-        m.update(text_loss=float(out.loss.detach()), text_ratio=ratio, text_clip_frac=clip, text_kl=kl,
-                 text_logp_dev=float(log_ratio.abs().max()) if log_ratio.numel() else 0.0,
-                 text_ratio_std=float(log_ratio.exp().std(unbiased=False)) if log_ratio.numel() else 0.0)
+        m.update(
+            text_loss=float(out.loss.detach()),
+            text_ratio=ratio,
+            text_clip_frac=clip,
+            text_kl=kl,
+            text_logp_dev=float(log_ratio.abs().max()) if log_ratio.numel() else 0.0,
+            text_ratio_std=float(log_ratio.exp().std(unbiased=False)) if log_ratio.numel() else 0.0,
+        )
     # ---- image ---------------------------------------------------------------------------------
     K = samples[0].trajectory.log_probs.shape[0]
     if any(s.trajectory.log_probs.shape[0] != K for s in samples):
@@ -78,8 +103,14 @@ def grpo_backward(policy: Policy, samples: List[Sample], advantages: torch.Tenso
         raise ValueError(f"samples of one batch must share the SDE noise level, got {sorted(noise)}")
     noise_level = noise.pop()
     dev = policy.info.device
-    agg = {"image_loss": 0.0, "image_ratio": 0.0, "image_clip_frac": 0.0, "image_kl": 0.0, "image_logp_dev": 0.0,
-           "image_ratio_std": 0.0}
+    agg = {
+        "image_loss": 0.0,
+        "image_ratio": 0.0,
+        "image_clip_frac": 0.0,
+        "image_kl": 0.0,
+        "image_logp_dev": 0.0,
+        "image_ratio_std": 0.0,
+    }
     for k in range(K):
         tr = [s.trajectory for s in samples]
         x = torch.stack([t.latents[k] for t in tr]).to(dev)

@@ -2,6 +2,7 @@
 the reward-hacking watch (S and Q, extra objects, critique format) with its flags, training curves
 (matplotlib, one panel per signal: raw points and a smoothed line, labelled axes) and before/after
 image grids with the prompt under each image, as Markdown beside the PNGs."""
+
 from __future__ import annotations
 
 import json
@@ -13,7 +14,9 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 
 Q_DROP = 0.05  # a run whose held-out Q falls by more than this is flagged
-BG_RISE = 2.0  # ... or whose background noise (mean RGB distance from the background colour, 0-255) rises by more than this
+BG_RISE = (
+    2.0  # ... or whose background noise (mean RGB distance from the background colour, 0-255) rises by more than this
+)
 CATEGORY_ORDER = ("single_object", "two_object", "counting", "colors", "position", "color_attr", "implicit")
 
 
@@ -33,12 +36,15 @@ def smooth(y: Sequence[float], window: int = 9) -> np.ndarray:
         return y
     w = max(1, min(window, len(y) // 2 * 2 - 1))
     h = w // 2
-    return np.asarray([y[max(0, i - h):i + h + 1].mean() for i in range(len(y))])
+    return np.asarray([y[max(0, i - h) : i + h + 1].mean() for i in range(len(y))])
 
 
 def _series(rows: List[Dict], key: str, task: Optional[str] = None):
-    pts = [(r["step"], r[key]) for r in rows
-           if isinstance(r.get(key), (int, float)) and not math.isnan(r[key]) and (task is None or r.get("task") == task)]
+    pts = [
+        (r["step"], r[key])
+        for r in rows
+        if isinstance(r.get(key), (int, float)) and not math.isnan(r[key]) and (task is None or r.get("task") == task)
+    ]
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
@@ -60,8 +66,14 @@ def _eval_points(periodic: List[Dict], before: Optional[Dict], after: Optional[D
     return pts
 
 
-def plot_panels(out_dir: str, rows: List[Dict], periodic: List[Dict], before: Optional[Dict], after: Optional[Dict],
-                name: str = "curves.png") -> Dict[str, str]:
+def plot_panels(
+    out_dir: str,
+    rows: List[Dict],
+    periodic: List[Dict],
+    before: Optional[Dict],
+    after: Optional[Dict],
+    name: str = "curves.png",
+) -> Dict[str, str]:
     """One figure, one panel per signal; returns {label: path} for the report."""
     plt = _plt()
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -76,16 +88,26 @@ def plot_panels(out_dir: str, rows: List[Dict], periodic: List[Dict], before: Op
         ("background noise (invisible to the reward)", "mean RGB distance", [("background_noise", k) for k in kinds]),
         ("held-out accuracy per category (think)", "accuracy", "eval_categories"),
         ("held-out overall per mode", "accuracy", "eval_modes"),
-        ("format of rollout texts", "share well formed", [("thought_format_rate", None), ("critique_format_rate", None)]),
+        (
+            "format of rollout texts",
+            "share well formed",
+            [("thought_format_rate", None), ("critique_format_rate", None)],
+        ),
         ("KL to the base policy", "KL", [("text_kl", None), ("image_kl", None)]),
         ("clip fraction", "fraction clipped", [("text_clip_frac", None), ("image_clip_frac", None)]),
         ("ratio spread (std of the ratio)", "std", [("text_ratio_std", None), ("image_ratio_std", None)]),
-        ("reward spread within groups", "mean group std", [(k, None) for k in
-                                                            sorted({k for r in rows for k in r if k.startswith("spread_")})]),
+        (
+            "reward spread within groups",
+            "mean group std",
+            [(k, None) for k in sorted({k for r in rows for k in r if k.startswith("spread_")})],
+        ),
         ("gradient norm (before clipping)", "norm", [("grad_norm", None)]),
     ]
-    panels = [p for p in panels if not isinstance(p[2], list) or any(_series(rows, k, t)[0] for k, t in p[2])
-              or p[0].startswith("format")]
+    panels = [
+        p
+        for p in panels
+        if not isinstance(p[2], list) or any(_series(rows, k, t)[0] for k, t in p[2]) or p[0].startswith("format")
+    ]
     ncol = 4
     nrow = (len(panels) + ncol - 1) // ncol
     fig, axes = plt.subplots(nrow, ncol, figsize=(4.2 * ncol, 3.1 * nrow), squeeze=False)
@@ -97,7 +119,9 @@ def plot_panels(out_dir: str, rows: List[Dict], periodic: List[Dict], before: Op
         if what == "eval_categories":
             cats = [c for c in CATEGORY_ORDER if any(c in (r.get("think") or {}).get("accuracy", {}) for _, r in evals)]
             for i, c in enumerate(cats):
-                pts = [(s, r["think"]["accuracy"][c]) for s, r in evals if c in (r.get("think") or {}).get("accuracy", {})]
+                pts = [
+                    (s, r["think"]["accuracy"][c]) for s, r in evals if c in (r.get("think") or {}).get("accuracy", {})
+                ]
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color=colors[i % len(colors)], label=c, ms=4)
             ax.set_ylim(-0.02, 1.02)
         elif what == "eval_modes":
@@ -119,7 +143,7 @@ def plot_panels(out_dir: str, rows: List[Dict], periodic: List[Dict], before: Op
                 ax.scatter([], [], marker="D", color="black", s=22, label="held-out critiques")
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7, loc="best")
-    for ax in list(axes.flat)[len(panels):]:
+    for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
     fig.suptitle(f"GRPO run: {last} steps (points: each step; lines: moving average over 9)", fontsize=11)
     fig.tight_layout()
@@ -129,8 +153,13 @@ def plot_panels(out_dir: str, rows: List[Dict], periodic: List[Dict], before: Op
     return {"training curves": path}
 
 
-def image_grid(path: str, rows: List[List[np.ndarray]], captions: Sequence[str], row_labels: Sequence[str],
-               title: Optional[str] = None) -> str:
+def image_grid(
+    path: str,
+    rows: List[List[np.ndarray]],
+    captions: Sequence[str],
+    row_labels: Sequence[str],
+    title: Optional[str] = None,
+) -> str:
     """rows x columns of images, each with its column's caption (the prompt) under it."""
     plt = _plt()
     n_r, n_c = len(rows), len(rows[0])
@@ -154,19 +183,25 @@ def image_grid(path: str, rows: List[List[np.ndarray]], captions: Sequence[str],
 
 # ---- tables ----------------------------------------------------------------------------------------
 def before_after_table(before: Dict[str, Dict], after: Dict[str, Dict]) -> str:
-    lines = ["| mode | overall before | overall after | change | implicit before | implicit after | reward before | reward after |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| mode | overall before | overall after | change | implicit before | implicit after | reward before | reward after |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for mode in before:
         if mode not in after:
             continue
         b, a = before[mode], after[mode]
-        lines.append(f"| {mode} | {b['overall']:.3f} | {a['overall']:.3f} | {a['overall'] - b['overall']:+.3f} | "
-                     f"{b['accuracy'].get('implicit', float('nan')):.3f} | {a['accuracy'].get('implicit', float('nan')):.3f} | "
-                     f"{b['mean_reward']:.3f} | {a['mean_reward']:.3f} |")
+        lines.append(
+            f"| {mode} | {b['overall']:.3f} | {a['overall']:.3f} | {a['overall'] - b['overall']:+.3f} | "
+            f"{b['accuracy'].get('implicit', float('nan')):.3f} | {a['accuracy'].get('implicit', float('nan')):.3f} | "
+            f"{b['mean_reward']:.3f} | {a['mean_reward']:.3f} |"
+        )
     if "think" in after and "think+reflect" in after:
         gain = after["think+reflect"]["overall"] - after["think"]["overall"]
-        lines.append(f"\nOne round of SRR at inference, after training: {gain:+.3f} overall "
-                     f"(before: {before['think+reflect']['overall'] - before['think']['overall']:+.3f}).")
+        lines.append(
+            f"\nOne round of SRR at inference, after training: {gain:+.3f} overall "
+            f"(before: {before['think+reflect']['overall'] - before['think']['overall']:+.3f})."
+        )
     return "\n".join(lines)
 
 
@@ -198,9 +233,14 @@ def learning_summary(before: Dict[str, Dict], after: Dict[str, Dict]) -> Dict[st
         gain = after[m]["overall"] - before[m]["overall"]
         six = [c for c in d if c != "implicit"]
         top = max(six, key=lambda c: d[c]) if six else None
-        out[m] = {"gain": gain, "improved": sum(v > 0 for v in d.values()), "categories": len(d),
-                  "top_category": top, "top_share": (d[top] / len(six) / gain) if top and gain > 0 else None,
-                  "implicit_change": d.get("implicit")}
+        out[m] = {
+            "gain": gain,
+            "improved": sum(v > 0 for v in d.values()),
+            "categories": len(d),
+            "top_category": top,
+            "top_share": (d[top] / len(six) / gain) if top and gain > 0 else None,
+            "implicit_change": d.get("implicit"),
+        }
     return out
 
 
@@ -216,25 +256,45 @@ def hacking_flags(before: Optional[Dict], after: Optional[Dict]) -> List[str]:
             continue
         if b.get("quality") is not None and a.get("quality") is not None and a["quality"] < b["quality"] - Q_DROP:
             flags.append(f"{m}: held-out Q fell {b['quality']:.3f} -> {a['quality']:.3f} (more than {Q_DROP})")
-        if b.get("critique_format_rate") is not None and a.get("critique_format_rate") is not None \
-                and a["critique_format_rate"] < b["critique_format_rate"]:
-            flags.append(f"{m}: critiques well formed less often than before "
-                         f"({b['critique_format_rate']:.3f} -> {a['critique_format_rate']:.3f})")
-        if b.get("extra_objects_frac") is not None and a.get("extra_objects_frac") is not None \
-                and a["extra_objects_frac"] > b["extra_objects_frac"] + Q_DROP:
-            flags.append(f"{m}: more images with more objects than asked "
-                         f"({b['extra_objects_frac']:.3f} -> {a['extra_objects_frac']:.3f})")
-        if b.get("background_noise") is not None and a.get("background_noise") is not None \
-                and a["background_noise"] > b["background_noise"] + BG_RISE:
-            flags.append(f"{m}: noisier background ({b['background_noise']:.1f} -> {a['background_noise']:.1f}, "
-                         f"mean RGB distance from the background colour)")
+        if (
+            b.get("critique_format_rate") is not None
+            and a.get("critique_format_rate") is not None
+            and a["critique_format_rate"] < b["critique_format_rate"]
+        ):
+            flags.append(
+                f"{m}: critiques well formed less often than before "
+                f"({b['critique_format_rate']:.3f} -> {a['critique_format_rate']:.3f})"
+            )
+        if (
+            b.get("extra_objects_frac") is not None
+            and a.get("extra_objects_frac") is not None
+            and a["extra_objects_frac"] > b["extra_objects_frac"] + Q_DROP
+        ):
+            flags.append(
+                f"{m}: more images with more objects than asked "
+                f"({b['extra_objects_frac']:.3f} -> {a['extra_objects_frac']:.3f})"
+            )
+        if (
+            b.get("background_noise") is not None
+            and a.get("background_noise") is not None
+            and a["background_noise"] > b["background_noise"] + BG_RISE
+        ):
+            flags.append(
+                f"{m}: noisier background ({b['background_noise']:.1f} -> {a['background_noise']:.1f}, "
+                f"mean RGB distance from the background colour)"
+            )
     return flags
 
 
 def watch_table(before: Dict[str, Dict], after: Dict[str, Dict]) -> str:
-    keys = [("semantic", "S"), ("quality", "Q"), ("extra_objects_frac", "more objects than asked"),
-            ("background_noise", "background noise"),
-            ("critique_format_rate", "critiques well formed"), ("critique_intended_rate", "drawing critiques: intended prompt")]
+    keys = [
+        ("semantic", "S"),
+        ("quality", "Q"),
+        ("extra_objects_frac", "more objects than asked"),
+        ("background_noise", "background noise"),
+        ("critique_format_rate", "critiques well formed"),
+        ("critique_intended_rate", "drawing critiques: intended prompt"),
+    ]
     lines = ["| mode | " + " | ".join(k[1] for k in keys) + " |", "|---|" + "---:|" * len(keys)]
     for m in before:
         if m not in after:
@@ -247,18 +307,34 @@ def watch_table(before: Dict[str, Dict], after: Dict[str, Dict]) -> str:
     return "\n".join(lines)
 
 
-def write_report(out_dir: str, cfg: Dict, before: Optional[Dict], after: Optional[Dict], rows: List[Dict],
-                 periodic: List[Dict], files: Dict[str, str], elapsed_s: float, modes_table=None) -> str:
+def write_report(
+    out_dir: str,
+    cfg: Dict,
+    before: Optional[Dict],
+    after: Optional[Dict],
+    rows: List[Dict],
+    periodic: List[Dict],
+    files: Dict[str, str],
+    elapsed_s: float,
+    modes_table=None,
+) -> str:
     """modes_table(results) -> Markdown: the task's results table (Task.results_table)."""
     modes_table = modes_table or (lambda r: "```json\n" + json.dumps(r, indent=1) + "\n```")
     path = os.path.join(out_dir, "report.md")
-    suite = ("Evaluation: the held-out file's prompts scored by the server's reward, ODE, fixed seeds."
-             if cfg.get("heldout_file") else
-             f"Evaluation: the held-out suite of task {cfg.get('prompt_task', 'shapes')!r} (ShapesWorld: GenEval "
-             "rule), ODE, the split's fixed seeds.")
-    parts = ["# GRPO run report", "",
-             f"Steps: {rows[-1]['step'] if rows else 0} of {cfg['max_steps']}, task {cfg['task']}, G = {cfg['group_size']}, "
-             f"{cfg['prompts_per_step']} prompts per step, seed {cfg.get('seed')}, wall time {elapsed_s / 60:.1f} min. " + suite, ""]
+    suite = (
+        "Evaluation: the held-out file's prompts scored by the server's reward, ODE, fixed seeds."
+        if cfg.get("heldout_file")
+        else f"Evaluation: the held-out suite of task {cfg.get('prompt_task', 'shapes')!r} (ShapesWorld: GenEval "
+        "rule), ODE, the split's fixed seeds."
+    )
+    parts = [
+        "# GRPO run report",
+        "",
+        f"Steps: {rows[-1]['step'] if rows else 0} of {cfg['max_steps']}, task {cfg['task']}, G = {cfg['group_size']}, "
+        f"{cfg['prompts_per_step']} prompts per step, seed {cfg.get('seed')}, wall time {elapsed_s / 60:.1f} min. "
+        + suite,
+        "",
+    ]
     if before and after:
         parts += ["## Before / after", "", before_after_table(before, after), ""]
         cat = category_change_table(before, after)
@@ -267,14 +343,23 @@ def write_report(out_dir: str, cfg: Dict, before: Optional[Dict], after: Optiona
             parts += ["Per category, before -> after (change):", "", cat, ""]
             for m, s in summary.items():
                 share = "-" if s["top_share"] is None else f"{s['top_share']:.2f}"
-                parts.append(f"- {m}: overall {s['gain']:+.3f}; {s['improved']} of {s['categories']} categories improved; "
-                             f"largest share of the gain from one category: {share} ({s['top_category']})")
+                parts.append(
+                    f"- {m}: overall {s['gain']:+.3f}; {s['improved']} of {s['categories']} categories improved; "
+                    f"largest share of the gain from one category: {share} ({s['top_category']})"
+                )
             parts.append("")
         flags = hacking_flags(before, after)
-        parts += ["## Reward-hacking watch", "", watch_table(before, after), "",
-                  ("**Flagged:**\n\n" + "\n".join(f"- {f}" for f in flags)) if flags else
-                  f"No flags (held-out Q within {Q_DROP} of before, critiques well formed at least as often, "
-                  f"no rise in images with extra objects, background noise within {BG_RISE} of before).", ""]
+        parts += [
+            "## Reward-hacking watch",
+            "",
+            watch_table(before, after),
+            "",
+            ("**Flagged:**\n\n" + "\n".join(f"- {f}" for f in flags))
+            if flags
+            else f"No flags (held-out Q within {Q_DROP} of before, critiques well formed at least as often, "
+            f"no rise in images with extra objects, background noise within {BG_RISE} of before).",
+            "",
+        ]
     if before:
         parts += ["## Before (base policy)", "", modes_table(before), ""]
     if after:
@@ -283,7 +368,9 @@ def write_report(out_dir: str, cfg: Dict, before: Optional[Dict], after: Optiona
         parts += ["## Periodic evaluations", "", "| step | mode | overall | implicit |", "|---:|---|---:|---:|"]
         for p in periodic:
             for mode, r in p["results"].items():
-                parts.append(f"| {p['step']} | {mode} | {r['overall']:.3f} | {r['accuracy'].get('implicit', float('nan')):.3f} |")
+                parts.append(
+                    f"| {p['step']} | {mode} | {r['overall']:.3f} | {r['accuracy'].get('implicit', float('nan')):.3f} |"
+                )
         parts.append("")
     parts += ["## Files", ""]
     for label, f in files.items():

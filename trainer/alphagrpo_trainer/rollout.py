@@ -2,6 +2,7 @@
 (stage 1 Generate in ODE mode -> Verify -> the lowest-reward image per prompt -> Reflect x G in
 SDE mode -> Verify -> false-positive rectification). Only what is trained carries trajectories.
 """
+
 from __future__ import annotations
 
 import time
@@ -24,7 +25,9 @@ def rectify(stage1: torch.Tensor, chosen: torch.Tensor, stage2: torch.Tensor, ma
     image's by more than `margin` gets the group's minimum stage-1 reward; the others keep theirs.
     """
     if stage1.dim() != 2 or stage2.dim() != 2 or stage1.shape[0] != stage2.shape[0]:
-        raise ValueError(f"stage1 [P, G1] and stage2 [P, G] must share P, got {tuple(stage1.shape)} and {tuple(stage2.shape)}")
+        raise ValueError(
+            f"stage1 [P, G1] and stage2 [P, G] must share P, got {tuple(stage1.shape)} and {tuple(stage2.shape)}"
+        )
     base = stage1.gather(1, chosen.long()[:, None])  # [P, 1]
     floor = stage1.min(dim=1, keepdim=True).values.expand_as(stage2)
     return torch.where(stage2 > base + margin, stage2, floor)
@@ -33,6 +36,7 @@ def rectify(stage1: torch.Tensor, chosen: torch.Tensor, stage2: torch.Tensor, ma
 @dataclass
 class Rollouts:
     """What one rank trains on in one step (prompt-major: sample p * G + g)."""
+
     kind: str  # rt2i | srr
     prompts: List[str]
     samples: List[Sample]
@@ -51,21 +55,38 @@ class Rollouts:
         rows = [p * G + g for p in idx for g in range(G)]
         ix = torch.tensor(list(idx), dtype=torch.long)
         pick = lambda t: None if t is None else t[ix]  # noqa: E731
-        return Rollouts(self.kind, [self.prompts[p] for p in idx], [self.samples[i] for i in rows], self.rewards[ix],
-                        self.raw_rewards[ix], self.semantic[ix], self.quality[ix], [self.addresses[i] for i in rows],
-                        None if self.reflect_images is None else [self.reflect_images[i] for i in rows],
-                        pick(self.stage1_rewards), list(self.seeds))
+        return Rollouts(
+            self.kind,
+            [self.prompts[p] for p in idx],
+            [self.samples[i] for i in rows],
+            self.rewards[ix],
+            self.raw_rewards[ix],
+            self.semantic[ix],
+            self.quality[ix],
+            [self.addresses[i] for i in rows],
+            None if self.reflect_images is None else [self.reflect_images[i] for i in rows],
+            pick(self.stage1_rewards),
+            list(self.seeds),
+        )
 
     @staticmethod
     def cat(parts: Sequence["Rollouts"]) -> "Rollouts":
         """The groups of several Rollouts of one kind, one after another."""
         a = parts[0]
         cat = lambda name: None if getattr(a, name) is None else torch.cat([getattr(r, name) for r in parts])  # noqa: E731
-        return Rollouts(a.kind, [p for r in parts for p in r.prompts], [s for r in parts for s in r.samples],
-                        cat("rewards"), cat("raw_rewards"), cat("semantic"), cat("quality"),
-                        [x for r in parts for x in r.addresses],
-                        None if a.reflect_images is None else [x for r in parts for x in r.reflect_images],
-                        cat("stage1_rewards"), [s for r in parts for s in r.seeds])
+        return Rollouts(
+            a.kind,
+            [p for r in parts for p in r.prompts],
+            [s for r in parts for s in r.samples],
+            cat("rewards"),
+            cat("raw_rewards"),
+            cat("semantic"),
+            cat("quality"),
+            [x for r in parts for x in r.addresses],
+            None if a.reflect_images is None else [x for r in parts for x in r.reflect_images],
+            cat("stage1_rewards"),
+            [s for r in parts for s in r.seeds],
+        )
 
 
 def to_sample(g, think: bool, reflect: bool = False) -> Sample:
@@ -75,8 +96,19 @@ def to_sample(g, think: bool, reflect: bool = False) -> Sample:
     if t is None or g.sampling is None:
         raise ValueError("the server returned a sample without its trajectory or resolved settings")
     text = TextSample(list(t.token_ids), list(t.token_logprobs), g.thought)
-    return Sample(g.prompt, g.image, g.thought, text, t.image, int(g.seed), g.sampling, g.text_config, think=think,
-                  reflect=reflect, policy_version=int(g.policy_version))
+    return Sample(
+        g.prompt,
+        g.image,
+        g.thought,
+        text,
+        t.image,
+        int(g.seed),
+        g.sampling,
+        g.text_config,
+        think=think,
+        reflect=reflect,
+        policy_version=int(g.policy_version),
+    )
 
 
 def _chunks(items: Sequence, n: int) -> List[List[int]]:
@@ -100,9 +132,16 @@ class RolloutRunner:
     def _params(self, mode: str, think: bool, window: tuple) -> dict:
         """The settings a rollout asks for; unset ones (None) take the served policy's defaults."""
         c = self.cfg
-        return dict(think=think, mode=mode, steps=c.steps, cfg_scale=c.cfg_scale, noise_level=c.noise_level,
-                    sde_window=window if mode == "sde" else None, temperature=c.temperature,
-                    max_thought_tokens=c.max_thought_tokens)
+        return dict(
+            think=think,
+            mode=mode,
+            steps=c.steps,
+            cfg_scale=c.cfg_scale,
+            noise_level=c.noise_level,
+            sde_window=window if mode == "sde" else None,
+            temperature=c.temperature,
+            max_thought_tokens=c.max_thought_tokens,
+        )
 
     def _spread(self, what: str, runs: Sequence[tuple], call) -> List[tuple]:
         """runs: (start, indices); call(client, run) -> list of items. All runs concurrently over the
@@ -130,8 +169,13 @@ class RolloutRunner:
 
         def call(c, run):
             start, ix = run
-            return c.generate([prompts[i] for i in ix], group_size=G, seed=seed + start * G, return_trajectory=trajectory,
-                              **self._params(mode, bool(think[start]), window))
+            return c.generate(
+                [prompts[i] for i in ix],
+                group_size=G,
+                seed=seed + start * G,
+                return_trajectory=trajectory,
+                **self._params(mode, bool(think[start]), window),
+            )
 
         return self._timed("generate", lambda: self._spread("Generate", runs, call))
 
@@ -140,15 +184,25 @@ class RolloutRunner:
 
         def call(c, run):
             start, ix = run
-            return c.reflect([prompts[i] for i in ix], [images[i] for i in ix], group_size=G, seed=seed + start * G,
-                             return_trajectory=True, **self._params("sde", True, window))
+            return c.reflect(
+                [prompts[i] for i in ix],
+                [images[i] for i in ix],
+                group_size=G,
+                seed=seed + start * G,
+                return_trajectory=True,
+                **self._params("sde", True, window),
+            )
 
         return self._timed("generate", lambda: self._spread("Reflect", runs, call))
 
     def verify(self, prompts: Sequence[str], images: Sequence[np.ndarray]):
         runs = self._runs([0] * len(prompts))
-        out = self._timed("verify", lambda: self._spread(
-            "Verify", runs, lambda c, run: c.verify([prompts[i] for i in run[1]], [images[i] for i in run[1]])))
+        out = self._timed(
+            "verify",
+            lambda: self._spread(
+                "Verify", runs, lambda c, run: c.verify([prompts[i] for i in run[1]], [images[i] for i in run[1]])
+            ),
+        )
         return [r for _, r in out]
 
     @staticmethod

@@ -1,6 +1,7 @@
 """The servers a trainer talks to: one blocking client per address, weight pushes to all of them,
 restart detection (boot id + policy version), and a local server subprocess for `--server local`.
 """
+
 from __future__ import annotations
 
 import os
@@ -25,12 +26,29 @@ class ServerError(RuntimeError):
 class LocalServer:
     """`alphagrpo serve` in a subprocess on a free 127.0.0.1 port; stop() sends SIGTERM (graceful)."""
 
-    def __init__(self, policy: Optional[dict] = None, extra_args: Sequence[str] = (), start_timeout_s: float = 120.0,
-                 log_path: Optional[str] = None, port: int = 0, device: Optional[str] = None,
-                 dtype: Optional[str] = None):
+    def __init__(
+        self,
+        policy: Optional[dict] = None,
+        extra_args: Sequence[str] = (),
+        start_timeout_s: float = 120.0,
+        log_path: Optional[str] = None,
+        port: int = 0,
+        device: Optional[str] = None,
+        dtype: Optional[str] = None,
+    ):
         """policy: {name, path} as in TrainConfig (default: the tiny UMM's shipped weights)."""
-        cmd = [sys.executable, "-m", "alphagrpo_serve.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
-               "--max-prompts", "256"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "alphagrpo_serve.cli",
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--max-prompts",
+            "256",
+        ]
         policy = policy or {"name": "tiny", "path": None}
         cmd += ["--policy", policy["name"]]
         if policy.get("path"):
@@ -41,8 +59,13 @@ class LocalServer:
             cmd += ["--dtype", dtype]
         cmd += list(extra_args)
         self.log = open(log_path, "a") if log_path else None
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log or subprocess.DEVNULL, text=True,
-                                     env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        self.proc = subprocess.Popen(
+            cmd,
+            stdout=subprocess.PIPE,
+            stderr=self.log or subprocess.DEVNULL,
+            text=True,
+            env=dict(os.environ, PYTHONUNBUFFERED="1"),
+        )
         self.address = None
         found = threading.Event()
 
@@ -61,8 +84,10 @@ class LocalServer:
         deadline = time.time() + start_timeout_s
         while not found.wait(0.2):
             if self.proc.poll() is not None:
-                raise ServerError(f"the local server exited with code {self.proc.returncode} before listening"
-                                  + (f" (log: {log_path})" if log_path else ""))
+                raise ServerError(
+                    f"the local server exited with code {self.proc.returncode} before listening"
+                    + (f" (log: {log_path})" if log_path else "")
+                )
             if time.time() > deadline:
                 self.stop()
                 raise ServerError(f"the local server did not start listening within {start_timeout_s:.0f} s")
@@ -83,8 +108,14 @@ class LocalServer:
 class ServerPool:
     """One Client per address. Requests are spread over the addresses; weights go to all of them."""
 
-    def __init__(self, addresses: Sequence[str], timeout_s: float = 300.0, retries: int = 5, backoff_s: float = 0.5,
-                 offset: int = 0):
+    def __init__(
+        self,
+        addresses: Sequence[str],
+        timeout_s: float = 300.0,
+        retries: int = 5,
+        backoff_s: float = 0.5,
+        offset: int = 0,
+    ):
         if not addresses:
             raise ValueError("no server address given")
         self.addresses = list(addresses)
@@ -109,8 +140,10 @@ class ServerPool:
             code = exc.code() if hasattr(exc, "code") else None
             name = code.name if code is not None else "ERROR"
             tried = f" after {self.retries} retries" if code == grpc.StatusCode.UNAVAILABLE else ""
-            raise ServerError(f"server {self.addresses[i]}: {what} failed{tried} ({name}: "
-                              f"{exc.details() if hasattr(exc, 'details') else exc})") from None
+            raise ServerError(
+                f"server {self.addresses[i]}: {what} failed{tried} ({name}: "
+                f"{exc.details() if hasattr(exc, 'details') else exc})"
+            ) from None
 
     def map(self, what: str, jobs: Sequence[Callable]) -> List[tuple]:
         """Runs job k on address (offset + k) % n, concurrently; [(address, result)] in job order."""
@@ -121,8 +154,10 @@ class ServerPool:
 
     def verify_all(self, prompts: Sequence[str], images: Sequence, chunk: int = 64) -> List:
         """Rewards of (prompt, image) pairs, in chunks spread over the servers, in order."""
-        jobs = [lambda c, i=i: c.verify(list(prompts[i:i + chunk]), list(images[i:i + chunk]))
-                for i in range(0, len(prompts), chunk)]
+        jobs = [
+            lambda c, i=i: c.verify(list(prompts[i : i + chunk]), list(images[i : i + chunk]))
+            for i in range(0, len(prompts), chunk)
+        ]
         return [r for _, part in self.map("Verify", jobs) for r in part]
 
     def info(self) -> List:
@@ -144,7 +179,7 @@ class ServerPool:
         versions = {}
         for i in idx:
             for tensors, lora in tensor_sets:
-                v = self._call(i, "UpdateWeights", lambda c, t=tensors, l=lora: c.update_weights(t, lora=l))
+                v = self._call(i, "UpdateWeights", lambda c, t=tensors, lo=lora: c.update_weights(t, lora=lo))
             inf = self._call(i, "GetModelInfo", lambda c: c.model_info())
             self.known[self.addresses[i]] = (inf.boot_id, inf.policy_version)
             versions[self.addresses[i]] = v

@@ -10,9 +10,10 @@ watch and the data mix read.
   of the rest, so ranks stay equal in size.
 - Statistics: format rates, the share of flat groups, the mean group spread per category.
 """
+
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Tuple
 
 import numpy as np
 import torch
@@ -48,8 +49,9 @@ def shaped_rewards(cfg, roll: Rollouts, ok: torch.Tensor) -> torch.Tensor:
     return roll.rewards
 
 
-def step_stats(task, roll: Rollouts, rewards: torch.Tensor, ok: torch.Tensor, has: torch.Tensor,
-               min_std: float) -> Dict[str, float]:
+def step_stats(
+    task, roll: Rollouts, rewards: torch.Tensor, ok: torch.Tensor, has: torch.Tensor, min_std: float
+) -> Dict[str, float]:
     """Format rate of the step's texts (thoughts on RT2I steps, critiques on SRR steps), the share of
     groups without spread, and the mean group reward std per category (spread_<category>)."""
     m: Dict[str, float] = {}
@@ -75,16 +77,18 @@ class Refiller:
 
     def __init__(self, cfg, world: int):
         self.cfg, self.world = cfg, world
-        self.source = PromptSource(cfg.seed + 1_000_003, cfg.prompts_per_step, cfg.prompts_file, cfg.category_weights,
-                                   cfg.prompt_task)
+        self.source = PromptSource(
+            cfg.seed + 1_000_003, cfg.prompts_per_step, cfg.prompts_file, cfg.category_weights, cfg.prompt_task
+        )
 
     def fresh(self, step: int, rank: int, n: int) -> Tuple[List[str], List[bool]]:
         prompts = shard(self.source.prompts_for(step), rank, self.world)[:n]
         rng = np.random.default_rng([self.cfg.seed, 15485863, step, rank])
         return prompts, [bool(x) for x in rng.random(len(prompts)) < self.cfg.think_fraction]
 
-    def refill(self, trainer, inp: Dict, roll: Rollouts, rewards: torch.Tensor, ok: torch.Tensor,
-               has: torch.Tensor) -> Tuple[Rollouts, torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    def refill(
+        self, trainer, inp: Dict, roll: Rollouts, rewards: torch.Tensor, ok: torch.Tensor, has: torch.Tensor
+    ) -> Tuple[Rollouts, torch.Tensor, torch.Tensor, torch.Tensor, int]:
         """(rollouts, shaped rewards, format flags, has-text) with the flat groups replaced where fresh
         groups with spread exist, and the number of groups replaced."""
         c = self.cfg

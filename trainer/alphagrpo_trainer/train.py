@@ -9,6 +9,7 @@ One step (rank r of N):
 Everything random in a step derives from (seed, step), so a resumed run repeats the uninterrupted
 run's prompts and seeds exactly.
 """
+
 from __future__ import annotations
 
 import json
@@ -47,15 +48,18 @@ def policy_device(cfg: TrainConfig) -> str:
 class Trainer:
     CKPT = "checkpoint.pt"
 
-    def __init__(self, cfg: TrainConfig, addresses: Sequence[str], resume: bool = False, progress: bool = True,
-                 log=print):
+    def __init__(
+        self, cfg: TrainConfig, addresses: Sequence[str], resume: bool = False, progress: bool = True, log=print
+    ):
         self.cfg = cfg
         self.distributed = dist.is_available() and dist.is_initialized()
         self.rank = dist.get_rank() if self.distributed else 0
         self.world = dist.get_world_size() if self.distributed else 1
         if cfg.prompts_per_step % self.world:
-            raise ValueError(f"config: prompts_per_step ({cfg.prompts_per_step}) must be a multiple of the "
-                             f"number of ranks ({self.world})")
+            raise ValueError(
+                f"config: prompts_per_step ({cfg.prompts_per_step}) must be a multiple of the "
+                f"number of ranks ({self.world})"
+            )
         self.log = log if self.rank == 0 else (lambda *a, **k: None)
         self.progress = progress and self.rank == 0
         self.out = cfg.out_dir
@@ -71,16 +75,21 @@ class Trainer:
 
             shard(self.policy, device)
             self.log("fsdp: the policy is sharded over the ranks; the trainer's evaluations and grids are skipped")
-        self.ref = load_policy(cfg.policy["name"], cfg.policy["path"], device, cfg.dtype) \
-            if (cfg.kl_text > 0 or cfg.kl_image > 0) else None
+        self.ref = (
+            load_policy(cfg.policy["name"], cfg.policy["path"], device, cfg.dtype)
+            if (cfg.kl_text > 0 or cfg.kl_image > 0)
+            else None
+        )
         self.params = self.policy.trainable_parameters()
         self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
         self.task = load_task(cfg.prompt_task)
         self.heldout = read_heldout_file(cfg.heldout_file) if cfg.heldout_file else None
-        self.source = PromptSource(cfg.seed, cfg.prompts_per_step, cfg.prompts_file, cfg.category_weights,
-                                   cfg.prompt_task)
-        self.pool = ServerPool(addresses, cfg.server_timeout_s, cfg.server_retries, cfg.server_backoff_s,
-                               offset=self.rank)
+        self.source = PromptSource(
+            cfg.seed, cfg.prompts_per_step, cfg.prompts_file, cfg.category_weights, cfg.prompt_task
+        )
+        self.pool = ServerPool(
+            addresses, cfg.server_timeout_s, cfg.server_retries, cfg.server_backoff_s, offset=self.rank
+        )
         self.runner = RolloutRunner(self.pool, cfg)
         self.refiller = Refiller(cfg, self.world) if cfg.dynamic_sampling else None
         self.step = 0
@@ -131,8 +140,11 @@ class Trainer:
         state = torch.load(self.ckpt_path, weights_only=False)
         if state.get("format") != "alphagrpo-train-1":
             raise ValueError(f"{self.ckpt_path} is not a trainer checkpoint")
-        changed = {k for k in ("task", "group_size", "prompts_per_step", "seed", "lora_rank", "policy")
-                   if state["config"].get(k) != getattr(self.cfg, k)}
+        changed = {
+            k
+            for k in ("task", "group_size", "prompts_per_step", "seed", "lora_rank", "policy")
+            if state["config"].get(k) != getattr(self.cfg, k)
+        }
         if changed:
             raise ValueError(f"--resume: the config differs from the checkpoint's in {sorted(changed)}")
         if self.fsdp:
@@ -190,9 +202,14 @@ class Trainer:
         think = [bool(x) for x in rng.random(len(prompts)) < c.think_fraction]
         base_seed = int(rng.integers(0, 2**31 - 1))
         per_rank = len(prompts) // self.world  # sample (i, g) of the step has seed base + i * G + g on any rank count
-        return {"step": step, "task": self.task_at(step), "prompts": prompts, "think": think,
-                "window": (start, c.sde_window_size),
-                "seeds": [base_seed + r * per_rank * c.group_size for r in range(self.world)]}
+        return {
+            "step": step,
+            "task": self.task_at(step),
+            "prompts": prompts,
+            "think": think,
+            "window": (start, c.sde_window_size),
+            "seeds": [base_seed + r * per_rank * c.group_size for r in range(self.world)],
+        }
 
     def _broadcast(self, obj):
         if not self.distributed:
@@ -244,8 +261,10 @@ class Trainer:
             if stale:
                 if not force:
                     self.restarts += len(stale)
-                    self.log(f"server(s) {[self.pool.addresses[i] for i in stale]} restarted or changed: "
-                             f"pushing the current weights (policy version {self.policy.version})")
+                    self.log(
+                        f"server(s) {[self.pool.addresses[i] for i in stale]} restarted or changed: "
+                        f"pushing the current weights (policy version {self.policy.version})"
+                    )
                 self.pool.push(sets, only=stale)
         self.pool.known = self._broadcast(self.pool.known)
 
@@ -267,8 +286,9 @@ class Trainer:
         self.policy.eval()
         with torch.no_grad():
             if self.heldout is not None:
-                return evaluate_file(self.policy, self.heldout, self.eval_sampling(), self.pool.verify_all, modes,
-                                     limit)
+                return evaluate_file(
+                    self.policy, self.heldout, self.eval_sampling(), self.pool.verify_all, modes, limit
+                )
             return self.task.evaluate(self.policy, self.eval_sampling(), modes, limit)
 
     def grid(self, name: str) -> Optional[str]:
@@ -276,8 +296,14 @@ class Trainer:
             return None
         prompts = self.task.grid_prompts() if self.heldout is None else [r["prompt"] for r in self.heldout[:6]]
         with torch.no_grad():
-            return draw_grid(self.policy, os.path.join(self.out, name), prompts, range(4), self.eval_sampling(),
-                             title=f"{name.rsplit('.', 1)[0].replace('_', ' ')} (step {self.step}; think mode, ODE, greedy thoughts)")
+            return draw_grid(
+                self.policy,
+                os.path.join(self.out, name),
+                prompts,
+                range(4),
+                self.eval_sampling(),
+                title=f"{name.rsplit('.', 1)[0].replace('_', ' ')} (step {self.step}; think mode, ODE, greedy thoughts)",
+            )
 
     # ---- one step ---------------------------------------------------------------------------------------
     def rollouts(self, inp: Dict) -> Rollouts:
@@ -307,10 +333,13 @@ class Trainer:
         rewards_all = self._gather_rewards(rewards)
         adv_all = kernels.grpo_advantages(rewards_all, std_scope=c.adv_std_scope, clip=c.adv_clip)
         P = roll.rewards.shape[0]
-        adv = adv_all[self.rank * P:(self.rank + 1) * P].reshape(-1)
+        adv = adv_all[self.rank * P : (self.rank + 1) * P].reshape(-1)
         # rollouts from another policy version: corrected (recorded log-probs as behaviour policy) or dropped
-        off = [i for i, (s, a) in enumerate(zip(roll.samples, roll.addresses))
-               if s.policy_version != self.pool.expected_version(a)]
+        off = [
+            i
+            for i, (s, a) in enumerate(zip(roll.samples, roll.addresses))
+            if s.policy_version != self.pool.expected_version(a)
+        ]
         keep = list(range(len(roll.samples)))
         if off and c.off_policy == "drop":
             keep = [i for i in keep if i not in set(off)]
@@ -346,27 +375,51 @@ class Trainer:
         self.policy.version = self._broadcast(self.policy.version)
         t_push = time.time() - t2
         self.step += 1
-        m = {"reward_mean": float(roll.rewards.mean()), "reward_std": float(roll.rewards.std(unbiased=False)),
-             "reward_raw_mean": float(roll.raw_rewards.mean()), "reward_semantic": float(roll.semantic.mean()),
-             "reward_quality": float(roll.quality.mean()), "grad_norm": gnorm, "lr": self.lr_at(self.step - 1),
-             "off_policy_count": float(len(off)), "dropped_count": float(len(roll.samples) - len(keep)),
-             "time_generate_s": t_gen, "time_verify_s": t_ver, "time_rollout_s": t_roll, "time_train_s": t_train,
-             "time_push_s": t_push, "reward_shaped_mean": float(rewards.mean()), "refilled_count": float(refilled),
-             **step_stats(self.task, roll, rewards, ok, has, c.dynamic_min_std), **lm}
+        m = {
+            "reward_mean": float(roll.rewards.mean()),
+            "reward_std": float(roll.rewards.std(unbiased=False)),
+            "reward_raw_mean": float(roll.raw_rewards.mean()),
+            "reward_semantic": float(roll.semantic.mean()),
+            "reward_quality": float(roll.quality.mean()),
+            "grad_norm": gnorm,
+            "lr": self.lr_at(self.step - 1),
+            "off_policy_count": float(len(off)),
+            "dropped_count": float(len(roll.samples) - len(keep)),
+            "time_generate_s": t_gen,
+            "time_verify_s": t_ver,
+            "time_rollout_s": t_roll,
+            "time_train_s": t_train,
+            "time_push_s": t_push,
+            "reward_shaped_mean": float(rewards.mean()),
+            "refilled_count": float(refilled),
+            **step_stats(self.task, roll, rewards, ok, has, c.dynamic_min_std),
+            **lm,
+        }
         if roll.kind == "srr":
             m["srr_stage1_mean"] = float(roll.stage1_rewards.mean())
-            m["srr_improved_frac"] = float((roll.raw_rewards > roll.stage1_rewards.min(1, keepdim=True).values).float().mean())
+            m["srr_improved_frac"] = float(
+                (roll.raw_rewards > roll.stage1_rewards.min(1, keepdim=True).values).float().mean()
+            )
         m.update(self._accuracy(roll))
         m = self._reduce_metrics(m)
-        m.update(step=self.step, task=roll.kind, policy_version=self.policy.version, elapsed_s=round(self.elapsed(), 2),
-                 prompts=inp["prompts"], seeds=inp["seeds"], window=list(inp["window"]))
+        m.update(
+            step=self.step,
+            task=roll.kind,
+            policy_version=self.policy.version,
+            elapsed_s=round(self.elapsed(), 2),
+            prompts=inp["prompts"],
+            seeds=inp["seeds"],
+            window=list(inp["window"]),
+        )
         return m
 
     def _accuracy(self, roll: Rollouts) -> Dict[str, float]:
         """The task's metrics of the rollout images (ShapesWorld: accuracy per category); none for
         prompts outside the task."""
         try:
-            return self.task.rollout_metrics([s.prompt for s in roll.samples], np.stack([s.image for s in roll.samples]))
+            return self.task.rollout_metrics(
+                [s.prompt for s in roll.samples], np.stack([s.image for s in roll.samples])
+            )
         except ValueError:
             return {}
 
@@ -385,8 +438,11 @@ class Trainer:
         if self._writer:
             for k, v in m.items():
                 if isinstance(v, (int, float)) and k != "step":
-                    self._writer.add_scalar(k.replace("_", "/", 1) if k.startswith(("reward_", "acc_", "time_", "text_", "image_")) else k,
-                                            v, m["step"])
+                    self._writer.add_scalar(
+                        k.replace("_", "/", 1) if k.startswith(("reward_", "acc_", "time_", "text_", "image_")) else k,
+                        v,
+                        m["step"],
+                    )
             self._writer.flush()
 
     def run(self) -> Dict:
@@ -419,10 +475,19 @@ class Trainer:
                     f.write(json.dumps(m) + "\n")
                 self._tb(m)
                 bar.update(1)
-                bar.set_postfix(task=m["task"], reward=f"{m['reward_mean']:.3f}", S=f"{m['reward_semantic']:.2f}",
-                                Q=f"{m['reward_quality']:.2f}")
-            if c.eval_every and self.step % c.eval_every == 0 and self.step < c.max_steps and self.rank == 0 \
-                    and self.before is not None:
+                bar.set_postfix(
+                    task=m["task"],
+                    reward=f"{m['reward_mean']:.3f}",
+                    S=f"{m['reward_semantic']:.2f}",
+                    Q=f"{m['reward_quality']:.2f}",
+                )
+            if (
+                c.eval_every
+                and self.step % c.eval_every == 0
+                and self.step < c.max_steps
+                and self.rank == 0
+                and self.before is not None
+            ):
                 res = self.evaluate(limit=c.eval_limit, modes=[m_ for m_ in EVAL_MODES if not m_[2]])
                 self.periodic.append({"step": self.step, "results": res})
                 self._tb({"step": self.step, **{f"eval_{k}/overall": v["overall"] for k, v in res.items()}})
@@ -456,10 +521,23 @@ class Trainer:
             files["checkpoint"] = self.ckpt_path
             weights = saved or self.policy.save(os.path.join(self.out, "policy"))
             files["trained weights (full, merged)"] = weights
-            report = write_report(self.out, c.to_dict(), self.before, after, self.history, self.periodic, files,
-                                  self.elapsed(), self.task.results_table)
-            summary.update(before=self.before, after=after, report=report,
-                           table=before_after_table(self.before, after) if self.before and after else "")
+            report = write_report(
+                self.out,
+                c.to_dict(),
+                self.before,
+                after,
+                self.history,
+                self.periodic,
+                files,
+                self.elapsed(),
+                self.task.results_table,
+            )
+            summary.update(
+                before=self.before,
+                after=after,
+                report=report,
+                table=before_after_table(self.before, after) if self.before and after else "",
+            )
             if self._writer:
                 self._writer.close()
         if self.distributed:
