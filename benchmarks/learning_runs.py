@@ -3,7 +3,7 @@ name without its -s<seed> suffix) the held-out change per mode, per category, th
 inference, Q/S/extra-object/critique-format changes, rollout Q drop and wall time: mean and spread
 (sample std) over the seeds found.
 
-    python benchmarks/learning_runs.py runs/learn [--only p-kl0,p-kl01] [--markdown] [--categories]
+    python benchmarks/learning_runs.py runs/learn [--only p-kl0,p-kl01] [--categories] [--keys K1,K2]   (prints markdown tables)
 """
 
 from __future__ import annotations

@@ -1,11 +1,13 @@
 """Shared helpers of the server tests: a small random tiny UMM and an in-process server on a free
-127.0.0.1 port (stopped at the end), and a bounded asyncio runner."""
+127.0.0.1 port (stopped at the end), a bounded asyncio runner and a self-signed certificate."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import subprocess
 
+import pytest
 import torch
 
 from alphagrpo_serve.models.tiny_policy import TinyPolicy
@@ -34,3 +36,15 @@ async def running(policy=None, **cfg):
 
 def run(coro, timeout=120):
     return asyncio.run(asyncio.wait_for(coro, timeout))
+
+
+def self_signed_cert(folder):
+    """(key, cert) paths of a fresh self-signed certificate for localhost and 127.0.0.1, written by
+    openssl into `folder`; skips the test when openssl cannot make one."""
+    key, cert = folder / "key.pem", folder / "cert.pem"
+    args = ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert)]
+    args += ["-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"]
+    made = subprocess.run(args, capture_output=True, timeout=60)
+    if made.returncode != 0:
+        pytest.skip(f"openssl could not make a certificate: {made.stderr[-300:]}")
+    return key, cert

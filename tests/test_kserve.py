@@ -25,7 +25,7 @@ from tritonclient.utils import InferenceServerException
 from alphagrpo_serve.client import AsyncClient, Client
 from alphagrpo_serve.models.tiny_policy import TinyPolicy
 from alphagrpo_serve.shapes.world import Obj, Scene, render
-from serving import run, running, small_policy
+from serving import run, running, self_signed_cert, small_policy
 
 GENERATE, REFLECT, VERIFY, DECOMPOSE = (
     "alphagrpo_generate",
@@ -406,31 +406,8 @@ def test_streaming_sync_and_asyncio(server):
 
 
 def test_tls_auth_and_a_port_of_its_own(tmp_path):
-    key, cert, token = tmp_path / "key.pem", tmp_path / "cert.pem", tmp_path / "token"
-    made = subprocess.run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            str(key),
-            "-out",
-            str(cert),
-            "-days",
-            "1",
-            "-subj",
-            "/CN=localhost",
-            "-addext",
-            "subjectAltName=DNS:localhost,IP:127.0.0.1",
-        ],
-        capture_output=True,
-        timeout=60,
-    )
-    if made.returncode != 0:
-        pytest.skip(f"openssl could not make a certificate: {made.stderr[-300:]}")
+    key, cert = self_signed_cert(tmp_path)
+    token = tmp_path / "token"
     token.write_text("s3cret\n")
     kport = free_port()
     auth = {"authorization": "Bearer s3cret"}

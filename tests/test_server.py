@@ -18,7 +18,7 @@ from alphagrpo_serve.client import AsyncClient
 from alphagrpo_serve.models.tiny_policy import TinyPolicy
 from alphagrpo_serve.shapes.world import Obj, Scene, render
 from alphagrpo_serve.wire import image_to_proto
-from serving import run, running, small_policy
+from serving import run, running, self_signed_cert, small_policy
 
 
 class SlowPolicy(TinyPolicy):
@@ -241,31 +241,7 @@ def test_queue_full_and_deadline():
 
 
 def test_tls_with_self_signed_certificate(tmp_path):
-    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
-    proc = subprocess.run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            str(key),
-            "-out",
-            str(cert),
-            "-days",
-            "1",
-            "-subj",
-            "/CN=localhost",
-            "-addext",
-            "subjectAltName=DNS:localhost,IP:127.0.0.1",
-        ],
-        capture_output=True,
-        timeout=60,
-    )
-    if proc.returncode != 0:
-        pytest.skip(f"openssl could not make a certificate: {proc.stderr[-300:]}")
+    key, cert = self_signed_cert(tmp_path)
 
     async def main():
         async with running(tls_cert=str(cert), tls_key=str(key)) as (_, addr):

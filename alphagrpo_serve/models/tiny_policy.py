@@ -94,6 +94,17 @@ class TinyPolicy(ModulePolicy):
     @property
     def info(self) -> PolicyInfo:
         c, t = self.model.cfg, self.tok
+        drawing = SamplingConfig(
+            steps=20,
+            mode="ode",
+            noise_level=0.7,
+            sde_window=(0, 4),
+            cfg_scale=3.0,
+            cfg_interval=(0.0, 1.0),
+            shift=2.0,
+            width=c.canvas,
+            height=c.canvas,
+        )
         return PolicyInfo(
             name=self.name,
             parameters=sum(p.numel() for p in self.model.parameters()),
@@ -116,28 +127,8 @@ class TinyPolicy(ModulePolicy):
                 lora=True,
                 canvas=CanvasRule((c.canvas, c.canvas), c.canvas, c.canvas, c.canvas),
             ),
-            generate_defaults=SamplingConfig(
-                steps=20,
-                mode="ode",
-                noise_level=0.7,
-                sde_window=(0, 4),
-                cfg_scale=3.0,
-                cfg_interval=(0.0, 1.0),
-                shift=2.0,
-                width=c.canvas,
-                height=c.canvas,
-            ),
-            reflect_defaults=SamplingConfig(
-                steps=20,
-                mode="ode",
-                noise_level=0.7,
-                sde_window=(0, 4),
-                cfg_scale=3.0,
-                cfg_interval=(0.0, 1.0),
-                shift=2.0,
-                width=c.canvas,
-                height=c.canvas,
-            ),
+            generate_defaults=drawing,
+            reflect_defaults=drawing,  # a refinement is drawn like a first image
             text_defaults=TextConfig(temperature=1.0, top_p=1.0, max_tokens=40),
             prompt_domain="shapes",
         )
@@ -238,15 +229,7 @@ class TinyPolicy(ModulePolicy):
             for i in range(B):
                 if done[i]:
                     continue
-                if text.temperature == 0:
-                    tok = int(torch.argmax(logp[i]))
-                else:
-                    p = logp[i].exp()
-                    if text.top_p < 1.0:
-                        sp, si = torch.sort(p, descending=True)
-                        keep = (sp.cumsum(0) - sp) < text.top_p
-                        p = torch.zeros_like(p).scatter(0, si[keep], sp[keep])
-                    tok = int(torch.multinomial(p, 1, generator=generators[i]))
+                tok = text.pick(logp[i], generators[i])
                 nxt[i] = tok
                 out[i].ids.append(tok)
                 out[i].logps.append(float(logp[i, tok]))

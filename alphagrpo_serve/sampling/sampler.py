@@ -150,6 +150,18 @@ class TextConfig:
         """The temperature the recorded log-probs are computed at (1 for greedy)."""
         return self.temperature if self.temperature > 0 else 1.0
 
+    def pick(self, logp: torch.Tensor, generator: torch.Generator) -> int:
+        """The next token from one row of log-probs (log_softmax(logits / logp_temperature), [V]):
+        the most likely one when greedy, else a draw from the top_p nucleus with `generator`."""
+        if self.temperature == 0:
+            return int(torch.argmax(logp))
+        p = logp.exp()
+        if self.top_p < 1.0:
+            sp, si = torch.sort(p, descending=True)
+            keep = (sp.cumsum(0) - sp) < self.top_p
+            p = torch.zeros_like(p).scatter(0, si[keep], sp[keep])
+        return int(torch.multinomial(p, 1, generator=generator))
+
     def replace(self, **changes) -> "TextConfig":
         return replace(self, **changes)
 

@@ -246,15 +246,7 @@ class BagelPolicy(ModulePolicy):
             for i in range(B):
                 if not active[i]:
                     continue
-                if text.temperature == 0:
-                    t = int(torch.argmax(logp[i]))
-                else:
-                    p = logp[i].exp()
-                    if text.top_p < 1.0:
-                        sp, si = torch.sort(p, descending=True)
-                        keep = (sp.cumsum(0) - sp) < text.top_p
-                        p = torch.zeros_like(p).scatter(0, si[keep], sp[keep])
-                    t = int(torch.multinomial(p, 1, generator=generators[i]))
+                t = text.pick(logp[i], generators[i])
                 nxt[i] = t
                 out[i].ids.append(t)
                 out[i].logps.append(float(logp[i, t]))
