@@ -14,7 +14,10 @@ from .tiny_umm import KIND_CLEAN, KIND_NOISY, KIND_TEXT, patchify
 
 def to_unit(img: np.ndarray) -> torch.Tensor:
     """uint8 [H, W, 3] -> float32 [3, H, W] in [-1, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float() / 127.5 - 1.0
+    img = np.ascontiguousarray(img)
+    if not img.flags.writeable:  # e.g. decoded from a request's bytes: torch would warn about sharing it
+        img = img.copy()
+    return torch.from_numpy(img).permute(2, 0, 1).float() / 127.5 - 1.0
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
