@@ -95,6 +95,19 @@ def test_text_to_image_is_the_official_loop(pol):
 
 
 @torch.no_grad()
+def test_a_guidance_interval_below_the_first_step_is_still_guided(pol):
+    """An interval whose top is below t = 1 leaves the first steps unguided and guides later ones:
+    the no-text context must be built for those later steps too."""
+    sc = pol.resolve_sampling(dict(steps=6, width=32, height=32, cfg_interval=(0.0, 0.5)))
+    assert sc.cfg_interval == (0.0, 0.5)
+    out, z = captured_latents(pol, lambda: pol.generate([PROMPT], [3], sc, pol.resolve_text()))
+    ref = official_loop(pol, [wrap(pol, PROMPT)], [], [wrap(pol, PROMPT)], 3, sc)
+    assert_close(patchify(z[0], 2), ref, atol=1e-5, rtol=1e-5, name="latents")
+    unguided = official_loop(pol, [wrap(pol, PROMPT)], [], [wrap(pol, PROMPT)], 3, sc.replace(cfg_scale=1.0))
+    assert (ref - unguided).abs().max() > 1e-3  # the later steps were guided
+
+
+@torch.no_grad()
 def test_think_plans_in_the_conditional_context_only(pol):
     sc = pol.resolve_sampling(dict(steps=5))
     text = pol.resolve_text(dict(max_tokens=6, temperature=0.8))
@@ -304,3 +317,33 @@ def test_training_checkpoints_layers_with_the_same_gradients(pol):
     assert set(grads[True]) == set(grads[False])
     for n, g in grads[False].items():
         assert_close(grads[True][n], g, atol=1e-6, rtol=1e-5, name=n)
+
+
+def test_adapters_of_a_bf16_model_stay_float32_and_learn(tiny_bagel_dir):  # noqa: F811
+    """bf16 base weights, float32 adapters: a small AdamW step survives (in bf16 it would round
+    away), the LoRA layers still compute (PEFT casts around them), a second bf16 policy imports
+    the adapters and computes the same velocity."""
+    pol = BagelPolicy.load(tiny_bagel_dir, dtype=torch.bfloat16)
+    pol.enable_lora(4, 8.0)
+    params = pol.trainable_parameters()
+    assert params and {p.dtype for p in params} == {torch.float32}
+    assert {dt for _, dt in pol.weight_specs(lora=True).values()} == {torch.float32}
+    with torch.no_grad():
+        for p in params:
+            if not p.any():  # lora_B starts at zero: give the adapters an effect
+                p.add_(torch.randn_like(p) * 0.05)
+    before = [p.detach().clone() for p in params]
+    ctx = [[Text(pol.tokens.wrap(pol.tokenizer.encode(PROMPT)))]]
+    x = torch.randn(1, 16, 64, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    v = velocity(pol.model, prefill(pol.model, ctx).cache, x, 0.7, (4, 4))
+    opt = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.0)
+    v.float().square().mean().backward()
+    opt.step()
+    moved = max(float((p.detach() - b).abs().max()) for p, b in zip(params, before))
+    assert 5e-6 < moved < 2e-5  # Adam's first step moves each weight by ~lr
+    other = BagelPolicy.load(tiny_bagel_dir, dtype=torch.bfloat16)
+    other.import_weights(pol.export_weights(lora=True), lora=True)
+    with torch.no_grad():
+        a = velocity(pol.model, prefill(pol.model, ctx).cache, x, 0.7, (4, 4))
+        b = velocity(other.model, prefill(other.model, ctx).cache, x, 0.7, (4, 4))
+    assert_close(b.float(), a.float(), atol=1e-2, rtol=1e-2, name="imported adapters (bf16 base)")

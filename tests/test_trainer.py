@@ -67,6 +67,25 @@ def test_config_validation_and_yaml(tmp_path):
         load_config(os.path.join(REPO, "configs", name))
 
 
+def test_the_local_server_is_started_for_the_run(tmp_path):
+    """--server local: the server gets the run's prompt task (its embedded reward) and a thought
+    budget at least the run's; a task without an embedded reward is refused before anything starts."""
+    from alphagrpo_trainer.cli import local_server_args
+
+    cfg = load_config(None, {"max_thought_tokens": 512})
+    assert local_server_args(cfg) == ["--task", "shapes", "--max-thought-tokens", "512"]
+    assert local_server_args(load_config(None))[-1] == "128"  # the server's own default is the floor
+    f = tmp_path / "p.jsonl"
+    f.write_text('{"prompt": "a cat on a sofa"}\n')
+    open_cfg = {"prompt_task": "open", "prompts_file": str(f)}
+    with pytest.raises(ValueError, match="prompt_task 'open' has none"):
+        local_server_args(load_config(None, open_cfg))
+    sets = [a for k, v in open_cfg.items() for a in ("--set", f"{k}={v}")]
+    cmd = [sys.executable, "-m", "alphagrpo_serve.cli", "train", "--out", str(tmp_path / "run"), *sets]
+    done = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "error: --server local runs the embedded reward" in done.stderr, done.stderr[-500:]
+
+
 def test_prompts_file(tmp_path):
     f = tmp_path / "p.jsonl"
     f.write_text('{"prompt": "a red circle"}\n\n{"prompt": "two blue squares"}\n')

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import os
 import sys
 
@@ -51,7 +52,9 @@ def _init_distributed(device: str) -> bool:
     backend = "nccl" if device.startswith("cuda") else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend)
+    # rank 0 evaluates alone while the others wait at a barrier: a BAGEL evaluation can outlast the
+    # default 10-minute collective timeout, so allow hours
+    dist.init_process_group(backend, timeout=datetime.timedelta(hours=3))
     return True
 
 
@@ -90,6 +93,12 @@ def run(args) -> int:
     from .servers import LocalServer, ServerError
     from .train import Trainer
 
+    if args.server == "local":
+        try:
+            local_server_args(cfg)
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     distributed = _init_distributed(cfg.device)
     rank = dist.get_rank() if distributed else 0
     local = None
@@ -101,7 +110,12 @@ def run(args) -> int:
                 os.makedirs(cfg.out_dir, exist_ok=True)
                 print(f"starting a local server (policy {cfg.policy['name']} on {cfg.device}) ...", flush=True)
                 local = LocalServer(
-                    cfg.policy, log_path=os.path.join(cfg.out_dir, "server.log"), device=cfg.device, dtype=cfg.dtype
+                    cfg.policy,
+                    extra_args=local_server_args(cfg),
+                    log_path=os.path.join(cfg.out_dir, "server.log"),
+                    device=cfg.device,
+                    dtype=cfg.dtype,
+                    start_timeout_s=cfg.server_start_timeout_s,
                 )
                 addr = local.address
                 print(f"local server on {addr}", flush=True)
@@ -136,3 +150,18 @@ def run(args) -> int:
             local.stop()
         if distributed:
             dist.destroy_process_group()
+
+
+def local_server_args(cfg) -> list:
+    """The `alphagrpo serve` flags of the local server that match the run: its prompt task (whose
+    embedded reward scores the rollouts) and a thought budget at least the run's. ValueError when
+    the task has no embedded reward (an open-domain run needs a server with --reward openai or
+    kserve, given by --server HOST:PORT)."""
+    from alphagrpo_serve.tasks import load_task
+
+    if load_task(cfg.prompt_task).reward() is None:
+        raise ValueError(
+            f"--server local runs the embedded reward, and prompt_task {cfg.prompt_task!r} has none: start "
+            "`alphagrpo serve --reward openai|kserve ...` and pass --server HOST:PORT"
+        )
+    return ["--task", cfg.prompt_task, "--max-thought-tokens", str(max(128, cfg.max_thought_tokens))]

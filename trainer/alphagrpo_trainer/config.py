@@ -82,6 +82,7 @@ class TrainConfig:
     server_timeout_s: float = 300.0  # deadline of one server call
     server_retries: int = 5  # retries of an unreachable server, with exponential backoff
     server_backoff_s: float = 0.5  # first retry delay, doubled each retry
+    server_start_timeout_s: float = 600.0  # --server local: how long the local server may take to load its policy and listen (BAGEL-7B reads ~29 GB)
     # fmt: on
 
     def validate(self) -> "TrainConfig":
@@ -129,6 +130,10 @@ class TrainConfig:
         need(self.updates_per_batch >= 1, f"updates_per_batch must be >= 1, got {self.updates_per_batch}")
         need(self.checkpoint_every >= 1, f"checkpoint_every must be >= 1, got {self.checkpoint_every}")
         need(self.server_retries >= 0 and self.server_backoff_s >= 0, "server_retries and server_backoff_s must be >= 0")
+        need(
+            self.server_timeout_s > 0 and self.server_start_timeout_s > 0,
+            "server_timeout_s and server_start_timeout_s must be > 0",
+        )
         return self
 
     def to_dict(self) -> dict:

@@ -137,7 +137,7 @@ class Trainer:
     def _load(self) -> None:
         if not os.path.exists(self.ckpt_path):
             raise FileNotFoundError(f"--resume: no checkpoint at {self.ckpt_path}")
-        state = torch.load(self.ckpt_path, weights_only=False)
+        state = torch.load(self.ckpt_path, map_location="cpu", weights_only=False)  # any rank, any device
         if state.get("format") != "alphagrpo-train-1":
             raise ValueError(f"{self.ckpt_path} is not a trainer checkpoint")
         changed = {

@@ -65,8 +65,17 @@ def lora_layers(model: nn.Module) -> Dict[str, nn.Module]:
     return {n: m for n, m in model.named_modules() if isinstance(m, LoraLayer)}
 
 
+def adapter_dtype(model_dtype: torch.dtype) -> torch.dtype:
+    """The adapters' dtype for a model in `model_dtype`: float32 for a half-precision model (see
+    inject), else the model's."""
+    return torch.float32 if model_dtype in (torch.bfloat16, torch.float16) else model_dtype
+
+
 def inject(model: nn.Module, rank: int, alpha: float, target_modules, dtype: torch.dtype) -> None:
-    """Adds adapters (PEFT's init: A Kaiming-uniform, B zero), freezes everything else."""
+    """Adds adapters (PEFT's init: A Kaiming-uniform, B zero), freezes everything else. Adapters of
+    a bfloat16/float16 model are kept in float32: AdamW's steps on them (lr ~1e-5 of weights ~1e-2)
+    are below half precision's resolution and would round away; PEFT casts each layer's input to
+    the adapters' dtype and their output back to the base layer's."""
     from peft import LoraConfig, inject_adapter_in_model
 
     if not (isinstance(rank, int) and rank >= 1):
@@ -75,6 +84,7 @@ def inject(model: nn.Module, rank: int, alpha: float, target_modules, dtype: tor
     inject_adapter_in_model(cfg, model, adapter_name=ADAPTER)
     for p in model.parameters():
         p.requires_grad_(False)
+    dtype = adapter_dtype(dtype)
     for name, layer in lora_layers(model).items():
         for sub in (layer.lora_A[ADAPTER], layer.lora_B[ADAPTER]):
             sub.to(dtype)

@@ -283,7 +283,7 @@ class BagelPolicy(ModulePolicy):
         else:
             texts = [TextSample([], []) for _ in prompts]
         ts = timestep_schedule(sc.steps + 1, sc.shift)
-        need_t, need_i = Branches.needs([sc], ts[:-1].tolist())
+        need_t, need_i = Branches.needs([sc] * sc.steps, ts[:-1].tolist())  # every step of the loop
         branches = self._branches(jobs, imset, [t.ids for t in texts], need_t, need_i, prefix)
         configs = [sc] * B
 
@@ -392,7 +392,7 @@ class BagelPolicy(ModulePolicy):
     def weight_specs(self, lora: bool = False) -> Dict[str, tuple]:
         if lora:
             return {
-                n: (tuple(peft_lora.adapter_weight(layer, w).shape), self.dtype)
+                n: (tuple(peft_lora.adapter_weight(layer, w).shape), peft_lora.adapter_weight(layer, w).dtype)
                 for n, (layer, w) in peft_lora.wire_names(self.model).items()
             }
         return {k: (tuple(v.shape), v.dtype) for k, v in self._full().items()}
@@ -427,10 +427,10 @@ class BagelPolicy(ModulePolicy):
         modules, problems = peft_lora.named_layers(self.model, tensors)
         if problems:
             raise KeyError(problems[0])
-        specs = {}
+        specs, dt = {}, peft_lora.adapter_dtype(self.dtype)
         for mod, lin in modules.items():
-            specs[f"{mod}.lora_A"] = ((r, lin.in_features), self.dtype)
-            specs[f"{mod}.lora_B"] = ((lin.out_features, r), self.dtype)
+            specs[f"{mod}.lora_A"] = ((r, lin.in_features), dt)
+            specs[f"{mod}.lora_B"] = ((lin.out_features, r), dt)
         return specs
 
     def import_weights(self, tensors: Dict[str, torch.Tensor], lora: bool = False) -> None:
@@ -477,7 +477,7 @@ class BagelPolicy(ModulePolicy):
         """Adapters saved by save_lora or by PEFT (a LoRA on BAGEL's official module names): enabled
         if needed and applied like a LoRA import (validated first; bumps version)."""
         _, tensors = peft_lora.read_peft(path)
-        self.import_weights({k: v.to(self.dtype) for k, v in tensors.items()}, lora=True)
+        self.import_weights({k: v.to(peft_lora.adapter_dtype(self.dtype)) for k, v in tensors.items()}, lora=True)
 
     def save(self, path: str) -> str:
         """The checkpoint folder load() reads: the source folder's files (configs, tokenizer,
