@@ -242,3 +242,24 @@ def test_resolve_sampling_names_what_the_policy_cannot_do(case):
     sc = pol.resolve_sampling(dict(steps=3))  # the default window clipped to the steps
     assert sc.steps == 3 and sum(sc.sde_window) <= 3
     assert dataclasses.replace(sc, mode="sde").window() == range(sc.sde_window[0], sum(sc.sde_window))
+
+
+def test_weights_fingerprint_names_the_base_checkpoint(case):
+    """Equal for two loads of one checkpoint, unchanged by LoRA adapters, changed by a full import
+    that alters one weight or by another dtype."""
+    a, b = _load(case), _load(case)
+    fp = a.weights_fingerprint()
+    assert len(fp) == 32 and b.weights_fingerprint() == fp
+    if a.info.capabilities.lora:
+        b.enable_lora(4, 8.0)
+        with torch.no_grad():
+            for p in b.trainable_parameters():
+                p.add_(0.1)
+        assert b.weights_fingerprint() == fp
+    full = a.export_weights()
+    name = max(full, key=lambda k: full[k].numel())
+    changed = full[name].clone()
+    changed.view(-1)[0] += 1.0  # the first element is always among the sampled ones
+    a.import_weights({name: changed})
+    assert a.weights_fingerprint() != fp
+    assert _load(case, dtype=torch.bfloat16).weights_fingerprint() != fp

@@ -421,15 +421,28 @@ def test_a_restarted_server_gets_the_current_weights_before_rollouts(tmp_path, s
 
 
 def test_lora_run_pushes_adapters_that_the_server_applies_exactly(served, tmp_path):
-    addr, weights, _ = served
-    out = tmp_path / "lora"
-    cfg = write_cfg(tmp_path / "c.yaml", weights, out, task="rt2i", max_steps=2, lora_rank=2, lora_alpha=8.0, lr=1e-2)
-    res = subprocess.run(train_cmd(cfg, addr), env=ENV, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
-    with Client(addr) as c:
-        info = c.model_info()
-        served_img = c.generate(["two blue squares"], seed=3, steps=3, think=True, max_thought_tokens=4)[0].image
-    assert info.lora_enabled
+    """A fresh server of the trainer's checkpoint: same base fingerprint, so the run pushes only
+    adapters (version 1 after the first push, +1 per step: 3 after 2 steps; a full push first
+    would make it 4), and the server's base stays the checkpoint's."""
+    _, weights, _ = served
+    server = LocalServer({"name": "tiny", "path": weights}, log_path=str(tmp_path / "server.log"))
+    try:
+        addr = server.address
+        base_fp = TinyPolicy.load(weights).weights_fingerprint()
+        with Client(addr) as c:
+            assert c.model_info().weights_fingerprint == base_fp
+        out = tmp_path / "lora"
+        cfg = write_cfg(
+            tmp_path / "c.yaml", weights, out, task="rt2i", max_steps=2, lora_rank=2, lora_alpha=8.0, lr=1e-2
+        )
+        res = subprocess.run(train_cmd(cfg, addr), env=ENV, capture_output=True, text=True, timeout=600)
+        assert res.returncode == 0, res.stderr[-3000:]
+        with Client(addr) as c:
+            info = c.model_info()
+            served_img = c.generate(["two blue squares"], seed=3, steps=3, think=True, max_thought_tokens=4)[0].image
+    finally:
+        server.stop()
+    assert info.lora_enabled and info.policy_version == 3 and info.weights_fingerprint == base_fp
     merged = TinyPolicy.load(str(out / "policy.safetensors"))  # adapters merged into the base weights
     base = TinyPolicy.load(weights).export_weights()
     assert any(not torch.equal(merged.export_weights()[k], base[k]) for k in base)

@@ -29,6 +29,23 @@ from ..sampling.sampler import ImageTrajectory, SamplingConfig, TextConfig
 SEED_MODULUS = 1 << 64  # torch generators take seeds in [0, 2^64); requests carry uint64 seeds
 
 
+def weights_fingerprint(tensors: Dict[str, torch.Tensor], samples: int = 1024) -> str:
+    """A short hex digest of a set of weights: every name, dtype and shape, and the bits of up to
+    `samples` evenly spaced elements of each tensor. Two policies loaded from the same checkpoint in
+    the same dtype agree; another checkpoint, dtype or architecture differs (a changed weight between
+    the sampled elements goes unseen: it identifies a checkpoint, it does not verify one)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().reshape(-1)
+        h.update(f"{name}|{t.dtype}|{tuple(tensors[name].shape)}|".encode())
+        if t.numel():
+            idx = torch.linspace(0, t.numel() - 1, min(t.numel(), samples), device=t.device).long()
+            h.update(t[idx].cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:32]
+
+
 def seed_streams(seed: int, n: int) -> Tuple[int, ...]:
     """The n torch generator seeds of one sample (its noise, text, ... streams): (n * seed + k) mod 2^64
     for k < n. Every seed a request can carry (the whole uint64 range, any Python int here) gives
@@ -262,6 +279,12 @@ class Policy(abc.ABC):
         """Validates every tensor (name, shape, dtype, finite) before changing anything, then
         applies them all and bumps `version`; a rejected import leaves the policy exactly as it was,
         structure included. LoRA tensors enable LoRA (rank read from the adapters) when it is off."""
+
+    def weights_fingerprint(self) -> str:
+        """weights_fingerprint() of the base weights (LoRA adapters excluded): equal on a server and a
+        trainer that loaded the same checkpoint in the same dtype, so a LoRA run can skip pushing
+        the base. Policies with large weights override it to avoid export_weights' copies."""
+        return weights_fingerprint(self.export_weights(lora=False))
 
     @abc.abstractmethod
     def merged_weights(self) -> Dict[str, torch.Tensor]:

@@ -35,6 +35,7 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
         self.generate_batcher = engine.add("generate", self._run_batch)
         self.reflect_batcher = engine.add("reflect", self._run_batch)
         metrics.policy_version.set(policy.version)
+        self.fingerprint = policy.weights_fingerprint()  # of the base weights; renewed by full updates
 
     # ---- model thread ----------------------------------------------------------------------------
     def _run_batch(self, key: BatchKey, items: List[Work]):
@@ -156,6 +157,12 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
                 await abort_for(context, exc)
             return response
 
+    def _import(self, tensors, lora: bool) -> None:
+        """On the model thread, with no batch running: the import, then the base's new fingerprint."""
+        self.policy.import_weights(tensors, lora=lora)
+        if not lora:
+            self.fingerprint = self.policy.weights_fingerprint()
+
     async def UpdateWeights(self, request_iterator, context) -> policy_pb2.UpdateWeightsResponse:
         with self.metrics.track("UpdateWeights", context):
             try:
@@ -168,7 +175,7 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
                         hold,
                         lambda: self.policy.require("lora"),
                     )
-                    await self.engine.exclusive(lambda: self.policy.import_weights(tensors, lora=lora))
+                    await self.engine.exclusive(lambda: self._import(tensors, lora))
                     applied = len(tensors)
                     tensors.clear()  # the received bytes are freed before the stream's share is returned
             except CLIENT_ERRORS as exc:
@@ -221,4 +228,5 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
                 generate_defaults=config_to_params(info.generate_defaults, info.text_defaults),
                 reflect_defaults=config_to_params(info.reflect_defaults, info.text_defaults),
                 task=self.task,
+                weights_fingerprint=self.fingerprint,
             )

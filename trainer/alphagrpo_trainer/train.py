@@ -80,6 +80,8 @@ class Trainer:
             if (cfg.kl_text > 0 or cfg.kl_image > 0)
             else None
         )
+        # the base weights a LoRA run never changes: servers holding them get adapters only
+        self.base_fingerprint = self.policy.weights_fingerprint() if cfg.lora_rank else None
         self.params = self.policy.trainable_parameters()
         self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
         self.task = load_task(cfg.prompt_task)
@@ -250,13 +252,22 @@ class Trainer:
 
     def sync_servers(self, force: bool = False) -> None:
         """Rank 0 pushes the current weights to every server that does not hold them (all when
-        force); every rank then learns the servers' (boot id, version)."""
+        force); every rank then learns the servers' (boot id, version). In a LoRA run a server whose
+        base weights have the trainer's fingerprint (same checkpoint and dtype) gets the adapters
+        only: pushing BAGEL-7B's 29 GB base is skipped."""
         stale = None
         if self.rank == 0:
             stale = list(range(len(self.pool.addresses))) if force else self.pool.stale()
         if self.fsdp:  # gathering the weights takes every rank
             stale = self._broadcast(stale)
-        sets = self.weight_sets(full=True) if stale and (self.rank == 0 or self.fsdp) else None
+        adapters_only = []
+        if self.rank == 0 and stale and self.cfg.lora_rank:
+            infos = self.pool.info()
+            adapters_only = [i for i in stale if infos[i].weights_fingerprint == self.base_fingerprint]
+        full = [i for i in (stale or []) if i not in adapters_only]
+        if self.fsdp:
+            full = self._broadcast(full)
+        sets = self.weight_sets(full=True) if full and (self.rank == 0 or self.fsdp) else None
         if self.rank == 0:
             if stale:
                 if not force:
@@ -265,7 +276,10 @@ class Trainer:
                         f"server(s) {[self.pool.addresses[i] for i in stale]} restarted or changed: "
                         f"pushing the current weights (policy version {self.policy.version})"
                     )
-                self.pool.push(sets, only=stale)
+                if full:
+                    self.pool.push(sets, only=full)
+                if adapters_only:
+                    self.pool.push(self.weight_sets(full=False), only=adapters_only)
         self.pool.known = self._broadcast(self.pool.known)
 
     # ---- evaluation ------------------------------------------------------------------------------

@@ -29,7 +29,16 @@ import torch
 from torch import nn
 
 from ...sampling.sampler import SamplingConfig, TextConfig, sample_images
-from ..base import CanvasRule, Capabilities, ModulePolicy, PolicyInfo, Sample, TextSample, seed_streams
+from ..base import (
+    CanvasRule,
+    Capabilities,
+    ModulePolicy,
+    PolicyInfo,
+    Sample,
+    TextSample,
+    seed_streams,
+    weights_fingerprint,
+)
 from . import lora as peft_lora
 from .cache import KVCache
 from .contexts import Branches, ContextBuilder, ImageSet, Job, extend, shared_prefill
@@ -388,6 +397,9 @@ class BagelPolicy(ModulePolicy):
     def _full(self) -> Dict[str, torch.Tensor]:
         """Base weights under the official names (a LoRA-wrapped layer's base keeps its name)."""
         return {k.replace(".base_layer.", "."): v for k, v in self.model.state_dict().items() if ".lora_" not in k}
+
+    def weights_fingerprint(self) -> str:
+        return weights_fingerprint(self._full())  # no copy of the 29 GB
 
     def weight_specs(self, lora: bool = False) -> Dict[str, tuple]:
         if lora:
