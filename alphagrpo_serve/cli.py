@@ -202,6 +202,19 @@ def cmd_generate(args) -> int:
     if args.server:
         import grpc
 
+        local = [
+            f
+            for f, v, d in (
+                ("--policy", args.policy, "tiny"),
+                ("--model", args.model, None),
+                ("--device", args.device, "cpu"),
+                ("--dtype", args.dtype, None),
+            )
+            if v != d
+        ]
+        if local:
+            raise SystemExit(f"error: {', '.join(local)} choose a local policy; with --server the served one draws")
+
         with _client(args) as c:
             try:
                 out = c.generate(

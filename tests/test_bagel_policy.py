@@ -289,19 +289,6 @@ def test_lora_imports_are_checked_by_name_and_pairing(pol):
     assert set(pol.weight_specs(lora=True)) == set(adapters)
 
 
-def test_a_partial_lora_import_keeps_the_other_adapters_effect(pol):
-    pol.enable_lora(4, 8.0)  # scale 2
-    with torch.no_grad():
-        for p in pol.trainable_parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    before = pol.export_weights(lora=True)  # scale folded into B
-    layer0 = {k: v * 0.5 for k, v in before.items() if ".layers.0." in k}
-    pol.import_weights(layer0, lora=True)
-    after = pol.export_weights(lora=True)
-    for k, v in before.items():
-        assert torch.allclose(after[k], layer0.get(k, v), atol=1e-6), k
-
-
 def test_training_checkpoints_layers_with_the_same_gradients(pol):
     sc = pol.resolve_sampling(dict(steps=3, mode="sde", sde_window=(0, 2)))
     samples = pol.generate([PROMPT, LONG], [1, 2], sc, pol.resolve_text(dict(max_tokens=3)), think=True)

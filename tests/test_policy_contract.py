@@ -263,3 +263,23 @@ def test_weights_fingerprint_names_the_base_checkpoint(case):
     a.import_weights({name: changed})
     assert a.weights_fingerprint() != fp
     assert _load(case, dtype=torch.bfloat16).weights_fingerprint() != fp
+
+
+def test_a_partial_lora_import_keeps_the_other_adapters_effect(case):
+    """Adapters travel with their scale folded into B and are applied at scale 1: the adapters a
+    partial import does not carry must keep their effect (their own scale folded in)."""
+    pol = _load(case)
+    if not pol.info.capabilities.lora:
+        return
+    pol.enable_lora(4, 8.0)  # scale 2
+    with torch.no_grad():
+        for p in pol.trainable_parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    before = pol.export_weights(lora=True)  # scale folded into B
+    module = sorted(before)[0].rpartition(".")[0]
+    part = {k: v * 0.5 for k, v in before.items() if k.rpartition(".")[0] == module}
+    assert len(part) == 2 and len(before) > 2
+    pol.import_weights(part, lora=True)
+    after = pol.export_weights(lora=True)
+    for k, v in before.items():
+        assert torch.allclose(after[k], part.get(k, v), atol=1e-6), k

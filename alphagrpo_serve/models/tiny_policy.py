@@ -491,12 +491,14 @@ class TinyPolicy(ModulePolicy):
             self.enable_lora(rank=rank, alpha=float(rank))
         current = self._named_tensors()
         with torch.no_grad():
+            if lora:  # received adapters carry their scale in lora_B; the others fold theirs in to keep their effect
+                for name, mod in self.model.named_modules():
+                    if isinstance(mod, LoRALinear):
+                        if f"{name}.lora_B" not in tensors:
+                            current[f"{name}.lora_B"].mul_(mod.scale)
+                        mod.scale = 1.0
             for name, t in tensors.items():
                 current[name].copy_(t)
-            if lora:  # received adapters carry their scale in lora_B
-                for mod in self.model.modules():
-                    if isinstance(mod, LoRALinear):
-                        mod.scale = 1.0
         self.version += 1
 
     def save(self, path: str) -> str:

@@ -64,25 +64,24 @@ def run(args) -> int:
     from .config import config_yaml, load_config
 
     overrides = {}
-    for item in args.set:
-        if "=" not in item:
-            raise SystemExit(f"error: --set expects FIELD=VALUE, got {item!r}")
-        k, v = item.split("=", 1)
-        k = k.strip()
-        if "." in k:  # policy.name=bagel: one key of a mapping field
-            outer, inner = k.split(".", 1)
-            overrides.setdefault(outer, dict(load_config(args.config).to_dict().get(outer) or {}))[inner] = (
-                yaml.safe_load(v)
-            )
-        else:
-            overrides[k] = yaml.safe_load(v)
-    if args.out:
-        overrides["out_dir"] = args.out
-    if args.max_steps is not None:
-        overrides["max_steps"] = args.max_steps
     try:
+        for item in args.set:
+            if "=" not in item:
+                raise SystemExit(f"error: --set expects FIELD=VALUE, got {item!r}")
+            k, v = item.split("=", 1)
+            k = k.strip()
+            if "." in k:  # policy.name=bagel: one key of a mapping field
+                outer, inner = k.split(".", 1)
+                mapping = overrides.setdefault(outer, dict(load_config(args.config).to_dict().get(outer) or {}))
+                mapping[inner] = yaml.safe_load(v)
+            else:
+                overrides[k] = yaml.safe_load(v)
+        if args.out:
+            overrides["out_dir"] = args.out
+        if args.max_steps is not None:
+            overrides["max_steps"] = args.max_steps
         cfg = load_config(args.config, overrides)
-    except (ValueError, TypeError, OSError) as exc:
+    except (ValueError, TypeError, OSError, yaml.YAMLError) as exc:
         raise SystemExit(f"error: {exc}")
     if args.print_config:
         print(config_yaml(cfg, docs=True), end="")

@@ -65,7 +65,7 @@ class TrainConfig:
     warmup_steps: int = 0  # linear warm-up steps
     weight_decay: float = 0.0  # AdamW weight decay
     grad_clip: float = 1.0  # gradient-norm clip (over all ranks' averaged gradient)
-    lora_rank: int = 0  # 0: full fine-tuning; >0: LoRA on every attention projection (pushes only the adapters)
+    lora_rank: int = 0  # 0: full fine-tuning; >0: LoRA on the policy's default targets (tiny UMM: attention projections; BAGEL: attention and MLP of both experts); pushes only the adapters
     lora_alpha: float = 16.0  # LoRA scale = alpha / rank
     fsdp: bool = False  # shard the trainer's policy with FSDP2 over the torchrun ranks (full fine-tuning beyond one device; needs lora_rank 0; the trainer then skips its own evaluations and grids)
     # ---- run ----------------------------------------------------------------------------------------

@@ -39,7 +39,7 @@ class BagelConfig:
     vit_max_num_patch_per_side: int = 70
     connector_act: str = "gelu_pytorch_tanh"
     interpolate_pos: bool = False
-    timestep_shift: float = 1.0
+    timestep_shift: float = 1.0  # config.json's training-time value, kept for reference; sampling uses SamplingConfig.shift (3, as the official inferencer)
     latent_channels: int = VAE_LATENT_CHANNELS
     vae_downsample: int = VAE_DOWNSAMPLE
 
