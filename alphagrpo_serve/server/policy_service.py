@@ -35,7 +35,7 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
         self.generate_batcher = engine.add("generate", self._run_batch)
         self.reflect_batcher = engine.add("reflect", self._run_batch)
         metrics.policy_version.set(policy.version)
-        self.fingerprint = policy.weights_fingerprint()  # of the base weights; renewed by full updates
+        self._snapshot()
 
     # ---- model thread ----------------------------------------------------------------------------
     def _run_batch(self, key: BatchKey, items: List[Work]):
@@ -157,11 +157,25 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
                 await abort_for(context, exc)
             return response
 
+    def _snapshot(self, base: bool = True) -> None:
+        """What UpdateWeights and GetModelInfo read on the event loop, taken while no import runs
+        (at start, and on the model thread after each import): the accepted tensor specs, full and
+        LoRA, and the base weights' fingerprint (`base`: retake those too). An import may add LoRA
+        modules, so reading the policy's structure from the event loop meanwhile would race."""
+        p = self.policy
+        if base:
+            self.full_specs = dict(p.weight_specs(lora=False))
+            self.fingerprint = p.weights_fingerprint()
+        self.lora_enabled = p.lora_enabled
+        self.lora_specs = dict(p.weight_specs(lora=True)) if self.lora_enabled else {}
+
     def _import(self, tensors, lora: bool) -> None:
-        """On the model thread, with no batch running: the import, then the base's new fingerprint."""
-        self.policy.import_weights(tensors, lora=lora)
-        if not lora:
-            self.fingerprint = self.policy.weights_fingerprint()
+        """On the model thread, with no batch running: the import, then a new snapshot (a LoRA
+        import leaves the base weights as they were)."""
+        try:
+            self.policy.import_weights(tensors, lora=lora)
+        finally:
+            self._snapshot(base=not lora)
 
     async def UpdateWeights(self, request_iterator, context) -> policy_pb2.UpdateWeightsResponse:
         with self.metrics.track("UpdateWeights", context):
@@ -169,9 +183,9 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
                 with self.weight_budget.hold() as hold:  # this stream's received bytes, until applied or refused
                     tensors, lora, received = await receive_weights(
                         request_iterator,
-                        self.policy.weight_specs(lora=False),
+                        self.full_specs,
                         self.limits.max_update_bytes,
-                        self.policy.weight_specs(lora=True),
+                        self.lora_specs,
                         hold,
                         lambda: self.policy.require("lora"),
                     )
@@ -194,9 +208,7 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
         with self.metrics.track("GetModelInfo", context):
             info = self.policy.info
             caps, canvas = info.capabilities, info.capabilities.canvas
-            specs = dict(self.policy.weight_specs(lora=False))
-            if self.policy.lora_enabled:
-                specs.update(self.policy.weight_specs(lora=True))
+            specs = {**self.full_specs, **self.lora_specs}
             params = [
                 policy_pb2.TensorSpec(name=n, dtype=NAMES.get(dt, str(dt)), shape=list(shape))
                 for n, (shape, dt) in specs.items()
@@ -207,7 +219,7 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
                 boot_id=self.boot_id,
                 canvas=canvas.default[0],
                 parameters=params,
-                lora_enabled=self.policy.lora_enabled,
+                lora_enabled=self.lora_enabled,
                 capabilities=policy_pb2.Capabilities(
                     think=caps.think,
                     reflect=caps.reflect,
