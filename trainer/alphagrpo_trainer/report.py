@@ -244,12 +244,35 @@ def learning_summary(before: Dict[str, Dict], after: Dict[str, Dict]) -> Dict[st
     return out
 
 
+# the watch: (metric, how much worse counts, worse when it rises, what the flag says)
+WATCH = (
+    ("quality", Q_DROP, False, "held-out Q fell {b:.3f} -> {a:.3f} (more than %s)" % Q_DROP),
+    ("critique_format_rate", 0.0, False, "critiques well formed less often than before ({b:.3f} -> {a:.3f})"),
+    ("extra_objects_frac", Q_DROP, True, "more images with more objects than asked ({b:.3f} -> {a:.3f})"),
+    (
+        "background_noise",
+        BG_RISE,
+        True,
+        "noisier background ({b:.1f} -> {a:.1f}, mean RGB distance from the background colour)",
+    ),
+)
+
+
 def hacking_flags(before: Optional[Dict], after: Optional[Dict]) -> List[str]:
     """Flags of the reward-hacking watch: held-out Q down by more than Q_DROP, critiques well formed
     less often than before, more images with extra objects, a noisier background."""
     flags = []
     if not before or not after:
         return flags
+    for m in before:
+        b, a = before[m], after.get(m)
+        if not a:
+            continue
+        for key, margin, rising, text in WATCH:
+            vb, va = b.get(key), a.get(key)
+            if vb is not None and va is not None and (va > vb + margin if rising else va < vb - margin):
+                flags.append(f"{m}: " + text.format(b=vb, a=va))
+    return flags
     for m in before:
         b, a = before[m], after.get(m)
         if not a:
