@@ -383,6 +383,7 @@ def cmd_serve(args) -> int:
         tls_key=args.tls_key,
         metrics_port=args.metrics_port,
         grace_s=args.grace_s,
+        exit_with_parent=args.exit_with_parent,
         limits=Limits(
             max_prompts=args.max_prompts,
             max_steps=args.max_steps,
@@ -577,6 +578,12 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--tls-key", default=None, help="PEM private key")
     sv.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics port on --host (default: off)")
     sv.add_argument("--grace-s", type=float, default=10.0, help="drain time on SIGTERM, seconds (default 10)")
+    sv.add_argument(
+        "--exit-with-parent",
+        action="store_true",
+        help="stop gracefully when the process that started this server exits (what `alphagrpo train "
+        "--server local` asks for, so a killed trainer leaves no server behind)",
+    )
     sv.add_argument(
         "--kserve-port",
         type=int,

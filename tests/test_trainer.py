@@ -358,6 +358,43 @@ def test_two_torchrun_ranks_equal_one_rank(served, tmp_path):
     assert moved > 1e-4 and diff < 1e-2 * moved, (moved, diff)  # Adam: every weight moves ~lr a step
 
 
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_a_killed_trainer_leaves_no_local_server_behind(served, tmp_path, sig):
+    """SIGTERM unwinds the trainer (its finally stops the server); after SIGKILL the server sees
+    its parent gone (--exit-with-parent) and stops by itself."""
+    import socket
+
+    _, weights, _ = served
+    cfg = write_cfg(tmp_path / "c.yaml", weights, tmp_path / "run", task="rt2i", max_steps=50)
+    proc = subprocess.Popen(
+        train_cmd(cfg, "local"), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        addr, deadline = None, time.time() + 120
+        while addr is None and time.time() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            if line.startswith("local server on "):
+                addr = line.split()[-1]
+        assert addr, "the trainer did not report its local server"
+        host, port = addr.rsplit(":", 1)
+        socket.create_connection((host, int(port)), timeout=5).close()  # it is up
+        proc.send_signal(sig)
+        proc.wait(timeout=60)
+        gone, deadline = False, time.time() + 60
+        while not gone and time.time() < deadline:
+            try:
+                socket.create_connection((host, int(port)), timeout=2).close()
+                time.sleep(0.5)
+            except OSError:
+                gone = True
+        assert gone, f"the local server on {addr} outlived its trainer ({sig.name})"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
 def test_unreachable_server_names_the_address(tmp_path, served):
     _, weights, _ = served
     import socket

@@ -10,6 +10,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+import os
 import signal
 import sys
 import uuid
@@ -65,6 +66,7 @@ class ServeConfig:
     tls_key: Optional[str] = None
     metrics_port: int = 0  # 0: no metrics endpoint
     grace_s: float = 10.0
+    exit_with_parent: bool = False  # stop (gracefully) when the process that started this one exits
     limits: Limits = field(default_factory=Limits)
 
 
@@ -285,16 +287,37 @@ class Server:
         await self._stopped.wait()
 
 
+async def _watch_parent(server: "Server", parent: int, every_s: float = 1.0) -> None:
+    """Stops the server once its parent process is gone (the orphan is re-parented: getppid changes),
+    e.g. a trainer that started it and was killed without the chance to stop it."""
+    while os.getppid() == parent:
+        await asyncio.sleep(every_s)
+    _say(f"alphagrpo serve: parent process {parent} exited: stopping")
+    await server.stop()
+
+
+def _say(line: str) -> None:
+    """A status line on stdout, which may be a pipe whose reader (a parent) is gone."""
+    try:
+        print(line, flush=True)
+    except (BrokenPipeError, OSError):
+        pass
+
+
 async def serve(cfg: ServeConfig) -> int:
-    """Runs until SIGTERM or SIGINT; returns the exit code."""
+    """Runs until SIGTERM or SIGINT (or, with exit_with_parent, its parent's exit); returns the exit code."""
+    parent = os.getppid()
     server = Server(cfg)
     port = await server.start()
     print(f"alphagrpo serve: listening on {cfg.host}:{port} (boot {server.boot_id})", flush=True)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, lambda: asyncio.ensure_future(server.stop()))
+    watcher = asyncio.ensure_future(_watch_parent(server, parent)) if cfg.exit_with_parent else None
     await server.wait()
-    print("alphagrpo serve: stopped", flush=True)
+    if watcher is not None:
+        watcher.cancel()
+    _say("alphagrpo serve: stopped")
     return 0
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import signal
 import sys
 
 
@@ -92,6 +93,9 @@ def run(args) -> int:
     from .servers import LocalServer, ServerError
     from .train import Trainer
 
+    # SIGTERM (a scheduler's preemption, torchrun stopping its workers) unwinds like Ctrl-C: the
+    # finally below stops the local server and closes the trainer
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     if args.server == "local":
         try:
             local_server_args(cfg)

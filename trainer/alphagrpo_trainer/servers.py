@@ -48,6 +48,7 @@ class LocalServer:
             str(port),
             "--max-prompts",
             "256",
+            "--exit-with-parent",
         ]
         policy = policy or {"name": "tiny", "path": None}
         cmd += ["--policy", policy["name"]]
