@@ -164,11 +164,11 @@ class ServerPool:
     def info(self) -> List:
         return [self._call(i, "GetModelInfo", lambda c: c.model_info()) for i in range(len(self.clients))]
 
-    def stale(self) -> List[int]:
+    def stale(self, infos: Optional[Sequence] = None) -> List[int]:
         """Indices of servers whose (boot id, version) is not what our last push left: restarted,
-        or updated by someone else, or never pushed to."""
+        or updated by someone else, or never pushed to. `infos`: their ModelInfo, if just read."""
         out = []
-        for i, inf in enumerate(self.info()):
+        for i, inf in enumerate(self.info() if infos is None else infos):
             if self.known.get(self.addresses[i]) != (inf.boot_id, inf.policy_version):
                 out.append(i)
         return out

@@ -255,14 +255,14 @@ class Trainer:
         force); every rank then learns the servers' (boot id, version). In a LoRA run a server whose
         base weights have the trainer's fingerprint (same checkpoint and dtype) gets the adapters
         only: pushing BAGEL-7B's 29 GB base is skipped."""
-        stale = None
+        stale, infos = None, None
         if self.rank == 0:
-            stale = list(range(len(self.pool.addresses))) if force else self.pool.stale()
+            infos = self.pool.info() if (self.cfg.lora_rank or not force) else None  # one GetModelInfo each
+            stale = list(range(len(self.pool.addresses))) if force else self.pool.stale(infos)
         if self.fsdp:  # gathering the weights takes every rank
             stale = self._broadcast(stale)
         adapters_only = []
         if self.rank == 0 and stale and self.cfg.lora_rank:
-            infos = self.pool.info()
             adapters_only = [i for i in stale if infos[i].weights_fingerprint == self.base_fingerprint]
         full = [i for i in (stale or []) if i not in adapters_only]
         if self.fsdp:
