@@ -31,6 +31,34 @@ def _env_flag(name: str) -> bool:
     return os.environ.get(name, "").lower() in ("1", "true", "yes", "on")
 
 
+def link_args(platform=sys.platform):
+    """The extension must share the process's libstdc++ with torch. A g++ that links libstdc++
+    statically (seen on the GPU machine: CXX=/opt/gcc/bin/g++, GCC 13.3) gives the extension a second
+    copy of iostreams whose locale nothing set up, and every error message that formatted an integer
+    segfaulted. Naming the shared library by file comes before the compiler's own libraries, and the
+    driver does not recognise it as the one to make static (a plain -lstdc++ did not survive that
+    g++). check_shared_libstdcxx fails the build loudly if a compiler still gets round it."""
+    return ["-l:libstdc++.so.6"] if platform.startswith("linux") else []
+
+
+def check_shared_libstdcxx(path):
+    """None if the built library `path` uses the shared libstdc++ (or this cannot be checked here:
+    not Linux, no readelf/nm); else the reason, for the build to fail with."""
+    import shutil
+
+    if not sys.platform.startswith("linux") or not (shutil.which("readelf") and shutil.which("nm")):
+        return None
+    needed = subprocess.run(["readelf", "-d", path], capture_output=True, text=True).stdout
+    defined = subprocess.run(["nm", "-C", "--defined-only", path], capture_output=True, text=True).stdout
+    if "[libstdc++.so" in needed and "_M_insert<long>" not in defined:
+        return None
+    return (
+        f"{path} carries its own static copy of libstdc++ (the C++ compiler, CXX={os.environ.get('CXX', 'c++')}, "
+        "links it statically): loaded beside torch, its error messages crash the process. Build with a "
+        "compiler that links libstdc++ dynamically, e.g. CC=gcc CXX=g++ (the system GCC)"
+    )
+
+
 def _nvcc_version(cuda_home):
     try:
         out = subprocess.check_output([os.path.join(cuda_home, "bin", "nvcc"), "--version"], text=True)
@@ -68,6 +96,7 @@ def _extensions():
     # no-trapping-math and no-math-errno let GCC vectorise the kernels' compare-and-select loops and
     # math calls; neither reorders arithmetic, so results stay bit-for-bit those of the plain loops.
     cxx = opt + ["-fvisibility=hidden", "-fno-trapping-math", "-fno-math-errno"]
+    link = link_args()
     with_cuda = (
         not _env_flag("ALPHAGRPO_SKIP_CUDA")
         and torch.version.cuda is not None
@@ -75,7 +104,15 @@ def _extensions():
         and _nvcc_version(CUDA_HOME) is not None
     )
     if not with_cuda:
-        return [CppExtension("alphagrpo_serve._C", sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx})]
+        return [
+            CppExtension(
+                "alphagrpo_serve._C",
+                sources,
+                include_dirs=include_dirs,
+                extra_compile_args={"cxx": cxx},
+                extra_link_args=link,
+            )
+        ]
     archs = cuda_archs(_nvcc_version(CUDA_HOME))
     gencode = []
     for arch in archs:
@@ -91,6 +128,7 @@ def _extensions():
             sources,
             include_dirs=include_dirs,
             extra_compile_args={"cxx": cxx + defines, "nvcc": nvcc + gencode + defines},
+            extra_link_args=link,
         )
     ]
 
@@ -148,7 +186,14 @@ def _cmdclass():
     if not _env_flag("ALPHAGRPO_SKIP_EXTENSION"):
         from torch.utils.cpp_extension import BuildExtension
 
-        cmds["build_ext"] = BuildExtension.with_options(use_ninja=True)
+        class BuildExtensionChecked(BuildExtension.with_options(use_ninja=True)):
+            def build_extension(self, ext):
+                super().build_extension(ext)
+                why = check_shared_libstdcxx(self.get_ext_fullpath(ext.name))
+                if why:
+                    raise RuntimeError(why)
+
+        cmds["build_ext"] = BuildExtensionChecked
     return cmds
 
 

@@ -19,7 +19,15 @@ status=0
 
 echo "== build ($($PY -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)'), $(nvcc --version | tail -1))"
 start=$(date +%s)
-ALPHAGRPO_PTXAS_VERBOSE=1 $PY setup.py build_ext --inplace > "$OUT_DIR/build.log" 2>&1 || { tail -40 "$OUT_DIR/build.log"; exit 1; }
+build() { ALPHAGRPO_PTXAS_VERBOSE=1 $PY setup.py build_ext --inplace > "$OUT_DIR/build.log" 2>&1; }
+if ! build; then
+  # setup.py refuses an extension with its own static libstdc++ (the GPU machine's CXX=/opt/gcc/bin/g++
+  # linked one in, and its error messages segfaulted): the system compiler links it dynamically
+  grep -q "static copy of libstdc++" "$OUT_DIR/build.log" || { tail -40 "$OUT_DIR/build.log"; exit 1; }
+  echo "CXX=${CXX:-c++} links libstdc++ statically: building with the system compiler (CC=gcc CXX=g++)"
+  export CC=gcc CXX=g++
+  build || { tail -40 "$OUT_DIR/build.log"; exit 1; }
+fi
 echo "built in $(( $(date +%s) - start )) s"
 $PY -c "from alphagrpo_serve import kernels as K; i = K.build_info(); print(i); assert i['with_cuda'], i"
 echo "== ptxas: kernels with spills (float64 instantiations excepted)"

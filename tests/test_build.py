@@ -119,6 +119,31 @@ def _load_setup():
     return mod
 
 
+@pytest.mark.skipif(
+    not sys.platform.startswith("linux") or not all(shutil.which(t) for t in ("g++", "readelf", "nm")),
+    reason="needs Linux with g++, readelf and nm",
+)
+def test_extension_shares_the_process_libstdcxx(tmp_path):
+    """A g++ that links libstdc++ statically (the GPU machine's) gave the extension its own copy of
+    iostreams and every integer in an error message segfaulted there. A library linked with
+    `-static-libstdc++` is caught by the build's check (the control); with setup.py's link
+    arguments added it needs the shared libstdc++ and passes; so does the built extension."""
+    setup = _load_setup()
+    src = tmp_path / "fmt.cpp"
+    src.write_text(
+        "#include <sstream>\n#include <string>\nstd::string f(long v) { std::ostringstream s; s << v; return s.str(); }\n"
+    )
+    static = ["g++", "-shared", "-fPIC", "-static-libstdc++", str(src)]
+    subprocess.run(static + ["-o", str(tmp_path / "control.so")], check=True)
+    subprocess.run(static + setup.link_args("linux") + ["-o", str(tmp_path / "fixed.so")], check=True)
+    why = setup.check_shared_libstdcxx(str(tmp_path / "control.so"))
+    assert why and "static copy of libstdc++" in why and "CXX=g++" in why
+    assert setup.check_shared_libstdcxx(str(tmp_path / "fixed.so")) is None
+    needed = subprocess.run(["readelf", "-d", str(tmp_path / "fixed.so")], capture_output=True, text=True).stdout
+    assert "Shared library: [libstdc++.so.6]" in needed
+    assert setup.check_shared_libstdcxx(importlib.util.find_spec("alphagrpo_serve._C").origin) is None
+
+
 def test_cuda_arch_selection(monkeypatch):
     setup = _load_setup()
     monkeypatch.delenv("ALPHAGRPO_CUDA_ARCHS", raising=False)
