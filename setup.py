@@ -19,6 +19,7 @@ from protos/ first, with grpcio-tools from the build environment (a build requir
 import glob
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -44,8 +45,6 @@ def link_args(platform=sys.platform):
 def check_shared_libstdcxx(path):
     """None if the built library `path` uses the shared libstdc++ (or this cannot be checked here:
     not Linux, no readelf/nm); else the reason, for the build to fail with."""
-    import shutil
-
     if not sys.platform.startswith("linux") or not (shutil.which("readelf") and shutil.which("nm")):
         return None
     needed = subprocess.run(["readelf", "-d", path], capture_output=True, text=True).stdout

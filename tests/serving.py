@@ -1,11 +1,15 @@
 """Shared helpers of the server tests: a small random tiny UMM and an in-process server on a free
-127.0.0.1 port (stopped at the end), a bounded asyncio runner and a self-signed certificate."""
+127.0.0.1 port (stopped at the end), a bounded asyncio runner, a self-signed certificate, and a
+bounded wait for a child process's status line."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import queue
 import subprocess
+import threading
+import time
 
 import pytest
 import torch
@@ -48,3 +52,31 @@ def self_signed_cert(folder):
     if made.returncode != 0:
         pytest.skip(f"openssl could not make a certificate: {made.stderr[-300:]}")
     return key, cert
+
+
+def wait_for_line(proc: subprocess.Popen, marker: str, timeout_s: float = 120.0) -> list:
+    """The lines a child process (text stdout pipe) prints up to and including the first that
+    contains `marker`; fewer when its stdout closes or `timeout_s` passes first. A reader thread does
+    the blocking reads, so a silent child cannot hold the test past the deadline; it stops reading
+    at the marker, so the caller may go on reading proc.stdout."""
+    lines: queue.Queue = queue.Queue()
+
+    def pump():
+        for line in iter(proc.stdout.readline, ""):
+            lines.put(line)
+            if marker in line:
+                break
+        lines.put(None)
+
+    threading.Thread(target=pump, daemon=True).start()
+    seen, deadline = [], time.monotonic() + timeout_s
+    while True:
+        try:
+            line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Empty:
+            return seen
+        if line is None:
+            return seen
+        seen.append(line)
+        if marker in line:
+            return seen

@@ -23,6 +23,7 @@ import grpc
 import pytest
 
 from alphagrpo_serve._proto.alphagrpo.v1 import policy_pb2, policy_pb2_grpc
+from serving import wait_for_line
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FULL = os.environ.get("ALPHAGRPO_INSTALL_TESTS") == "full"
@@ -110,14 +111,7 @@ def serve_and_ask(bin_dir: str, tmp: str) -> None:
         env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
     )
     try:
-        seen = []
-        for _ in range(200):
-            line = proc.stdout.readline()
-            if not line:
-                break
-            seen.append(line)
-            if "listening on" in line:
-                break
+        seen = wait_for_line(proc, "listening on")
         assert seen and "listening on" in seen[-1], "".join(seen)[-3000:]
         address = seen[-1].split("listening on ")[1].split()[0]
         with grpc.insecure_channel(address) as ch:

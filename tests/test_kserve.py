@@ -25,7 +25,7 @@ from tritonclient.utils import InferenceServerException
 from alphagrpo_serve.client import AsyncClient, Client
 from alphagrpo_serve.models.tiny_policy import TinyPolicy
 from alphagrpo_serve.shapes.world import Obj, Scene, render
-from serving import run, running, self_signed_cert, small_policy
+from serving import run, running, self_signed_cert, small_policy, wait_for_line
 
 GENERATE, REFLECT, VERIFY, DECOMPOSE = (
     "alphagrpo_generate",
@@ -92,12 +92,8 @@ def serve_process(tmp_path, *args):
         text=True,
     )
     try:
-        seen = []
-        for _ in range(40):
-            seen.append(proc.stdout.readline())
-            if "listening on" in seen[-1] or proc.poll() is not None:
-                break
-        assert "listening on" in seen[-1], "".join(seen)
+        seen = wait_for_line(proc, "listening on")
+        assert seen and "listening on" in seen[-1], "".join(seen)
         # keep reading its log, or a full pipe would block the server's event loop
         threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()
         yield f"127.0.0.1:{port}", proc

@@ -18,7 +18,7 @@ from alphagrpo_serve.client import AsyncClient
 from alphagrpo_serve.models.tiny_policy import TinyPolicy
 from alphagrpo_serve.shapes.world import Obj, Scene, render
 from alphagrpo_serve.wire import image_to_proto
-from serving import run, running, self_signed_cert, small_policy
+from serving import run, running, self_signed_cert, small_policy, wait_for_line
 
 
 class SlowPolicy(TinyPolicy):
@@ -287,12 +287,8 @@ def test_cli_serve_subprocess_sigterm_drains_and_exits_zero(tmp_path):
         text=True,
     )
     try:
-        seen = []
-        for _ in range(20):  # a few structured log lines may come first
-            seen.append(proc.stdout.readline())
-            if "listening on" in seen[-1]:
-                break
-        assert f"listening on 127.0.0.1:{port}" in seen[-1], seen
+        seen = wait_for_line(proc, "listening on")  # a few structured log lines may come first
+        assert seen and f"listening on 127.0.0.1:{port}" in seen[-1], seen
         img = tmp_path / "x.png"
         __import__("PIL.Image").Image.fromarray(render(Scene([Obj("circle", "red", 16, 16, 5)]))).save(img)
         out = subprocess.run(

@@ -31,6 +31,7 @@ from alphagrpo_trainer.data import PromptSource, shard
 from alphagrpo_trainer.loss import grpo_backward
 from alphagrpo_trainer.rollout import rectify
 from alphagrpo_trainer.servers import LocalServer, ServerError, ServerPool
+from serving import wait_for_line
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.path.join(REPO, "trainer")]), OMP_NUM_THREADS="1")
@@ -370,14 +371,9 @@ def test_a_killed_trainer_leaves_no_local_server_behind(served, tmp_path, sig):
         train_cmd(cfg, "local"), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
     try:
-        addr, deadline = None, time.time() + 120
-        while addr is None and time.time() < deadline:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            if line.startswith("local server on "):
-                addr = line.split()[-1]
-        assert addr, "the trainer did not report its local server"
+        seen = wait_for_line(proc, "local server on ")
+        assert seen and seen[-1].startswith("local server on "), "the trainer did not report its local server"
+        addr = seen[-1].split()[-1]
         host, port = addr.rsplit(":", 1)
         socket.create_connection((host, int(port)), timeout=5).close()  # it is up
         proc.send_signal(sig)

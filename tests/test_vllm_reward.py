@@ -26,6 +26,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "tools"))
 from vllm_local import VENV_PY, VLLMServer, free_port, make_models  # noqa: E402
 
+from serving import wait_for_line  # noqa: E402
+
 pytestmark = pytest.mark.skipif(os.environ.get("ALPHAGRPO_SKIP_VLLM") == "1", reason="ALPHAGRPO_SKIP_VLLM=1")
 
 
@@ -159,11 +161,8 @@ def test_reward_service_with_the_openai_backend(servers, tmp_path):
     ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        line = ""
-        deadline = time.time() + 120
-        while "listening on" not in line and time.time() < deadline and proc.poll() is None:
-            line = proc.stdout.readline()
-        assert "listening on" in line, line
+        seen = wait_for_line(proc, "listening on")
+        assert seen and "listening on" in seen[-1], "".join(seen)
         with Client(f"127.0.0.1:{port}", timeout=120) as c:
             res = c.verify(["a red circle"], [scene_image()])[0]
             qs = c.decompose(["a red circle"])[0]
