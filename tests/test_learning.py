@@ -97,6 +97,19 @@ def test_format_reward_lowers_only_malformed_samples():
     assert m["thought_format_rate"] == 0.5 and m["groups_flat_frac"] == 1.0 and m["spread_implicit"] == 0.0
 
 
+def test_rt2i_reward_is_split_by_drawing_mode():
+    # group 0 thinks (texts), group 1 draws plain: the means by hand are 0.2 and 0.7
+    roll = _rollouts(["a red circle", "a blue square"], [["a red circle"] * 2, ["", ""]], [[0.1, 0.3], [0.6, 0.8]])
+    ok, has = format_flags(ShapesTask(), roll)
+    m = step_stats(ShapesTask(), roll, roll.rewards, ok, has, 0.05)
+    assert m["reward_think_mean"] == pytest.approx(0.2) and m["reward_plain_mean"] == pytest.approx(0.7)
+    plain_only = _rollouts(["a red circle"], [["", ""]], [[0.1, 0.3]])
+    m = step_stats(ShapesTask(), plain_only, plain_only.rewards, *format_flags(ShapesTask(), plain_only), 0.05)
+    assert m["reward_plain_mean"] == pytest.approx(0.2) and "reward_think_mean" not in m
+    srr = _rollouts(["a red circle"], [["it is correct", "it is correct"]], [[0.1, 0.3]], kind="srr")
+    assert not any(k.startswith("reward_") for k in step_stats(ShapesTask(), srr, srr.rewards, *format_flags(ShapesTask(), srr), 0.05))
+
+
 def test_rollouts_groups_and_cat_keep_samples_with_their_rewards():
     roll = _rollouts(
         ["a red circle", "a blue square", "a circle"], [["", ""]] * 3, [[0.1, 0.2], [0.3, 0.4], [0.5, 0.6]]

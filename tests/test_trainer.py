@@ -277,6 +277,9 @@ def test_two_steps_change_the_served_weights_and_bump_the_version(served, tmp_pa
     rows = metrics(out)
     assert [r["step"] for r in rows] == [1, 2] and [r["task"] for r in rows] == ["rt2i", "srr"]
     assert all(r["off_policy_count"] == 0 for r in rows)
+    # every RT2I rollout thinks (think_fraction 1): the think mode's reward is the step's, no plain key
+    assert rows[0]["reward_think_mean"] == pytest.approx(rows[0]["reward_raw_mean"], abs=1e-6)
+    assert "reward_plain_mean" not in rows[0] and "reward_think_mean" not in rows[1]
     assert rows[0]["image_logp_dev"] < 1e-4 and rows[0]["text_logp_dev"] < 1e-4  # trainer recompute = server's record
     with Client(addr) as c:
         info = c.model_info()

@@ -82,6 +82,7 @@ def plot_panels(
     kinds = sorted({r.get("task") for r in rows if r.get("task")})
     panels = [
         ("reward (rectified on SRR steps)", "reward", [("reward_mean", k) for k in kinds]),
+        ("RT2I reward by drawing mode", "reward", [("reward_think_mean", None), ("reward_plain_mean", None)]),
         ("S: semantic score", "S", [("reward_semantic", k) for k in kinds]),
         ("Q: quality score", "Q", [("reward_quality", k) for k in kinds]),
         ("images with more objects than asked", "share", [("extra_objects_frac", k) for k in kinds]),

@@ -53,10 +53,17 @@ def step_stats(
     task, roll: Rollouts, rewards: torch.Tensor, ok: torch.Tensor, has: torch.Tensor, min_std: float
 ) -> Dict[str, float]:
     """Format rate of the step's texts (thoughts on RT2I steps, critiques on SRR steps), the share of
-    groups without spread, and the mean group reward std per category (spread_<category>)."""
+    groups without spread, the mean group reward std per category (spread_<category>), and on RT2I
+    steps the verified reward of each drawing mode present (reward_think_mean, reward_plain_mean:
+    with think_fraction between 0 and 1 the two move separately)."""
     m: Dict[str, float] = {}
     if bool(has.any()):
         m["critique_format_rate" if roll.kind == "srr" else "thought_format_rate"] = float(ok[has].mean())
+    if roll.kind == "rt2i":
+        think = torch.tensor([bool(s.think) for s in roll.samples]).view(roll.raw_rewards.shape)
+        for mode, sel in (("think", think), ("plain", ~think)):
+            if bool(sel.any()):
+                m[f"reward_{mode}_mean"] = float(roll.raw_rewards[sel].mean())
     std = rewards.std(1, unbiased=False)
     m["groups_flat_frac"] = float((std < min_std).float().mean())
     category = getattr(task, "category", None)
