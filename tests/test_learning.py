@@ -107,7 +107,10 @@ def test_rt2i_reward_is_split_by_drawing_mode():
     m = step_stats(ShapesTask(), plain_only, plain_only.rewards, *format_flags(ShapesTask(), plain_only), 0.05)
     assert m["reward_plain_mean"] == pytest.approx(0.2) and "reward_think_mean" not in m
     srr = _rollouts(["a red circle"], [["it is correct", "it is correct"]], [[0.1, 0.3]], kind="srr")
-    assert not any(k.startswith("reward_") for k in step_stats(ShapesTask(), srr, srr.rewards, *format_flags(ShapesTask(), srr), 0.05))
+    assert not any(
+        k.startswith("reward_")
+        for k in step_stats(ShapesTask(), srr, srr.rewards, *format_flags(ShapesTask(), srr), 0.05)
+    )
 
 
 def test_rollouts_groups_and_cat_keep_samples_with_their_rewards():
