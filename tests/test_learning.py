@@ -177,10 +177,11 @@ def test_cached_evaluation_runs_once_per_weights_and_settings(tmp_path):
     assert cached_evaluation(TrainConfig(), pol, run) and len(calls) == 4  # no cache folder: always evaluates
 
 
-def _evals(q, crit, extra, acc):
+def _evals(q, crit, extra, acc, rows_per_category=10):
     cats = ["single_object", "two_object", "counting", "colors", "position", "color_attr", "implicit"]
     res = {
         "accuracy": dict(zip(cats, acc)),
+        "counts": {c: rows_per_category for c in cats},
         "overall": float(np.mean(acc[:6])),
         "mean_reward": 0.5,
         "semantic": 0.5,
@@ -209,6 +210,71 @@ def test_hacking_flags_and_learning_summary():
     assert s["improved"] == 7 and s["top_share"] == pytest.approx((0.3 / 6) / s["gain"])
 
 
+def test_critique_flag_has_no_margin_and_the_report_lists_flags_and_links(tmp_path):
+    from alphagrpo_trainer.report import write_report
+
+    before = _evals(0.85, 0.9, 0.2, [0.3] * 7)
+    assert hacking_flags(before, _evals(0.85, 0.9, 0.2, [0.3] * 7)) == []  # equal: not "less often"
+    flags = hacking_flags(before, _evals(0.85, 0.899, 0.2, [0.3] * 7))
+    assert flags == ["think+reflect: critiques well formed less often than before (0.900 -> 0.899)"]
+    assert hacking_flags(before, _evals(0.80, 0.9, 0.2, [0.3] * 7)) == []  # Q down exactly 0.05: within
+    after = _evals(0.79, 0.9, 0.2, [0.3] * 7)
+    curves = tmp_path / "curves.png"
+    curves.write_bytes(b"png")
+    cfg = {"max_steps": 4, "task": "rt2i", "group_size": 8, "prompts_per_step": 2, "seed": 0}
+    text = open(
+        write_report(str(tmp_path), cfg, before, after, [{"step": 4}], [], {"training curves": str(curves)}, 60)
+    ).read()
+    assert "**Flagged:**" in text and "think: held-out Q fell 0.850 -> 0.790 (more than 0.05)" in text
+    assert "![training curves](curves.png)" in text
+    text = open(write_report(str(tmp_path), cfg, before, before, [{"step": 4}], [], {}, 60)).read()
+    assert "**Flagged:**" not in text and "No flags" in text
+
+
+def test_report_panels_cover_every_logged_signal_and_keep_row_sets_apart():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from alphagrpo_trainer.report import _eval_line, _eval_points, panel_specs
+
+    keys = ["reward_mean", "reward_semantic", "reward_quality", "extra_objects_frac", "background_noise"]
+    keys += ["text_kl", "image_kl", "text_clip_frac", "image_clip_frac", "text_ratio_std", "image_ratio_std"]
+    keys += ["text_logp_dev", "image_logp_dev", "grad_norm", "spread_colors", "critique_format_rate"]
+    rows = [dict({k: 0.1 for k in keys}, step=1, task="rt2i")]
+    titles = " | ".join(t for t, _, _ in panel_specs(rows))
+    for want in (
+        "reward",
+        "S: semantic",
+        "Q: quality",
+        "more objects than asked",
+        "background noise",
+        "per category (think)",
+        "per category (plain)",
+        "per mode",
+        "format",
+        "KL",
+        "clip fraction",
+        "ratio spread",
+        "rollout/recompute gap",
+        "reward spread",
+        "gradient norm",
+    ):
+        assert want in titles, want
+    # a run scoring 30 rows at each periodic evaluation and 60 before and after: two lines per
+    # series, never one line through all four points
+    small, large = _evals(0.8, 0.9, 0.2, [0.3] * 7, 5), _evals(0.8, 0.9, 0.2, [0.4] * 7, 10)
+    evals = _eval_points([{"step": 2, "results": small}, {"step": 4, "results": small}], large, large, 6)
+    assert [(s, n) for s, _, n in evals] == [(0, 70), (2, 35), (4, 35), (6, 70)]
+    fig, ax = plt.subplots()
+    _eval_line(ax, evals, lambda r: r["think"]["overall"], "C0", "think")
+    lines = sorted((list(ln.get_xdata()), ln.get_linestyle(), ln.get_label()) for ln in ax.lines)
+    plt.close(fig)
+    assert [x for x, _, _ in lines] == [[0, 6], [2, 4]]
+    assert lines[1][1:] == ("-", "think") and lines[0][1] == "--" and lines[0][2].startswith("_")
+
+
 def test_report_figures_render_headless(tmp_path):
     rows = [
         {
@@ -222,6 +288,8 @@ def test_report_figures_render_headless(tmp_path):
             "spread_colors": 0.1,
             "critique_format_rate": 0.9,
             "grad_norm": 0.1,
+            "text_logp_dev": 2e-5,
+            "image_logp_dev": 1e-7,
         }
         for i in range(10)
     ]

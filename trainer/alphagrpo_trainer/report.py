@@ -17,6 +17,9 @@ Q_DROP = 0.05  # a run whose held-out Q falls by more than this is flagged
 BG_RISE = (
     2.0  # ... or whose background noise (mean RGB distance from the background colour, 0-255) rises by more than this
 )
+# the trainer logs the recompute's largest log-prob deviation from the rollout's record, measured
+# before the batch's first update: the rollout/recompute gap the clip range must not be swamped by
+GAP_TITLE = "rollout/recompute gap (before updating)"
 CATEGORY_ORDER = ("single_object", "two_object", "counting", "colors", "position", "color_attr", "implicit")
 
 
@@ -56,14 +59,94 @@ def _line(ax, x, y, label, color, marker="o"):
 
 
 def _eval_points(periodic: List[Dict], before: Optional[Dict], after: Optional[Dict], last_step: int):
-    """[(step, results)] of every held-out evaluation: before (step 0), periodic, after."""
+    """[(step, results, rows)] of every held-out evaluation: before (step 0), periodic, after; rows is
+    how many held-out rows it scored (the periodic ones may use fewer than before and after)."""
     pts = []
     if before:
         pts.append((0, before))
     pts += [(p["step"], p["results"]) for p in periodic if p.get("results")]
     if after:
         pts.append((last_step, after))
-    return pts
+    return [(s, r, _rows(r)) for s, r in pts]
+
+
+def _rows(results: Dict) -> int:
+    """Held-out rows behind an evaluation (the per-category counts of its first mode)."""
+    for m in results.values():
+        if isinstance(m, dict) and isinstance(m.get("counts"), dict):
+            return int(sum(m["counts"].values()))
+    return 0
+
+
+def _main_rows(evals) -> int:
+    """The row count most of the evaluations scored (the periodic ones' when there are any)."""
+    counts = [n for _, _, n in evals]
+    return max(set(counts), key=lambda n: (counts.count(n), -n)) if counts else 0
+
+
+def _eval_line(ax, evals, value, color, label):
+    """One held-out series. Points scored on different row sets are not joined: the evaluations on
+    the most common row count make the labelled solid line, the others (say a larger before/after
+    than the periodic ones) a dashed line of hollow points; `_rows_legend` explains the two."""
+    main = _main_rows(evals)
+    groups: Dict[int, List] = {}
+    for s, r, n in evals:
+        v = value(r)
+        if v is not None:
+            groups.setdefault(n, []).append((s, v))
+    for i, (n, pts) in enumerate(sorted(groups.items(), key=lambda g: g[0] != main)):
+        style = dict(ls="-", ms=4) if n == main else dict(ls="--", mfc="none", ms=5)
+        if i == 0:  # the series' name on its first line (dashed when it has no point on the main rows)
+            style["label"] = label
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color=color, **style)
+
+
+def _rows_legend(ax, evals):
+    rows = sorted({n for _, _, n in evals})
+    if len(rows) > 1:
+        main = _main_rows(evals)
+        others = ", ".join(str(n) for n in rows if n != main)
+        ax.plot([], [], marker="o", ls="-", color="gray", ms=4, label=f"solid: {main} rows")
+        ax.plot([], [], marker="o", ls="--", mfc="none", color="gray", ms=5, label=f"dashed: {others} rows")
+
+
+def panel_specs(rows: List[Dict]) -> List:
+    """[(title, y label, what)] of the panels the metrics rows can fill: `what` is a list of
+    (metric key, task or None) series, or a held-out view ("eval_modes", ("eval_categories", mode)).
+    A panel with no series in the rows is left out (the format panel stays: it also shows the
+    held-out critiques)."""
+    kinds = sorted({r.get("task") for r in rows if r.get("task")})
+    panels = [
+        ("reward (rectified on SRR steps)", "reward", [("reward_mean", k) for k in kinds]),
+        ("RT2I reward by drawing mode", "reward", [("reward_think_mean", None), ("reward_plain_mean", None)]),
+        ("S: semantic score", "S", [("reward_semantic", k) for k in kinds]),
+        ("Q: quality score", "Q", [("reward_quality", k) for k in kinds]),
+        ("images with more objects than asked", "share", [("extra_objects_frac", k) for k in kinds]),
+        ("background noise (invisible to the reward)", "mean RGB distance", [("background_noise", k) for k in kinds]),
+        ("held-out accuracy per category (think)", "accuracy", ("eval_categories", "think")),
+        ("held-out accuracy per category (plain)", "accuracy", ("eval_categories", "plain")),
+        ("held-out overall per mode", "accuracy", "eval_modes"),
+        (
+            "format of rollout texts",
+            "share well formed",
+            [("thought_format_rate", None), ("critique_format_rate", None)],
+        ),
+        ("KL to the base policy", "KL", [("text_kl", None), ("image_kl", None)]),
+        ("clip fraction", "fraction clipped", [("text_clip_frac", None), ("image_clip_frac", None)]),
+        ("ratio spread (std of the ratio)", "std", [("text_ratio_std", None), ("image_ratio_std", None)]),
+        (GAP_TITLE, "max |log-prob gap|", [("text_logp_dev", None), ("image_logp_dev", None)]),
+        (
+            "reward spread within groups",
+            "mean group std",
+            [(k, None) for k in sorted({k for r in rows for k in r if k.startswith("spread_")})],
+        ),
+        ("gradient norm (before clipping)", "norm", [("grad_norm", None)]),
+    ]
+    return [
+        p
+        for p in panels
+        if not isinstance(p[2], list) or any(_series(rows, k, t)[0] for k, t in p[2]) or p[0].startswith("format")
+    ]
 
 
 def plot_panels(
@@ -80,35 +163,7 @@ def plot_panels(
     last = rows[-1]["step"] if rows else 0
     evals = _eval_points(periodic, before, after, last)
     kinds = sorted({r.get("task") for r in rows if r.get("task")})
-    panels = [
-        ("reward (rectified on SRR steps)", "reward", [("reward_mean", k) for k in kinds]),
-        ("RT2I reward by drawing mode", "reward", [("reward_think_mean", None), ("reward_plain_mean", None)]),
-        ("S: semantic score", "S", [("reward_semantic", k) for k in kinds]),
-        ("Q: quality score", "Q", [("reward_quality", k) for k in kinds]),
-        ("images with more objects than asked", "share", [("extra_objects_frac", k) for k in kinds]),
-        ("background noise (invisible to the reward)", "mean RGB distance", [("background_noise", k) for k in kinds]),
-        ("held-out accuracy per category (think)", "accuracy", "eval_categories"),
-        ("held-out overall per mode", "accuracy", "eval_modes"),
-        (
-            "format of rollout texts",
-            "share well formed",
-            [("thought_format_rate", None), ("critique_format_rate", None)],
-        ),
-        ("KL to the base policy", "KL", [("text_kl", None), ("image_kl", None)]),
-        ("clip fraction", "fraction clipped", [("text_clip_frac", None), ("image_clip_frac", None)]),
-        ("ratio spread (std of the ratio)", "std", [("text_ratio_std", None), ("image_ratio_std", None)]),
-        (
-            "reward spread within groups",
-            "mean group std",
-            [(k, None) for k in sorted({k for r in rows for k in r if k.startswith("spread_")})],
-        ),
-        ("gradient norm (before clipping)", "norm", [("grad_norm", None)]),
-    ]
-    panels = [
-        p
-        for p in panels
-        if not isinstance(p[2], list) or any(_series(rows, k, t)[0] for k, t in p[2]) or p[0].startswith("format")
-    ]
+    panels = panel_specs(rows)
     ncol = 4
     nrow = (len(panels) + ncol - 1) // ncol
     fig, axes = plt.subplots(nrow, ncol, figsize=(4.2 * ncol, 3.1 * nrow), squeeze=False)
@@ -117,19 +172,22 @@ def plot_panels(
         ax.set_xlabel("step")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
-        if what == "eval_categories":
-            cats = [c for c in CATEGORY_ORDER if any(c in (r.get("think") or {}).get("accuracy", {}) for _, r in evals)]
+        if isinstance(what, tuple) and what[0] == "eval_categories":
+            mode = what[1]
+            cats = [c for c in CATEGORY_ORDER if any(c in (r.get(mode) or {}).get("accuracy", {}) for _, r, _ in evals)]
             for i, c in enumerate(cats):
-                pts = [
-                    (s, r["think"]["accuracy"][c]) for s, r in evals if c in (r.get("think") or {}).get("accuracy", {})
-                ]
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color=colors[i % len(colors)], label=c, ms=4)
+                _eval_line(
+                    ax, evals, lambda r, c=c: (r.get(mode) or {}).get("accuracy", {}).get(c), colors[i % len(colors)], c
+                )
+            if not cats:
+                ax.text(0.5, 0.5, f"no held-out evaluation in {mode} mode", ha="center", transform=ax.transAxes)
+            _rows_legend(ax, evals)
             ax.set_ylim(-0.02, 1.02)
         elif what == "eval_modes":
-            modes = [m for m in ("plain", "think", "think+reflect") if any(m in r for _, r in evals)]
+            modes = [m for m in ("plain", "think", "think+reflect") if any(m in r for _, r, _ in evals)]
             for i, m in enumerate(modes):
-                pts = [(s, r[m]["overall"]) for s, r in evals if m in r]
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color=colors[i], label=m, ms=4)
+                _eval_line(ax, evals, lambda r, m=m: (r.get(m) or {}).get("overall"), colors[i], m)
+            _rows_legend(ax, evals)
             ax.set_ylim(-0.02, 1.02)
         else:
             for i, (key, task) in enumerate(what):
@@ -137,11 +195,13 @@ def plot_panels(
                 label = key.replace("spread_", "") + (f" ({task})" if task and len(kinds) > 1 else "")
                 _line(ax, x, y, label, colors[i % len(colors)], "x" if task == "srr" else "o")
             if what and what[0][0] == "critique_format_rate" or title.startswith("format"):
-                for s, r in evals:  # the held-out critiques' format at each evaluation with reflection
+                for s, r, _ in evals:  # the held-out critiques' format at each evaluation with reflection
                     v = (r.get("think+reflect") or {}).get("critique_format_rate")
                     if v is not None:
                         ax.scatter([s], [v], marker="D", color="black", s=22, zorder=3)
                 ax.scatter([], [], marker="D", color="black", s=22, label="held-out critiques")
+        if title == GAP_TITLE:  # gaps span decades (1e-7 on images, 1e-5 on tokens in fp32)
+            ax.set_yscale("symlog", linthresh=1e-8)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7, loc="best")
     for ax in list(axes.flat)[len(panels) :]:
@@ -273,40 +333,6 @@ def hacking_flags(before: Optional[Dict], after: Optional[Dict]) -> List[str]:
             vb, va = b.get(key), a.get(key)
             if vb is not None and va is not None and (va > vb + margin if rising else va < vb - margin):
                 flags.append(f"{m}: " + text.format(b=vb, a=va))
-    return flags
-    for m in before:
-        b, a = before[m], after.get(m)
-        if not a:
-            continue
-        if b.get("quality") is not None and a.get("quality") is not None and a["quality"] < b["quality"] - Q_DROP:
-            flags.append(f"{m}: held-out Q fell {b['quality']:.3f} -> {a['quality']:.3f} (more than {Q_DROP})")
-        if (
-            b.get("critique_format_rate") is not None
-            and a.get("critique_format_rate") is not None
-            and a["critique_format_rate"] < b["critique_format_rate"]
-        ):
-            flags.append(
-                f"{m}: critiques well formed less often than before "
-                f"({b['critique_format_rate']:.3f} -> {a['critique_format_rate']:.3f})"
-            )
-        if (
-            b.get("extra_objects_frac") is not None
-            and a.get("extra_objects_frac") is not None
-            and a["extra_objects_frac"] > b["extra_objects_frac"] + Q_DROP
-        ):
-            flags.append(
-                f"{m}: more images with more objects than asked "
-                f"({b['extra_objects_frac']:.3f} -> {a['extra_objects_frac']:.3f})"
-            )
-        if (
-            b.get("background_noise") is not None
-            and a.get("background_noise") is not None
-            and a["background_noise"] > b["background_noise"] + BG_RISE
-        ):
-            flags.append(
-                f"{m}: noisier background ({b['background_noise']:.1f} -> {a['background_noise']:.1f}, "
-                f"mean RGB distance from the background colour)"
-            )
     return flags
 
 
