@@ -141,6 +141,7 @@ class ShapesTask(Task):
                 out.update(
                     critique_format_rate=float(np.mean([f[0] for f in fmt])),
                     critique_intended_rate=float(np.mean(drawing)) if drawing else None,
+                    # the share of critiques that declare the image correct, right or wrong
                     critique_correct_verdict_rate=float(np.mean(["it is correct" in c for c in rec.critiques])),
                 )
             results[name] = out

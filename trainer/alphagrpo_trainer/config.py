@@ -54,7 +54,7 @@ class TrainConfig:
     dynamic_sampling: bool = False  # replace the groups whose reward spread (population std) is below dynamic_min_std by groups of fresh prompts (one refill round; the batch keeps prompts_per_step groups, the widest-spread first)
     dynamic_min_std: float = 0.05  # dynamic sampling: the least reward std of a group that is kept
     format_weight: float = 0.0  # format reward: a sample whose thought or critique fails the task's format check (ShapesTask.format_ok) loses this much reward; 0: off
-    text_weight: float = 1.0  # weight of the text loss beside the image loss
+    text_weight: float = 1.0  # weight of the text loss beside the image loss (it scales the text KL term too)
     text_aggregation: str = "token-mean"  # see kernels.grpo_token_loss
     updates_per_batch: int = 1  # optimiser steps on each batch of rollouts (>1: the clipped ratios matter)
     off_policy: str = "importance"  # a rollout from another policy version: importance (its recorded log-probs as the behaviour policy, clipped ratio) | drop
