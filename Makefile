@@ -13,7 +13,7 @@ VLLM_VERSION  ?= 0.32.0
 .PHONY: help venv vllm-env build lint format test test-fast test-gpu test-install fuzz bench demo clean
 
 help:
-	@echo "make demo        the main job: GRPO (RT2I then SRR) on ShapesWorld + the tiny UMM, then the before/after table"
+	@echo "make demo        the main job: GRPO (RT2I then SRR) on ShapesWorld + the tiny UMM, then the before/after table (SEED=n: another seed)"
 	@echo "make test        set up .venv and .venv-vllm if needed, build the extension, run unit + integration + vllm tests"
 	@echo "make test-fast   the same without the vllm tier (ALPHAGRPO_SKIP_VLLM=1)"
 	@echo "make lint        ruff: lint (errors, pycodestyle, import order) and formatting check (run by make test)"
@@ -65,8 +65,10 @@ test: lint build vllm-env
 test-fast: lint build
 	ALPHAGRPO_SKIP_VLLM=1 $(PY) -m pytest -q $(PYTEST_ARGS)
 
+# make demo SEED=1 (or 2): the same run on another seed, into runs/demo-s1 (RESULTS.md reports 3 seeds)
+SEED ?=
 demo: build
-	$(VENV)/bin/alphagrpo train --config configs/demo.yaml --server local
+	$(VENV)/bin/alphagrpo train --config configs/demo.yaml --server local $(if $(SEED),--set seed=$(SEED) --out runs/demo-s$(SEED))
 
 test-gpu: build
 	$(PY) -m pytest -q -m gpu $(PYTEST_ARGS)
