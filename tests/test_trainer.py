@@ -267,7 +267,7 @@ def metrics(out):
 def test_two_steps_change_the_served_weights_and_bump_the_version(served, tmp_path):
     addr, weights, _ = served
     out = tmp_path / "run"
-    cfg = write_cfg(tmp_path / "c.yaml", weights, out)
+    cfg = write_cfg(tmp_path / "c.yaml", weights, out, eval_every=1, eval_limit=7)
     with Client(addr) as c:
         v0 = c.model_info().policy_version
         before = c.generate(["a red circle"], seed=5, steps=3, think=True, max_thought_tokens=4)[0].image
@@ -294,6 +294,16 @@ def test_two_steps_change_the_served_weights_and_bump_the_version(served, tmp_pa
     for f in ("report.md", "grid_before.png", "grid_after.png", "curves.png", "checkpoint.pt", "config.yaml"):
         assert (out / f).exists(), f
     assert any(n.startswith("events.out.tfevents") for n in os.listdir(out / "tb"))
+    # periodic evaluations on their own 7 rows (before/after: 6) start with the base policy at step 0
+    periodic = torch.load(out / "checkpoint.pt", weights_only=False)["periodic"]
+    assert [p["step"] for p in periodic] == [0, 1]
+    assert all(sorted(p["results"]) == ["plain", "think"] for p in periodic)
+    assert all(sum(p["results"]["think"]["counts"].values()) == 7 for p in periodic)
+    from alphagrpo_serve.shapes.task import ShapesTask
+
+    base = TinyPolicy.load(weights)
+    ref = ShapesTask().evaluate(base, SamplingConfig(steps=3, mode="ode", cfg_scale=3.0), [("think", True, False)], 7)
+    assert periodic[0]["results"]["think"]["overall"] == pytest.approx(ref["think"]["overall"])
 
 
 def test_kill_and_resume_repeats_the_next_step_exactly(served, tmp_path):

@@ -41,9 +41,12 @@ def weights_digest(policy) -> str:
     return h.hexdigest()
 
 
-def cached_evaluation(cfg, policy, evaluate: Callable[[], Optional[Dict]]) -> Optional[Dict]:
+def cached_evaluation(
+    cfg, policy, evaluate: Callable[[], Optional[Dict]], limit: Optional[int] = None, srr: Optional[bool] = None
+) -> Optional[Dict]:
     """evaluate(), or its earlier result from cfg.eval_cache for the same weights and evaluation
-    settings (an evaluation is deterministic: ODE, fixed seeds, greedy text)."""
+    settings (an evaluation is deterministic: ODE, fixed seeds, greedy text). limit and srr: the
+    evaluation's rows and whether it has the SRR mode, when not the before/after evaluation's."""
     if not cfg.eval_cache:
         return evaluate()
     key = dict(
@@ -52,10 +55,10 @@ def cached_evaluation(cfg, policy, evaluate: Callable[[], Optional[Dict]]) -> Op
         policy=cfg.policy["name"],
         task=cfg.prompt_task,
         heldout_file=cfg.heldout_file,
-        limit=cfg.eval_final_limit,
+        limit=cfg.eval_final_limit if limit is None else limit,
         steps=cfg.eval_steps,
         cfg_scale=cfg.cfg_scale,
-        srr=cfg.eval_srr,
+        srr=cfg.eval_srr if srr is None else srr,
     )
     path = os.path.join(
         cfg.eval_cache, hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20] + ".json"

@@ -473,6 +473,13 @@ class Trainer:
                     self.log(f"task {c.prompt_task!r} has no held-out suite and no heldout_file is set: no evaluation")
                 else:
                     write_json_atomic(self.before, os.path.join(self.out, "eval_before.json"))
+                    if c.eval_every and c.eval_limit != c.eval_final_limit and not self.periodic:
+                        # the periodic evaluations' own starting point: the base policy on their rows
+                        modes = [m_ for m_ in EVAL_MODES if not m_[2]]
+                        res = cached_evaluation(
+                            c, self.policy, lambda: self.evaluate(limit=c.eval_limit, modes=modes), c.eval_limit, False
+                        )
+                        self.periodic.append({"step": 0, "results": res})
                 self.grid("grid_before.png")
         if self.distributed:
             dist.barrier()
