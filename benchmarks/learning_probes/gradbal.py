@@ -1,40 +1,17 @@
 """Text vs image gradient magnitudes on one RT2I batch and one SRR-like batch (base policy, real rewards)."""
 
-import numpy as np
 import torch
+from common import base_policy, rollout_batch, setup
 
-from alphagrpo_serve import kernels
-from alphagrpo_serve.models.registry import load_policy
-from alphagrpo_serve.reward.embedded import embedded_reward
-from alphagrpo_serve.sampling.sampler import SamplingConfig, TextConfig
-from alphagrpo_serve.shapes.task import ShapesTask
 from alphagrpo_trainer.config import TrainConfig
 from alphagrpo_trainer.loss import grpo_backward
 
-torch.set_num_threads(1)
-pol = load_policy("tiny", None)
-rew = embedded_reward()
-pools = ShapesTask().training_prompts()
-rng = np.random.default_rng(0)
-G = 8
+pol = base_policy()
+rew, pools, rng = setup(seed=0)
 
 
 def batch(cats, reflect=False):
-    prompts = [pools[c][rng.integers(len(pools[c]))] for c in cats]
-    ps = [p for p in prompts for _ in range(G)]
-    sc = SamplingConfig(steps=10, mode="sde", sde_window=(2, 2), noise_level=0.7, cfg_scale=3.0)
-    tc = TextConfig(temperature=1.0, max_tokens=40)
-    refl = None
-    if reflect:
-        ode = SamplingConfig(steps=10, mode="ode", cfg_scale=3.0)
-        first = pol.generate(prompts, list(range(len(prompts))), ode, tc, think=True)
-        refl = [first[i // G].image for i in range(len(ps))]
-        out = pol.reflect(ps, refl, list(range(len(ps))), sc, tc)
-    else:
-        out = pol.generate(ps, list(range(len(ps))), sc, tc, think=True)
-    r = torch.tensor([x.reward for x in rew(ps, np.stack([s.image for s in out]))]).view(len(prompts), G)
-    adv = kernels.grpo_advantages(r, std_scope="batch").reshape(-1)
-    return out, adv, refl
+    return rollout_batch(pol, rew, pools, rng, cats, reflect, window=(2, 2))
 
 
 params = pol.trainable_parameters()

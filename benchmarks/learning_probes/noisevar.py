@@ -2,19 +2,13 @@
 
 import numpy as np
 import torch
+from common import G, base_policy, setup
 
 from alphagrpo_serve.models.layout import to_uint8
-from alphagrpo_serve.models.registry import load_policy
-from alphagrpo_serve.reward.embedded import embedded_reward
 from alphagrpo_serve.sampling.sampler import SamplingConfig, sample_images
-from alphagrpo_serve.shapes.task import ShapesTask
 
-torch.set_num_threads(1)
-pol = load_policy("tiny", None)
-rew = embedded_reward()
-pools = ShapesTask().training_prompts()
-rng = np.random.default_rng(1)
-G = 8
+pol = base_policy()
+rew, pools, rng = setup(seed=1)
 cats = ["single_object", "two_object", "counting", "colors", "position", "color_attr"] * 2
 prompts = [pools[c][rng.integers(len(pools[c]))] for c in cats]
 

@@ -1,6 +1,11 @@
-"""Probe the base policy: per-category reward spread of SDE rollouts (as in training) vs ODE eval."""
+"""Probe the base policy: per category, the reward, S, Q, GenEval-rule accuracy, group reward spread
+and extra objects of SDE rollouts as in training.
 
-import sys
+    probe.py [STEPS=10]                        6 prompts x G 8 per category, SDE window (2, 2)
+    probe.py [STEPS=10] --prompts 12 --random-window   (the notes' "probe12": 12 prompts, the window's
+                                                        start drawn from 0-2 per category as the demo does)"""
+
+import argparse
 import time
 
 import numpy as np
@@ -20,14 +25,19 @@ pools = task.training_prompts()
 rew = embedded_reward()
 det = Detector()
 G = 8
-P = 6
-steps = int(sys.argv[1]) if len(sys.argv) > 1 else 10
+ap = argparse.ArgumentParser()
+ap.add_argument("steps", nargs="?", type=int, default=10, help="denoising steps of the rollouts")
+ap.add_argument("--prompts", type=int, default=6, help="prompts per category (G 8 rollouts each)")
+ap.add_argument("--random-window", action="store_true", help="draw the SDE window's start from 0-2")
+args = ap.parse_args()
+P, RANDOM_WINDOW, steps = args.prompts, args.random_window, args.steps
 rng = np.random.default_rng(0)
 for cat, pool in pools.items():
     prompts = [pool[i] for i in rng.choice(len(pool), P)]
     t = time.time()
     ps = [p for p in prompts for _ in range(G)]
-    sc = SamplingConfig(steps=steps, mode="sde", sde_window=(2, 2), noise_level=0.7, cfg_scale=3.0)
+    window = (int(rng.integers(0, 3)), 2) if RANDOM_WINDOW else (2, 2)
+    sc = SamplingConfig(steps=steps, mode="sde", sde_window=window, noise_level=0.7, cfg_scale=3.0)
     out = pol.generate(ps, list(range(len(ps))), sc, TextConfig(temperature=1.0, max_tokens=40), think=True)
     imgs = np.stack([s.image for s in out])
     res = rew(ps, imgs)
