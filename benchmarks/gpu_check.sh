@@ -3,6 +3,7 @@
 # the ptxas resource report, run the GPU tests, compute-sanitizer memcheck over every op, then the
 # kernel benchmarks, and end with a short table. Run from anywhere; writes into ${OUT:-benchmarks/out}.
 #   ALPHAGRPO_CUDA_ARCHS (default 90a here: one arch builds fastest), MAX_JOBS (default: nproc).
+#   QUICK=1 (about 4 minutes): build, GPU tests and BAGEL only; skips memcheck and the benchmarks.
 # grpo_linear_token_loss is compared with Liger-Kernel's LigerFusedLinearGRPOLoss at 16 x 1,024
 # tokens x H 3,584 x V 151,936 bf16 (BAGEL's head). The GPU box has no network: put a wheel at
 # benchmarks/wheels/liger_kernel-*.whl (pip download liger-kernel --no-deps) to include it; without
@@ -40,6 +41,9 @@ PYTHONPATH="$PWD:$PWD/trainer${PYTHONPATH:+:$PYTHONPATH}" \
   $PY -m pytest -q -m gpu tests/test_gpu.py tests/test_gpu_product.py 2>&1 | tee "$OUT_DIR/gpu_tests.log" | tail -15
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
+if [ "${QUICK:-0}" = 1 ]; then
+  echo "== QUICK=1: memcheck and kernel benchmarks skipped"
+else
 echo "== compute-sanitizer memcheck"
 if command -v compute-sanitizer > /dev/null; then
   compute-sanitizer --tool memcheck --error-exitcode 9 $PY benchmarks/sanitize_ops.py > "$OUT_DIR/memcheck.log" 2>&1
@@ -92,6 +96,7 @@ echo "== grpo_linear_token_loss at 16 x 1,024 x 3,584 x 151,936 bf16, every prov
 echo "   peak extra MiB, and ms <= liger's)"
 grep -E "liger provider skipped" "$OUT_DIR/kernels.log" || true
 grep -E "^\| grpo_linear_token_loss" "$OUT_DIR/kernels.log" || echo "no grpo_linear_token_loss rows (see $OUT_DIR/kernels.log)"
+fi
 echo "== BAGEL on cuda: tiny checkpoint served in bf16 (Generate, Reflect, UpdateWeights) + one train step"
 bash benchmarks/gpu_bagel.sh 2>&1 | tee "$OUT_DIR/gpu_bagel.log" | tail -8; [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 echo "== summary: tests $(tail -1 "$OUT_DIR/gpu_tests.log"); exit status $status"
