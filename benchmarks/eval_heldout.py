@@ -36,12 +36,12 @@ def main(argv=None) -> int:
     from alphagrpo_serve.models.registry import load_policy
     from alphagrpo_serve.tasks import load_task
     from alphagrpo_trainer.config import TrainConfig
-    from alphagrpo_trainer.evaluation import EVAL_MODES, modes_for
+    from alphagrpo_trainer.evaluation import EVAL_MODES, eval_sampling, modes_for
 
     t0 = time.time()
     policy = load_policy("tiny", args.weights, "cpu", None)
     policy.eval()
-    sampling = policy.resolve_sampling(dict(steps=TrainConfig().eval_steps, mode="ode"))
+    sampling = eval_sampling(policy, TrainConfig())
     modes = modes_for(policy, [m for m in EVAL_MODES if not (args.no_srr and m[2])])
     with torch.no_grad():
         result = load_task("shapes").evaluate(policy, sampling, modes, args.limit)

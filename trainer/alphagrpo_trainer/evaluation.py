@@ -75,6 +75,15 @@ def cached_evaluation(
     return result
 
 
+def eval_sampling(policy, cfg) -> SamplingConfig:
+    """The held-out evaluation's sampling for a TrainConfig `cfg`: the deterministic ODE sampler with
+    `cfg.eval_steps` steps, and `cfg.cfg_scale` where set (else the policy's own guidance scale)."""
+    overrides = dict(steps=cfg.eval_steps, mode="ode")
+    if cfg.cfg_scale is not None:
+        overrides["cfg_scale"] = cfg.cfg_scale
+    return policy.resolve_sampling(overrides)
+
+
 def modes_for(policy, modes: Sequence[tuple]) -> List[tuple]:
     """The modes the policy can run (no think/reflect modes for a policy without them)."""
     caps = policy.info.capabilities

@@ -110,12 +110,17 @@ def _rows_legend(ax, evals):
         ax.plot([], [], marker="o", ls="--", mfc="none", color="gray", ms=5, label=f"dashed: {others} rows")
 
 
+def _tasks(rows: List[Dict]) -> List[str]:
+    """The task kinds (rt2i, srr) that the metrics rows hold, sorted."""
+    return sorted({r.get("task") for r in rows if r.get("task")})
+
+
 def panel_specs(rows: List[Dict]) -> List:
     """[(title, y label, what)] of the panels the metrics rows can fill: `what` is a list of
     (metric key, task or None) series, or a held-out view ("eval_modes", ("eval_categories", mode)).
     A panel with no series in the rows is left out (the format panel stays: it also shows the
     held-out critiques)."""
-    kinds = sorted({r.get("task") for r in rows if r.get("task")})
+    kinds = _tasks(rows)
     panels = [
         ("reward (rectified on SRR steps)", "reward", [("reward_mean", k) for k in kinds]),
         ("RT2I reward by drawing mode", "reward", [("reward_think_mean", None), ("reward_plain_mean", None)]),
@@ -162,7 +167,7 @@ def plot_panels(
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     last = rows[-1]["step"] if rows else 0
     evals = _eval_points(periodic, before, after, last)
-    kinds = sorted({r.get("task") for r in rows if r.get("task")})
+    several_tasks = len(_tasks(rows)) > 1
     panels = panel_specs(rows)
     ncol = 4
     nrow = (len(panels) + ncol - 1) // ncol
@@ -192,9 +197,9 @@ def plot_panels(
         else:
             for i, (key, task) in enumerate(what):
                 x, y = _series(rows, key, task)
-                label = key.replace("spread_", "") + (f" ({task})" if task and len(kinds) > 1 else "")
+                label = key.replace("spread_", "") + (f" ({task})" if task and several_tasks else "")
                 _line(ax, x, y, label, colors[i % len(colors)], "x" if task == "srr" else "o")
-            if what and what[0][0] == "critique_format_rate" or title.startswith("format"):
+            if title.startswith("format"):
                 for s, r, _ in evals:  # the held-out critiques' format at each evaluation with reflection
                     v = (r.get("think+reflect") or {}).get("critique_format_rate")
                     if v is not None:

@@ -29,7 +29,15 @@ from alphagrpo_serve.tasks import load_task
 
 from .config import TrainConfig, config_yaml
 from .data import PromptSource, shard
-from .evaluation import EVAL_MODES, cached_evaluation, draw_grid, evaluate_file, modes_for, read_heldout_file
+from .evaluation import (
+    EVAL_MODES,
+    cached_evaluation,
+    draw_grid,
+    eval_sampling,
+    evaluate_file,
+    modes_for,
+    read_heldout_file,
+)
 from .fsdp import average_grads, clip_grad_norm, gathered
 from .loss import grpo_backward
 from .report import before_after_table, plot_panels, write_report
@@ -284,11 +292,7 @@ class Trainer:
 
     # ---- evaluation ------------------------------------------------------------------------------
     def eval_sampling(self):
-        c = self.cfg
-        ov = dict(steps=c.eval_steps, mode="ode")
-        if c.cfg_scale is not None:
-            ov["cfg_scale"] = c.cfg_scale
-        return self.policy.resolve_sampling(ov)
+        return eval_sampling(self.policy, self.cfg)
 
     def evaluate(self, limit: int = 0, modes=None) -> Optional[Dict[str, Dict]]:
         """The held-out file scored by the server's reward, else the task's suite (None: neither, or
