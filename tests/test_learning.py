@@ -307,3 +307,24 @@ def test_report_figures_render_headless(tmp_path):
     )
     assert os.path.getsize(path) > 1000
     assert smooth([0.0, 1.0, 0.0, 1.0, 0.0], 3).tolist() == pytest.approx([0.5, 1 / 3, 2 / 3, 1 / 3, 0.5])
+
+
+def test_passk_probe_estimator_matches_hand_counts():
+    """benchmarks/learning_probes/passk.py's unbiased pass@k against values counted by hand: with n
+    samples of which c are right, pass@k is the chance that k drawn without replacement hold a right one."""
+    import importlib.util
+    from itertools import combinations
+
+    path = os.path.join(
+        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "learning_probes", "passk.py"
+    )
+    spec = importlib.util.spec_from_file_location("passk", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.pass_at(4, 1, 2) == pytest.approx(0.5)  # 3 of the 6 pairs hold the right sample
+    assert mod.pass_at(4, 0, 4) == 0.0 and mod.pass_at(4, 4, 1) == 1.0
+    assert mod.pass_at(16, 3, 1) == pytest.approx(3 / 16)
+    for n, c, k in [(5, 2, 3), (6, 1, 4), (8, 3, 2)]:  # enumerate every k-subset of n samples
+        right = [True] * c + [False] * (n - c)
+        subsets = list(combinations(range(n), k))
+        assert mod.pass_at(n, c, k) == pytest.approx(sum(any(right[i] for i in s) for s in subsets) / len(subsets))
