@@ -3,7 +3,7 @@
 # the ptxas resource report, run the GPU tests, compute-sanitizer memcheck over every op, then the
 # kernel benchmarks, and end with a short table. Run from anywhere; writes into ${OUT:-benchmarks/out}.
 #   ALPHAGRPO_CUDA_ARCHS (default 90a here: one arch builds fastest), MAX_JOBS (default: nproc).
-#   QUICK=1 (about 4 minutes): build, GPU tests and BAGEL only; skips memcheck and the benchmarks.
+#   QUICK=1 (about 3 minutes): build, GPU tests and BAGEL only; skips memcheck and the benchmarks.
 # grpo_linear_token_loss is compared with Liger-Kernel's LigerFusedLinearGRPOLoss at 16 x 1,024
 # tokens x H 3,584 x V 151,936 bf16 (BAGEL's head). The GPU box has no network: put a wheel at
 # benchmarks/wheels/liger_kernel-*.whl (pip download liger-kernel --no-deps) to include it; without

@@ -321,6 +321,15 @@ def test_passk_probe_estimator_matches_hand_counts():
     spec = importlib.util.spec_from_file_location("passk", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
+    # its rollout sampling: windows of the config's size, first steps 0-4 for proxy.yaml's [0, 6] range
+    from alphagrpo_trainer.config import TrainConfig
+
+    cfg = TrainConfig(steps=10, sde_window_size=2, sde_window_range=[0, 6], noise_level=0.7, cfg_scale=3.0)
+    rng = np.random.default_rng(0)
+    draws = [mod.rollout_sampling(cfg, rng) for _ in range(200)]
+    assert {sc.sde_window for sc, _ in draws} == {(0, 2), (1, 2), (2, 2), (3, 2), (4, 2)}
+    assert all(sc.mode == "sde" and sc.steps == 10 and sc.noise_level == 0.7 for sc, _ in draws)
+    assert (draws[0][1].temperature, draws[0][1].max_tokens) == (1.0, 40)
     assert mod.pass_at(4, 1, 2) == pytest.approx(0.5)  # 3 of the 6 pairs hold the right sample
     assert mod.pass_at(4, 0, 4) == 0.0 and mod.pass_at(4, 4, 1) == 1.0
     assert mod.pass_at(16, 3, 1) == pytest.approx(3 / 16)

@@ -608,7 +608,8 @@ def test_eval_heldout_script_scores_weights_as_the_trainer_does(tmp_path):
     policy = TinyPolicy.load(weights)
     sc = eval_sampling(policy, TrainConfig())
     assert (sc.steps, sc.mode, sc.cfg_scale) == (20, "ode", 3.0)
-    assert eval_sampling(policy, TrainConfig(cfg_scale=1.5, eval_steps=4)).cfg_scale == 1.5
+    sc4 = eval_sampling(policy, TrainConfig(cfg_scale=1.5, eval_steps=4))
+    assert (sc4.steps, sc4.mode, sc4.cfg_scale) == (4, "ode", 1.5)
     out = tmp_path / "e.json"
     script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "eval_heldout.py")
     res = subprocess.run(

@@ -2,18 +2,21 @@
 
 GRPO only reinforces what its rollouts already draw. A prompt where none of k rollouts succeeds gives
 no learning signal at k, and a prompt the policy already always solves gives none either. For each
-held-out row this draws k think-mode samples from the distribution the proxy's RT2I rollouts use:
-10 steps, SDE on a 2-step window whose start is drawn from 0-4, noise 0.7, CFG 3, thoughts sampled
-at temperature 1, up to 40 tokens. Each sample is scored by the GenEval rule. The script prints,
-per category and overall (the mean of the six GenEval categories, as the evaluation reports it):
+held-out row this draws k think-mode samples from the distribution the RT2I rollouts of a training
+config use (default configs/proxy.yaml: 10 steps, SDE on a 2-step window whose first step is drawn
+from 0-4 as the trainer draws it, noise 0.7, CFG 3, thoughts sampled at temperature 1, up to 40
+tokens). Each sample is scored by the GenEval rule. The script prints, per category and overall
+(the mean of the six GenEval categories, as the evaluation reports it; implicit rows are listed
+apart):
 - pass@1: the rollouts' mean accuracy;
-- pass@k for k = 2, 4, ..., K, with the unbiased estimator 1 - C(n-c, k) / C(n, k);
-- the share of rows whose K samples are neither all right nor all wrong (the rows that carry signal).
+- pass@k for k = 2, 4, 8, ... and K, with the unbiased estimator 1 - C(n-c, k) / C(n, k);
+- the share of rows whose K samples are neither all right nor all wrong (the rows that carry signal;
+  overall: the mean of the six categories' shares).
 pass@K is a rough ceiling for greedy held-out accuracy after training: RL mostly moves probability
 toward answers the model already draws.
 
     PYTHONPATH=.:trainer OMP_NUM_THREADS=1 .venv/bin/python benchmarks/learning_probes/passk.py \
-        [WEIGHTS] [--k 8] [--limit 0] [--json out.json]
+        [WEIGHTS] [--k 8] [--limit 0] [--config configs/proxy.yaml] [--json out.json]
 """
 
 import argparse
@@ -28,6 +31,23 @@ import torch
 from alphagrpo_serve.models.registry import load_policy
 from alphagrpo_serve.sampling.sampler import SamplingConfig, TextConfig
 from alphagrpo_serve.shapes.evaluate import CATEGORIES, evaluate, load_heldout
+from alphagrpo_trainer.config import load_config
+
+
+def rollout_sampling(cfg, rng):
+    """(SamplingConfig, TextConfig) of one RT2I rollout batch of TrainConfig `cfg`: an SDE window of
+    cfg.sde_window_size steps whose first step is drawn from cfg.sde_window_range as the trainer's
+    step_inputs draws it (SamplingConfig.sde_window is (first step, number of steps))."""
+    lo, hi = cfg.sde_window_range
+    start = int(rng.integers(lo, hi - cfg.sde_window_size + 1))
+    sc = SamplingConfig(
+        steps=cfg.steps,
+        mode="sde",
+        sde_window=(start, cfg.sde_window_size),
+        noise_level=cfg.noise_level,
+        cfg_scale=3.0 if cfg.cfg_scale is None else cfg.cfg_scale,
+    )
+    return sc, TextConfig(temperature=cfg.temperature, max_tokens=cfg.max_thought_tokens)
 
 
 def pass_at(n: int, c: int, k: int) -> float:
@@ -40,6 +60,7 @@ def main(argv=None) -> int:
     ap.add_argument("weights", nargs="?", default=None, help="policy weights (default: the shipped base)")
     ap.add_argument("--k", type=int, default=8, help="samples per held-out row (default 8)")
     ap.add_argument("--limit", type=int, default=0, help="evenly spaced held-out rows (0: all 360)")
+    ap.add_argument("--config", default="configs/proxy.yaml", help="training config whose rollouts to sample")
     ap.add_argument("--json", default=None, help="also write the per-row success counts here")
     args = ap.parse_args(argv)
     if args.k < 1:
@@ -51,13 +72,12 @@ def main(argv=None) -> int:
         rows = [rows[i * len(rows) // args.limit] for i in range(args.limit)]
     pol = load_policy("tiny", args.weights)
     pol.eval()
+    cfg = load_config(args.config)
     rng = np.random.default_rng(0)
-    text = TextConfig(temperature=1.0, max_tokens=40)
     prompts = [r["prompt"] for r in rows]
     right = np.zeros((len(rows), args.k), dtype=bool)
     for j in range(args.k):
-        start = int(rng.integers(0, 5))
-        sc = SamplingConfig(steps=10, mode="sde", sde_window=(start, start + 2), noise_level=0.7, cfg_scale=3.0)
+        sc, text = rollout_sampling(cfg, rng)
         seeds = [10_000 * (j + 1) + int(r["seed"]) for r in rows]
         images = []
         with torch.no_grad():
@@ -65,10 +85,13 @@ def main(argv=None) -> int:
                 out = pol.generate(prompts[i : i + 64], seeds[i : i + 64], sc, text, think=True)
                 images += [s.image for s in out]
         right[:, j] = evaluate(prompts, np.stack(images)).correct
-        print(f"sample {j + 1}/{args.k}: accuracy {right[:, j].mean():.3f} ({time.time() - t0:.0f} s)", flush=True)
+        print(
+            f"sample {j + 1}/{args.k} (window {sc.sde_window}): accuracy {right[:, j].mean():.3f} ({time.time() - t0:.0f} s)",
+            flush=True,
+        )
 
     cats = [r["category"] for r in rows]
-    ks = [k for k in (1, 2, 4, 8, 16, 32) if k <= args.k]
+    ks = sorted({k for k in (1, 2, 4, 8, 16, 32) if k <= args.k} | {args.k})
     table = {}
     for c in list(CATEGORIES) + ["implicit"]:
         sel = [i for i, cc in enumerate(cats) if cc == c]
