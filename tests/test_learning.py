@@ -333,6 +333,12 @@ def test_passk_probe_estimator_matches_hand_counts():
     assert mod.pass_at(4, 1, 2) == pytest.approx(0.5)  # 3 of the 6 pairs hold the right sample
     assert mod.pass_at(4, 0, 4) == 0.0 and mod.pass_at(4, 4, 1) == 1.0
     assert mod.pass_at(16, 3, 1) == pytest.approx(3 / 16)
+    # the reward's ranking against the rule: row 1 has pairs (0.9>0.2 win, 0.9>0.5 win), row 2 (0.3<0.4
+    # loss, 0.3=0.3 tie), row 3 has no wrong sample: 2 + 0 + 0.5 of 4 pairs
+    right = np.array([[True, False, False], [True, False, False], [True, True, True]])
+    rewards = np.array([[0.9, 0.2, 0.5], [0.3, 0.4, 0.3], [0.1, 0.2, 0.3]])
+    assert mod.ranking_agreement(right, rewards) == pytest.approx(2.5 / 4)
+    assert mod.ranking_agreement(right[2:], rewards[2:]) is None
     for n, c, k in [(5, 2, 3), (6, 1, 4), (8, 3, 2)]:  # enumerate every k-subset of n samples
         right = [True] * c + [False] * (n - c)
         subsets = list(combinations(range(n), k))

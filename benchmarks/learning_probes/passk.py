@@ -11,7 +11,10 @@ apart):
 - pass@1: the rollouts' mean accuracy;
 - pass@k for k = 2, 4, 8, ... and K, with the unbiased estimator 1 - C(n-c, k) / C(n, k);
 - the share of rows whose K samples are neither all right nor all wrong (the rows that carry signal;
-  overall: the mean of the six categories' shares).
+  overall: the mean of the six categories' shares);
+- whether the reward ranks the samples as the GenEval rule does: over every pair of samples of one
+  row where one is right and the other wrong, the share where the right one gets the higher DVReward
+  (ties count a half). GRPO's advantages come from that ranking within a group; 0.5 is no signal.
 pass@K is a rough ceiling for greedy held-out accuracy after training: RL mostly moves probability
 toward answers the model already draws.
 
@@ -29,6 +32,7 @@ import numpy as np
 import torch
 
 from alphagrpo_serve.models.registry import load_policy
+from alphagrpo_serve.reward.embedded import embedded_reward
 from alphagrpo_serve.sampling.sampler import SamplingConfig, TextConfig
 from alphagrpo_serve.shapes.evaluate import CATEGORIES, evaluate, load_heldout
 from alphagrpo_trainer.config import load_config
@@ -55,6 +59,19 @@ def pass_at(n: int, c: int, k: int) -> float:
     return 1.0 if n - c < k else 1.0 - comb(n - c, k) / comb(n, k)
 
 
+def ranking_agreement(right: np.ndarray, rewards: np.ndarray):
+    """Over every (right, wrong) pair of samples within a row, the share where the right sample has the
+    higher reward (ties: a half); None when no row has both."""
+    wins = pairs = 0.0
+    for ok, rw in zip(right, rewards):
+        good, bad = rw[ok], rw[~ok]
+        if len(good) and len(bad):
+            diff = good[:, None] - bad[None, :]
+            wins += float((diff > 0).sum() + 0.5 * (diff == 0).sum())
+            pairs += diff.size
+    return wins / pairs if pairs else None
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("weights", nargs="?", default=None, help="policy weights (default: the shipped base)")
@@ -76,6 +93,8 @@ def main(argv=None) -> int:
     rng = np.random.default_rng(0)
     prompts = [r["prompt"] for r in rows]
     right = np.zeros((len(rows), args.k), dtype=bool)
+    rewards = np.zeros((len(rows), args.k))
+    reward = embedded_reward()
     for j in range(args.k):
         sc, text = rollout_sampling(cfg, rng)
         seeds = [10_000 * (j + 1) + int(r["seed"]) for r in rows]
@@ -84,7 +103,8 @@ def main(argv=None) -> int:
             for i in range(0, len(rows), 64):
                 out = pol.generate(prompts[i : i + 64], seeds[i : i + 64], sc, text, think=True)
                 images += [s.image for s in out]
-        right[:, j] = evaluate(prompts, np.stack(images)).correct
+        report = evaluate(prompts, np.stack(images), reward=reward)
+        right[:, j], rewards[:, j] = report.correct, report.rewards
         print(
             f"sample {j + 1}/{args.k} (window {sc.sde_window}): accuracy {right[:, j].mean():.3f} ({time.time() - t0:.0f} s)",
             flush=True,
@@ -100,16 +120,24 @@ def main(argv=None) -> int:
         counts = right[sel].sum(1)
         table[c] = {f"pass@{k}": float(np.mean([pass_at(args.k, int(n), k) for n in counts])) for k in ks}
         table[c]["signal_rows"] = float(np.mean((counts > 0) & (counts < args.k)))
+        table[c]["reward_agrees"] = ranking_agreement(right[sel], rewards[sel])
         table[c]["n"] = len(sel)
     main_cats = [c for c in CATEGORIES if c in table]
-    table["overall"] = {key: float(np.mean([table[c][key] for c in main_cats])) for key in table[main_cats[0]]}
+    if not main_cats:
+        raise SystemExit("error: no GenEval category among the rows: raise --limit")
+    table["overall"] = {
+        key: float(np.mean([table[c][key] for c in main_cats])) for key in table[main_cats[0]] if key != "reward_agrees"
+    }
     table["overall"]["n"] = sum(table[c]["n"] for c in main_cats)
-    head = "| category | n | " + " | ".join(f"pass@{k}" for k in ks) + " | rows with signal |"
+    sel = [i for i, c in enumerate(cats) if c in main_cats]  # pooled over the six categories' rows
+    table["overall"]["reward_agrees"] = ranking_agreement(right[sel], rewards[sel])
+    head = "| category | n | " + " | ".join(f"pass@{k}" for k in ks) + " | rows with signal | reward agrees |"
     print(head)
-    print("|---|---:|" + "---:|" * (len(ks) + 1))
+    print("|---|---:|" + "---:|" * (len(ks) + 2))
     for c, v in table.items():
         cells = " | ".join(f"{v[f'pass@{k}']:.3f}" for k in ks)
-        print(f"| {c} | {v['n']} | {cells} | {v['signal_rows']:.2f} |")
+        agree = "-" if v["reward_agrees"] is None else f"{v['reward_agrees']:.2f}"
+        print(f"| {c} | {v['n']} | {cells} | {v['signal_rows']:.2f} | {agree} |")
     print(f"{args.weights or 'base'}: {len(rows)} rows x {args.k} samples in {time.time() - t0:.0f} s")
     if args.json:
         with open(args.json, "w") as f:
@@ -119,7 +147,8 @@ def main(argv=None) -> int:
                     "k": args.k,
                     "table": table,
                     "rows": [
-                        {"prompt": p, "category": c, "right": int(n)} for p, c, n in zip(prompts, cats, right.sum(1))
+                        {"prompt": p, "category": c, "right": [bool(x) for x in ok], "reward": [float(x) for x in rw]}
+                        for p, c, ok, rw in zip(prompts, cats, right, rewards)
                     ],
                 },
                 f,
