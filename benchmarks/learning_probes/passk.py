@@ -54,6 +54,32 @@ def rollout_sampling(cfg, rng):
     return sc, TextConfig(temperature=cfg.temperature, max_tokens=cfg.max_thought_tokens)
 
 
+def draw(pol, prompts, seeds, cfg, k: int):
+    """k think-mode rollouts of every prompt (sample j of a prompt with seed s uses seed 10,000 (j + 1) + s;
+    the windows come from one generator seeded 0, so every policy sees the same draws), scored by the
+    GenEval rule and the embedded DVReward: (right, rewards), both (len(prompts), k)."""
+    t0 = time.time()
+    rng = np.random.default_rng(0)
+    right = np.zeros((len(prompts), k), dtype=bool)
+    rewards = np.zeros((len(prompts), k))
+    reward = embedded_reward()
+    for j in range(k):
+        sc, text = rollout_sampling(cfg, rng)
+        seeds_j = [10_000 * (j + 1) + s for s in seeds]
+        images = []
+        with torch.no_grad():
+            for i in range(0, len(prompts), 64):
+                out = pol.generate(prompts[i : i + 64], seeds_j[i : i + 64], sc, text, think=True)
+                images += [s.image for s in out]
+        report = evaluate(prompts, np.stack(images), reward=reward)
+        right[:, j], rewards[:, j] = report.correct, report.rewards
+        print(
+            f"sample {j + 1}/{k} (window {sc.sde_window}): accuracy {right[:, j].mean():.3f} ({time.time() - t0:.0f} s)",
+            flush=True,
+        )
+    return right, rewards
+
+
 def pass_at(n: int, c: int, k: int) -> float:
     """The unbiased pass@k of n samples with c right (Chen et al. 2021)."""
     return 1.0 if n - c < k else 1.0 - comb(n - c, k) / comb(n, k)
@@ -90,25 +116,8 @@ def main(argv=None) -> int:
     pol = load_policy("tiny", args.weights)
     pol.eval()
     cfg = load_config(args.config)
-    rng = np.random.default_rng(0)
     prompts = [r["prompt"] for r in rows]
-    right = np.zeros((len(rows), args.k), dtype=bool)
-    rewards = np.zeros((len(rows), args.k))
-    reward = embedded_reward()
-    for j in range(args.k):
-        sc, text = rollout_sampling(cfg, rng)
-        seeds = [10_000 * (j + 1) + int(r["seed"]) for r in rows]
-        images = []
-        with torch.no_grad():
-            for i in range(0, len(rows), 64):
-                out = pol.generate(prompts[i : i + 64], seeds[i : i + 64], sc, text, think=True)
-                images += [s.image for s in out]
-        report = evaluate(prompts, np.stack(images), reward=reward)
-        right[:, j], rewards[:, j] = report.correct, report.rewards
-        print(
-            f"sample {j + 1}/{args.k} (window {sc.sde_window}): accuracy {right[:, j].mean():.3f} ({time.time() - t0:.0f} s)",
-            flush=True,
-        )
+    right, rewards = draw(pol, prompts, [int(r["seed"]) for r in rows], cfg, args.k)
 
     cats = [r["category"] for r in rows]
     ks = sorted({k for k in (1, 2, 4, 8, 16, 32) if k <= args.k} | {args.k})
