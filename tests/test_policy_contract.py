@@ -283,3 +283,15 @@ def test_a_partial_lora_import_keeps_the_other_adapters_effect(case):
     after = pol.export_weights(lora=True)
     for k, v in before.items():
         assert torch.allclose(after[k], part.get(k, v), atol=1e-6), k
+
+
+def test_evenly_spaced_rows_keep_every_category():
+    """tasks.base.evenly_spaced, the one row picker of every held-out evaluation, by hand: 4 of 10 rows
+    are 0, 2, 5, 7; limit 0 or >= the row count keeps all; on a split of 3 categories x 4 rows,
+    6 rows take 2 of each."""
+    from alphagrpo_serve.tasks.base import evenly_spaced
+
+    assert evenly_spaced(range(10), 4) == [0, 2, 5, 7]
+    assert evenly_spaced(range(5), 0) == [0, 1, 2, 3, 4] and evenly_spaced(range(5), 9) == [0, 1, 2, 3, 4]
+    split = [c for c in "abc" for _ in range(4)]
+    assert sorted(evenly_spaced(split, 6)) == ["a", "a", "b", "b", "c", "c"]

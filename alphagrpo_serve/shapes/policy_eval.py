@@ -12,6 +12,7 @@ import numpy as np
 from ..models.base import Policy
 from ..reward.embedded import embedded_reward
 from ..sampling.sampler import SamplingConfig, TextConfig
+from ..tasks.base import evenly_spaced
 from .evaluate import EvalReport, evaluate, load_heldout
 from .grammar import PromptError, parse
 
@@ -53,11 +54,7 @@ def evaluate_policy(
     batch: int = 64,
     limit: int = 0,
 ) -> PolicyEval:
-    rows = list(rows if rows is not None else load_heldout())
-    if limit and limit < len(
-        rows
-    ):  # evenly spaced: the split is grouped by category, so every category keeps its share
-        rows = [rows[i * len(rows) // limit] for i in range(limit)]
+    rows = evenly_spaced(rows if rows is not None else load_heldout(), limit)
     sampling = policy.resolve_sampling(dict(mode="ode") if sampling is None else _overrides(sampling))
     reflect_sampling = policy.resolve_sampling(_overrides(sampling), reflect=True)
     greedy = TextConfig(temperature=0.0, top_p=1.0, max_tokens=policy.info.text_defaults.max_tokens)

@@ -9,7 +9,7 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from ..tasks.base import Task
+from ..tasks.base import Task, evenly_spaced
 from .grammar import CATEGORIES, PromptError, all_prompts, is_heldout, parse
 
 CATEGORIES_ALL = tuple(CATEGORIES) + ("implicit",)
@@ -116,9 +116,7 @@ class ShapesTask(Task):
         from .evaluate import load_heldout
         from .policy_eval import evaluate_policy
 
-        rows = list(rows if rows is not None else load_heldout())
-        if limit and limit < len(rows):  # evenly spaced, as evaluate_policy picks them
-            rows = [rows[i * len(rows) // limit] for i in range(limit)]
+        rows = evenly_spaced(rows if rows is not None else load_heldout(), limit)
         prompts = [r["prompt"] for r in rows]
         reward = embedded_reward()
         results = {}

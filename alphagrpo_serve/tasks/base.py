@@ -8,6 +8,15 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 
 
+def evenly_spaced(rows: Sequence, limit: int) -> List:
+    """`limit` evenly spaced rows (all of them when limit is 0 or not below their number). Held-out
+    splits are grouped by category, so every category keeps its share."""
+    rows = list(rows)
+    if limit and limit < len(rows):
+        return [rows[i * len(rows) // limit] for i in range(limit)]
+    return rows
+
+
 class Task(abc.ABC):
     name: str = "?"
 

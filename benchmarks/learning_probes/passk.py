@@ -35,6 +35,7 @@ from alphagrpo_serve.models.registry import load_policy
 from alphagrpo_serve.reward.embedded import embedded_reward
 from alphagrpo_serve.sampling.sampler import SamplingConfig, TextConfig
 from alphagrpo_serve.shapes.evaluate import CATEGORIES, evaluate, load_heldout
+from alphagrpo_serve.tasks.base import evenly_spaced
 from alphagrpo_trainer.config import load_config
 
 
@@ -110,9 +111,7 @@ def main(argv=None) -> int:
         raise SystemExit(f"error: --k must be >= 1, got {args.k}")
     torch.set_num_threads(1)
     t0 = time.time()
-    rows = load_heldout()
-    if args.limit and args.limit < len(rows):
-        rows = [rows[i * len(rows) // args.limit] for i in range(args.limit)]
+    rows = evenly_spaced(load_heldout(), args.limit)
     pol = load_policy("tiny", args.weights)
     pol.eval()
     cfg = load_config(args.config)

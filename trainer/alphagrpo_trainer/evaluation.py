@@ -13,6 +13,7 @@ import numpy as np
 
 from alphagrpo_serve.fileio import iter_jsonl
 from alphagrpo_serve.sampling.sampler import SamplingConfig, TextConfig
+from alphagrpo_serve.tasks.base import evenly_spaced
 
 # (name, think, reflect): plain drawing, think first, think then one round of self-reflective refinement
 EVAL_MODES = (("plain", False, False), ("think", True, False), ("think+reflect", True, True))
@@ -90,20 +91,13 @@ def modes_for(policy, modes: Sequence[tuple]) -> List[tuple]:
     return [m for m in modes if (caps.think or not m[1]) and (caps.reflect or not m[2])]
 
 
-def _spaced(rows: List[Dict], limit: int) -> List[Dict]:
-    """limit evenly spaced rows (every part of a split grouped by category keeps its share)."""
-    if limit and limit < len(rows):
-        return [rows[i * len(rows) // limit] for i in range(limit)]
-    return rows
-
-
 def evaluate_file(
     policy, rows: List[Dict], sampling: SamplingConfig, verify, modes: Sequence[tuple], limit: int = 0, batch: int = 32
 ) -> Dict[str, Dict]:
     """{mode: {"overall": mean reward, "mean_reward", "semantic", "quality", "accuracy": {}}}: the
     policy draws each held-out prompt (ODE, the row's seed, greedy text) and verify(prompts, images)
     (the server's reward) scores the images."""
-    rows = _spaced(rows, limit)
+    rows = evenly_spaced(rows, limit)
     prompts = [r["prompt"] for r in rows]
     seeds = [r["seed"] for r in rows]
     greedy = TextConfig(temperature=0.0, max_tokens=policy.info.text_defaults.max_tokens)
