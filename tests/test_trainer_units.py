@@ -1,5 +1,5 @@
 """The GRPO trainer's pieces without a server: the SRR rectification rule on hand-made rewards, the
-config (validation, documentation), the prompt stream, the loss and advantages
+config (validation, --set overrides, documentation), the prompt stream, the loss and advantages
 against a plain float64 computation, the fused text loss against the logits path, and the held-out
 evaluation's sampling. Runs against a served policy are in test_trainer.py."""
 
@@ -59,6 +59,27 @@ def test_config_validation_and_yaml(tmp_path):
         load_config(None, {"steps": 4, "sde_window_range": [0, 6]})
     for name in sorted(os.listdir(os.path.join(REPO, "configs"))):  # every shipped example loads
         load_config(os.path.join(REPO, "configs", name))
+
+
+def test_set_overrides_parse_yaml_values_and_mapping_keys(tmp_path):
+    """--set FIELD=VALUE (the trainer CLI and the learning probes): YAML-typed values, a dotted key
+    sets one key of a mapping field over the config file's mapping, and a malformed item is named."""
+    from alphagrpo_trainer.config import set_overrides
+
+    p = tmp_path / "c.yaml"
+    p.write_text("policy:\n  name: tiny\n  path: w.safetensors\n")
+    got = set_overrides(
+        ["lr=0.0001", "sde_window_range=[0, 4]", 'category_weights={"counting": 1.0}', "policy.name=bagel"], str(p)
+    )
+    assert got == {
+        "lr": 1e-4,
+        "sde_window_range": [0, 4],
+        "category_weights": {"counting": 1.0},
+        "policy": {"name": "bagel", "path": "w.safetensors"},
+    }
+    assert load_config(str(p), got).policy == {"name": "bagel", "path": "w.safetensors"}
+    with pytest.raises(ValueError, match="--set expects FIELD=VALUE, got 'lr'"):
+        set_overrides(["lr"])
 
 
 def test_the_local_server_is_started_for_the_run(tmp_path):

@@ -29,7 +29,7 @@ from passk import draw  # noqa: E402
 from alphagrpo_serve.models.registry import load_policy  # noqa: E402
 from alphagrpo_serve.shapes.evaluate import load_heldout  # noqa: E402
 from alphagrpo_serve.tasks import load_task  # noqa: E402
-from alphagrpo_trainer.config import load_config  # noqa: E402
+from alphagrpo_trainer.config import load_config, set_overrides  # noqa: E402
 from alphagrpo_trainer.data import PromptSource  # noqa: E402
 
 LARGE = ("counting", "position", "color_attr", "implicit")
@@ -55,13 +55,7 @@ def main(argv=None) -> int:
     ap.add_argument("--categories", default=",".join(LARGE), help="comma-separated (default: the four large ones)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    import yaml
-
-    overrides = {"seed": args.seed}
-    for kv in args.set:
-        key, _, value = kv.partition("=")
-        overrides[key] = yaml.safe_load(value)
-    cfg = load_config(args.config, overrides)
+    cfg = load_config(args.config, {"seed": args.seed, **set_overrides(args.set, args.config)})
     cats = [c for c in args.categories.split(",") if c]
     counts = seen_counts(cfg, args.steps)
     pools = load_task("shapes").training_prompts()

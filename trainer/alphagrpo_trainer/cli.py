@@ -62,21 +62,10 @@ def _init_distributed(device: str) -> bool:
 def run(args) -> int:
     import yaml
 
-    from .config import config_yaml, load_config
+    from .config import config_yaml, load_config, set_overrides
 
-    overrides = {}
     try:
-        for item in args.set:
-            if "=" not in item:
-                raise SystemExit(f"error: --set expects FIELD=VALUE, got {item!r}")
-            k, v = item.split("=", 1)
-            k = k.strip()
-            if "." in k:  # policy.name=bagel: one key of a mapping field
-                outer, inner = k.split(".", 1)
-                mapping = overrides.setdefault(outer, dict(load_config(args.config).to_dict().get(outer) or {}))
-                mapping[inner] = yaml.safe_load(v)
-            else:
-                overrides[k] = yaml.safe_load(v)
+        overrides = set_overrides(args.set, args.config)
         if args.out:
             overrides["out_dir"] = args.out
         if args.max_steps is not None:

@@ -158,6 +158,27 @@ def load_config(path: Optional[str] = None, overrides: Optional[dict] = None) ->
     return TrainConfig(**data).validate()
 
 
+def set_overrides(items, path: Optional[str] = None) -> dict:
+    """The overrides of `--set FIELD=VALUE` items (YAML values). `policy.name=bagel` sets one key of a
+    mapping field, over that mapping as the config at `path` has it. ValueError on an item without
+    '='; yaml.YAMLError on a value that is not YAML."""
+    import yaml
+
+    overrides: dict = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"--set expects FIELD=VALUE, got {item!r}")
+        k, v = item.split("=", 1)
+        k = k.strip()
+        if "." in k:  # policy.name=bagel: one key of a mapping field
+            outer, inner = k.split(".", 1)
+            mapping = overrides.setdefault(outer, dict(load_config(path).to_dict().get(outer) or {}))
+            mapping[inner] = yaml.safe_load(v)
+        else:
+            overrides[k] = yaml.safe_load(v)
+    return overrides
+
+
 def field_docs() -> dict:
     """{field: its comment in TrainConfig's source}: the documentation --print-config shows."""
     import inspect
