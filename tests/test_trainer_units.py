@@ -78,6 +78,17 @@ def test_set_overrides_parse_yaml_values_and_mapping_keys(tmp_path):
         "policy": {"name": "bagel", "path": "w.safetensors"},
     }
     assert load_config(str(p), got).policy == {"name": "bagel", "path": "w.safetensors"}
+    # exponent floats without a dot are floats (PyYAML alone reads them as strings), on --set and in files
+    assert set_overrides(["lr=1e-4", "kl_image=2E-1", "max_steps=30", "seed=1_0"]) == {
+        "lr": 1e-4,
+        "kl_image": 0.2,
+        "max_steps": 30,
+        "seed": 10,
+    }
+    assert set_overrides(["out_dir=1e3x", "kl_text=+1.5e+0"]) == {"out_dir": "1e3x", "kl_text": 1.5}
+    p.write_text("lr: 7e-5\nkl_image: 2.5E-1\n")
+    cfg = load_config(str(p))
+    assert (cfg.lr, cfg.kl_image) == (7e-5, 0.25)
     with pytest.raises(ValueError, match="--set expects FIELD=VALUE, got 'lr'"):
         set_overrides(["lr"])
 

@@ -140,14 +140,29 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-def load_config(path: Optional[str] = None, overrides: Optional[dict] = None) -> TrainConfig:
-    """TrainConfig from a YAML file (None: the defaults) with optional overrides; validated."""
+def _yaml_load(text):
+    """yaml.safe_load, except that exponent floats without a dot (1e-4, 3E5) are floats as YAML 1.2
+    reads them; PyYAML's YAML 1.1 rules read them as strings, so `lr: 1e-4` or `--set lr=1e-4` (the
+    CLI's own example) failed validation with a type error."""
+    import re
+
     import yaml
 
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_implicit_resolver(
+        "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)[eE][-+]?[0-9]+$"), list("-+0123456789.")
+    )
+    return yaml.load(text, Loader=Loader)
+
+
+def load_config(path: Optional[str] = None, overrides: Optional[dict] = None) -> TrainConfig:
+    """TrainConfig from a YAML file (None: the defaults) with optional overrides; validated."""
     data = {}
     if path:
         with open(path) as f:
-            data = yaml.safe_load(f) or {}
+            data = _yaml_load(f) or {}
         if not isinstance(data, dict):
             raise ValueError(f"{path}: the config must be a mapping of field: value")
     data.update(overrides or {})
@@ -162,8 +177,6 @@ def set_overrides(items, path: Optional[str] = None) -> dict:
     """The overrides of `--set FIELD=VALUE` items (YAML values). `policy.name=bagel` sets one key of a
     mapping field, over that mapping as the config at `path` has it. ValueError on an item without
     '='; yaml.YAMLError on a value that is not YAML."""
-    import yaml
-
     overrides: dict = {}
     for item in items:
         if "=" not in item:
@@ -173,9 +186,9 @@ def set_overrides(items, path: Optional[str] = None) -> dict:
         if "." in k:  # policy.name=bagel: one key of a mapping field
             outer, inner = k.split(".", 1)
             mapping = overrides.setdefault(outer, dict(load_config(path).to_dict().get(outer) or {}))
-            mapping[inner] = yaml.safe_load(v)
+            mapping[inner] = _yaml_load(v)
         else:
-            overrides[k] = yaml.safe_load(v)
+            overrides[k] = _yaml_load(v)
     return overrides
 
 
