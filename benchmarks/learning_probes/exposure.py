@@ -37,7 +37,7 @@ LARGE = ("counting", "position", "color_attr", "implicit")
 
 def seen_counts(cfg, steps: int) -> Counter:
     """How often the run of TrainConfig `cfg` draws each prompt in its first `steps` steps."""
-    src = PromptSource(cfg.seed, cfg.prompts_per_step, cfg.prompts_file, cfg.category_weights, cfg.prompt_task)
+    src = PromptSource.of_config(cfg)
     return Counter(p for step in range(steps) for p in src.prompts_for(step))
 
 

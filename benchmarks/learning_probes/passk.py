@@ -37,18 +37,16 @@ from alphagrpo_serve.sampling.sampler import SamplingConfig, TextConfig
 from alphagrpo_serve.shapes.evaluate import CATEGORIES, evaluate, load_heldout
 from alphagrpo_serve.tasks.base import evenly_spaced
 from alphagrpo_trainer.config import load_config
+from alphagrpo_trainer.data import draw_sde_window
 
 
 def rollout_sampling(cfg, rng):
-    """(SamplingConfig, TextConfig) of one RT2I rollout batch of TrainConfig `cfg`: an SDE window of
-    cfg.sde_window_size steps whose first step is drawn from cfg.sde_window_range as the trainer's
-    step_inputs draws it (SamplingConfig.sde_window is (first step, number of steps))."""
-    lo, hi = cfg.sde_window_range
-    start = int(rng.integers(lo, hi - cfg.sde_window_size + 1))
+    """(SamplingConfig, TextConfig) of one RT2I rollout batch of TrainConfig `cfg`, its SDE window drawn
+    as the trainer's step_inputs draws it (data.draw_sde_window)."""
     sc = SamplingConfig(
         steps=cfg.steps,
         mode="sde",
-        sde_window=(start, cfg.sde_window_size),
+        sde_window=draw_sde_window(cfg, rng),
         noise_level=cfg.noise_level,
         cfg_scale=3.0 if cfg.cfg_scale is None else cfg.cfg_scale,
     )

@@ -61,6 +61,12 @@ class PromptSource:
         self.cats, self.p = cats, p / p.sum()
         self._epochs: Dict[int, List[str]] = {}
 
+    @classmethod
+    def of_config(cls, cfg, seed: Optional[int] = None) -> "PromptSource":
+        """The prompt stream of TrainConfig `cfg` (its seed unless `seed` is given)."""
+        seed = cfg.seed if seed is None else seed
+        return cls(seed, cfg.prompts_per_step, cfg.prompts_file, cfg.category_weights, cfg.prompt_task)
+
     def _epoch(self, e: int) -> List[str]:
         if e not in self._epochs:
             rng = np.random.default_rng([self.seed, 7919, e])
@@ -79,6 +85,13 @@ class PromptSource:
             out.append(self._epoch(e)[i])
             pos += 1
         return out
+
+
+def draw_sde_window(cfg, rng: np.random.Generator) -> tuple:
+    """A step's SDE window (first step, number of steps): cfg.sde_window_size steps whose first step
+    is drawn uniformly from cfg.sde_window_range (one draw of `rng`)."""
+    lo, hi = cfg.sde_window_range
+    return int(rng.integers(lo, hi - cfg.sde_window_size + 1)), cfg.sde_window_size
 
 
 def shard(items: Sequence, rank: int, world: int) -> List:

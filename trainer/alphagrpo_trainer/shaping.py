@@ -84,9 +84,7 @@ class Refiller:
 
     def __init__(self, cfg, world: int):
         self.cfg, self.world = cfg, world
-        self.source = PromptSource(
-            cfg.seed + 1_000_003, cfg.prompts_per_step, cfg.prompts_file, cfg.category_weights, cfg.prompt_task
-        )
+        self.source = PromptSource.of_config(cfg, seed=cfg.seed + 1_000_003)
 
     def fresh(self, step: int, rank: int, n: int) -> Tuple[List[str], List[bool]]:
         prompts = shard(self.source.prompts_for(step), rank, self.world)[:n]

@@ -28,7 +28,7 @@ from alphagrpo_serve.models.registry import load_policy
 from alphagrpo_serve.tasks import load_task
 
 from .config import TrainConfig, config_yaml
-from .data import PromptSource, shard
+from .data import PromptSource, draw_sde_window, shard
 from .evaluation import (
     EVAL_MODES,
     cached_evaluation,
@@ -94,9 +94,7 @@ class Trainer:
         self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
         self.task = load_task(cfg.prompt_task)
         self.heldout = read_heldout_file(cfg.heldout_file) if cfg.heldout_file else None
-        self.source = PromptSource(
-            cfg.seed, cfg.prompts_per_step, cfg.prompts_file, cfg.category_weights, cfg.prompt_task
-        )
+        self.source = PromptSource.of_config(cfg)
         self.pool = ServerPool(
             addresses, cfg.server_timeout_s, cfg.server_retries, cfg.server_backoff_s, offset=self.rank
         )
@@ -206,8 +204,7 @@ class Trainer:
         """Everything random about a step, from (seed, step) only: prompts, think flags, window, seeds."""
         c = self.cfg
         rng = np.random.default_rng([c.seed, 104729, step])
-        lo, hi = c.sde_window_range
-        start = int(rng.integers(lo, hi - c.sde_window_size + 1))
+        window = draw_sde_window(c, rng)
         prompts = self.source.prompts_for(step)
         think = [bool(x) for x in rng.random(len(prompts)) < c.think_fraction]
         base_seed = int(rng.integers(0, 2**31 - 1))
@@ -217,7 +214,7 @@ class Trainer:
             "task": self.task_at(step),
             "prompts": prompts,
             "think": think,
-            "window": (start, c.sde_window_size),
+            "window": window,
             "seeds": [base_seed + r * per_rank * c.group_size for r in range(self.world)],
         }
 
