@@ -158,7 +158,7 @@ def test_dynamic_sampling_replaces_flat_groups_and_keeps_the_batch_size():
 
 def test_cached_evaluation_runs_once_per_weights_and_settings(tmp_path):
     from alphagrpo_trainer.evaluation import weights_digest
-    from test_trainer import small_policy
+    from test_trainer_units import small_policy
 
     pol = small_policy()
     calls = []
